@@ -1,0 +1,162 @@
+"""Command line: thin verbs over the library (`loraens train | evaluate | demo`).
+
+Every field of `RunConfig` is a flag named after its section (``--train.lr``, ``--ensemble.num_members``);
+values come from the defaults, then an optional YAML file (``--config``), then the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+import warnings
+from enum import Enum as Enum_
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig, coerce, section_fields
+
+DEMO_DEFAULTS: dict[str, Any] = {
+    "output_dir": "runs/demo",
+    "data": {"dataset": "arc_easy", "train_limit": 400, "eval_splits": ["validation"], "eval_limit": 300},
+    "ensemble": {"num_members": 4},
+    "train": {"epochs": 2},
+}
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin is list:
+        return "a,b,..."
+    if args:
+        return _describe(args[0])
+    if isinstance(hint, type) and issubclass(hint, Enum_):
+        return "{" + ",".join(m.value for m in hint) + "}"
+    return getattr(hint, "__name__", str(hint)).upper()
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults: RunConfig) -> None:
+    """One flag per config field; the default shown in --help is the effective default."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file with any of the settings below")
+    parser.add_argument("--output_dir", metavar="DIR", default=argparse.SUPPRESS,
+                        help=f"run folder to write (default: {defaults.output_dir})")
+    for section in dataclasses.fields(RunConfig):
+        cls = section_fields(RunConfig)[section.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
+        group = parser.add_argument_group(f"{section.name} settings", (cls.__doc__ or "").strip().splitlines()[0])
+        current = getattr(defaults, section.name)
+        for name, hint in section_fields(cls).items():
+            value = getattr(current, name)
+            shown = value.value if isinstance(value, Enum_) else value
+            group.add_argument(f"--{section.name}.{name}", dest=f"{section.name}.{name}", default=argparse.SUPPRESS,
+                               metavar=_describe(hint), help=f"(default: {shown})")
+
+
+def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then `base`, then the YAML file, then the flags."""
+    raw: dict[str, Any] = _merge({}, base or {})
+    if getattr(args, "config", None):
+        raw = _merge(raw, RunConfig.load(args.config).to_dict())
+    flags = {k: v for k, v in vars(args).items() if "." in k or k == "output_dir"}
+    for key, value in flags.items():
+        node = raw
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return RunConfig.from_dict(raw)
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraens",
+        description="Fine-tune a causal LM as an ensemble of LoRA members on one frozen base model, "
+                    "and measure how far its answers can be trusted (accuracy, NLL, ECE, Brier).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train an ensemble and write a run folder",
+                           description="Train M LoRA members together on one frozen base model, evaluate them "
+                                       "on the eval splits after every epoch, and write the run folder.")
+    add_config_flags(train, RunConfig())
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    demo = sub.add_parser("demo", help="the minutes-long demo: 4 members on ARC-Easy, single vs ensemble",
+                          description="Train a small ensemble of the default model (SmolLM2-135M) on 400 ARC-Easy "
+                                      "questions and compare single members with the ensemble on 300 validation "
+                                      "questions. Any setting can be changed with the flags below.")
+    add_config_flags(demo, RunConfig.from_dict(DEMO_DEFAULTS))
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ev = sub.add_parser("evaluate", help="score a saved run on any dataset and split",
+                        description="Load a run folder's members and score them on a dataset split; writes "
+                                    "predictions/<dataset>_<split>.safetensors and updates results.json.")
+    ev.add_argument("run", metavar="RUN", help="run folder written by `loraens train` or `loraens demo`")
+    ev.add_argument("--dataset", help="built-in dataset, mmlu:<subjects>, or a .jsonl/.csv file "
+                                      "(default: the run's training dataset)")
+    ev.add_argument("--split", default="validation", help="split to score (default: validation)")
+    ev.add_argument("--limit", type=int, help="score a seeded random subset of this many questions")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*GGUF.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command in ("train", "demo"):
+            config = resolve_config(args, DEMO_DEFAULTS if args.command == "demo" else None)
+            return _train(config, progress=not args.quiet, demo=args.command == "demo")
+        return _evaluate(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"loraens {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nInterrupted; the run folder keeps the members of every finished epoch.", file=sys.stderr)
+        return 130
+
+
+def _train(config: RunConfig, progress: bool, demo: bool) -> int:
+    from .metrics import format_comparison, format_table
+    from .run import train_run
+
+    m = config.ensemble
+    print(f"loraens: {m.num_members} members (rank {m.rank}, on {','.join(m.target_modules)}) of "
+          f"{config.model.name} on {config.data.dataset} -> {config.output_dir}", flush=True)
+    result = train_run(config, progress=progress)
+    for key, metrics in result.results.items():
+        print()
+        print(format_table(metrics, title=f"{key}: every member, mean member, ensemble"))
+        if demo:
+            print()
+            print(format_comparison(metrics, title=f"{key}: single member vs ensemble"))
+    print(f"\nRun folder: {result.run_dir} (config.yaml, members/, metrics.jsonl, predictions/, results.json)")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .metrics import format_table
+    from .run import evaluate_run
+
+    if not Path(args.run).is_dir():
+        raise FileNotFoundError(f"RUN {args.run!r} is not a folder; give a run folder such as runs/demo.")
+    key, metrics = evaluate_run(args.run, args.dataset, args.split, args.limit, progress=not args.quiet)
+    print(format_table(metrics, title=f"{key}: every member, mean member, ensemble"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,275 @@
+"""Typed run configuration: one dataclass per concern, validated on construction.
+
+A `RunConfig` is everything needed to rerun an experiment. It round-trips through YAML
+(`to_dict` / `from_dict`), and the CLI generates one ``--section.field`` flag per field, so an
+error can always name the flag (``--train.lr``) that holds the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the flag and the value."""
+
+
+class Scoring(str, enum.Enum):
+    """How a question becomes a distribution over its choices."""
+
+    LETTER = "letter"  # next-token logits of the choice letters (the paper's way)
+    CHOICE_LIKELIHOOD = "choice-likelihood"  # log-likelihood of each choice's text (cloze)
+
+
+class Normalization(str, enum.Enum):
+    """How choice-likelihood scores are normalised for the choice's length."""
+
+    SUM = "sum"  # summed log-probability of the choice tokens
+    MEAN = "mean"  # mean log-probability per choice token
+
+
+class DType(str, enum.Enum):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
+def _check(cond: bool, flag: str, constraint: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"`--{flag}` {constraint}, but got {value!r}.")
+
+
+@dataclass
+class DataConfig:
+    """Which questions to train and evaluate on."""
+
+    dataset: str = "arc_easy"  # built-in name, "mmlu:<subjects or group>", or a .jsonl/.csv path
+    train_split: str = "train"
+    eval_splits: list[str] = field(default_factory=lambda: ["validation"])
+    data_dir: str | None = None  # local mirror in the hub schema; else $LORAENS_DATA_DIR, else hub
+    source: str = "auto"  # auto | hub | local
+    train_limit: int | None = None  # seeded subsample of the training questions
+    eval_limit: int | None = None  # seeded subsample of each evaluation split
+    seed: int = 0  # seed of the subsamples
+    skip_invalid: bool = False  # skip bad rows (and report how many) instead of failing
+
+    def __post_init__(self) -> None:
+        _check(self.source in ("auto", "hub", "local"), "data.source", "must be auto, hub or local", self.source)
+        for name in ("train_limit", "eval_limit"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, f"data.{name}", "must be a positive integer", value)
+        if isinstance(self.eval_splits, str):
+            self.eval_splits = [s for s in self.eval_splits.split(",") if s]
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base model."""
+
+    name: str = "smollm2-135m"  # alias of the embedded default, a hub id, a local folder or a .gguf file
+    gguf_file: str | None = None  # file name inside `name` when `name` is a folder or hub id with GGUF files
+    dtype: DType = DType.BFLOAT16  # compute dtype of the frozen base; LoRA weights stay float32
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        self.dtype = _enum(DType, self.dtype, "model.dtype")
+
+
+@dataclass
+class PromptConfig:
+    """How questions are turned into token sequences and scored."""
+
+    scoring: Scoring = Scoring.CHOICE_LIKELIHOOD
+    normalization: Normalization = Normalization.MEAN  # choice-likelihood only
+    letter_template: str = "Question: {question}\n{choices}\nAnswer:"
+    choice_template: str = "{letter}. {choice}"  # one line of {choices} in the letter template
+    cloze_template: str = "Question: {question}\nAnswer:"
+    continuation_template: str = " {choice}"  # appended to the cloze prompt for each choice
+    max_length: int = 512  # longest prompt (in tokens) kept; longer prompts are cut from the left
+
+    def __post_init__(self) -> None:
+        self.scoring = _enum(Scoring, self.scoring, "prompt.scoring")
+        self.normalization = _enum(Normalization, self.normalization, "prompt.normalization")
+        _check("{question}" in self.letter_template and "{choices}" in self.letter_template,
+               "prompt.letter_template", "must contain {question} and {choices}", self.letter_template)
+        _check("{question}" in self.cloze_template, "prompt.cloze_template", "must contain {question}",
+               self.cloze_template)
+        _check("{choice}" in self.continuation_template, "prompt.continuation_template",
+               "must contain {choice}", self.continuation_template)
+        _check(self.max_length >= 8, "prompt.max_length", "must be at least 8", self.max_length)
+
+
+@dataclass
+class EnsembleConfig:
+    """The LoRA members on the frozen base."""
+
+    num_members: int = 4
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    init_scale: float = 4.0  # multiplies PEFT's kaiming-uniform init of A; larger = more diverse members
+    seed: int = 0  # member k's LoRA init is drawn from a seed derived from (seed, k)
+    member_data_order: bool = True  # each member sees the training questions in its own order
+
+    def __post_init__(self) -> None:
+        _check(self.num_members >= 1, "ensemble.num_members", "must be at least 1", self.num_members)
+        _check(self.rank >= 1, "ensemble.rank", "must be at least 1", self.rank)
+        _check(self.alpha > 0, "ensemble.alpha", "must be positive", self.alpha)
+        _check(0.0 <= self.dropout < 1.0, "ensemble.dropout", "must be in [0, 1)", self.dropout)
+        _check(self.init_scale > 0, "ensemble.init_scale", "must be positive", self.init_scale)
+        if isinstance(self.target_modules, str):
+            self.target_modules = [s for s in self.target_modules.split(",") if s]
+        _check(len(self.target_modules) > 0, "ensemble.target_modules", "must name at least one module",
+               self.target_modules)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation of all members at once."""
+
+    epochs: int = 2
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs if reached first)
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1  # share of the steps with linear warmup; then linear decay to 0
+    batch_size: int = 8  # questions per member per optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size must divide evenly)
+    max_grad_norm: float | None = 1.0  # clipped per member, as if each member trained alone
+    eval_batch_size: int = 16  # questions per forward pass in evaluation
+    eval_every_epoch: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "must be at least 1", self.epochs)
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be at least 1",
+               self.max_steps)
+        _check(self.lr > 0, "train.lr", "must be positive", self.lr)
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be non-negative", self.weight_decay)
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", self.warmup_ratio)
+        _check(self.batch_size >= 1, "train.batch_size", "must be at least 1", self.batch_size)
+        _check(self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0, "train.grad_accum",
+               f"must be >= 1 and divide --train.batch_size ({self.batch_size})", self.grad_accum)
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm",
+               "must be positive (or null to disable clipping)", self.max_grad_norm)
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1", self.eval_batch_size)
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; saved as `config.yaml` in the run folder."""
+
+    output_dir: str = "runs/demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-safe dict (enums become their values)."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        """Build from a nested dict; unknown keys are an error naming the key."""
+        return _build(cls, raw or {}, prefix="")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {str(path)!r} does not exist.")
+        raw = yaml.safe_load(path.read_text())
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"Config file {str(path)!r} must hold a mapping, but holds {type(raw).__name__}.")
+        return cls.from_dict(raw or {})
+
+
+def _enum(kind: type[enum.Enum], value: Any, flag: str) -> Any:
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)  # type: ignore[attr-defined]
+        raise ConfigError(f"`--{flag}` must be one of {choices}, but got {value!r}.") from None
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    return obj
+
+
+def section_fields(cls: type) -> dict[str, Any]:
+    """Resolved type hints of a config dataclass, keyed by field name."""
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"`{prefix.rstrip('.') or 'config'}` must be a mapping, but got {raw!r}.")
+    hints = section_fields(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"Unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
+            f"valid keys here are: {', '.join(prefix + n for n in sorted(names))}."
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def coerce(value: Any, hint: Any, flag: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, or fail naming the flag."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], flag)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"`--{flag}` must be a list, but got {value!r}.")
+        return [coerce(v, args[0], flag) for v in value]
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return _enum(hint, value, flag)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"`--{flag}` must be true or false, but got {value!r}.")
+    if hint in (int, float, str):
+        try:
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"`--{flag}` must be of type {hint.__name__}, but got {value!r}.") from None
+    return value

@@ -1,0 +1,204 @@
+"""LoRA layers with a member axis: M adapters on one frozen base, in one forward/backward.
+
+The member dimension is folded into the batch: a forward pass takes `M*B` rows ordered member
+by member (rows `k*B .. (k+1)*B-1` belong to member k). The frozen base linear runs once on all
+rows, and each member's low-rank update is one batched matmul over the member axis, so there is
+no Python loop over adapters. Each member exports to (and imports from) a standard PEFT adapter
+folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import EnsembleConfig
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
+def member_seed(seed: int, member: int) -> int:
+    """A seed for member `member` derived from the run seed, independent of the member count."""
+    return int(np.random.SeedSequence([seed, member]).generate_state(1)[0])
+
+
+class MemberLoraLinear(nn.Module):
+    """`base(x) + scaling * B_k A_k dropout(x)` for each member k, batched over members.
+
+    Parameters: `lora_A` [M, r, in_features], `lora_B` [M, out_features, r] (float32, whatever the
+    base dtype; the update is computed in the input's dtype).
+    """
+
+    def __init__(self, base: nn.Linear, num_members: int, rank: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.base = base
+        self.num_members = num_members
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.dropout = dropout
+        self.lora_A = nn.Parameter(torch.zeros(num_members, rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(num_members, base.out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [M*B, ..., in_features] with member-major rows -> [M*B, ..., out_features]."""
+        out = self.base(x)
+        m = self.num_members
+        if x.shape[0] % m:
+            raise ValueError(f"MemberLoraLinear expects M*B rows with M={m}, but got a batch of {x.shape[0]} rows.")
+        xm = x.reshape(m, -1, x.shape[-1])  # [M, B*T, in]
+        if self.training and self.dropout > 0:
+            xm = F.dropout(xm, self.dropout)
+        a = self.lora_A.to(x.dtype).transpose(1, 2)  # [M, in, r]
+        b = self.lora_B.to(x.dtype).transpose(1, 2)  # [M, r, out]
+        delta = torch.bmm(torch.bmm(xm, a), b) * self.scaling  # [M, B*T, out]
+        return out + delta.reshape(out.shape)
+
+    def extra_repr(self) -> str:
+        return f"members={self.num_members}, rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout}"
+
+
+def attach_members(model: nn.Module, config: EnsembleConfig) -> dict[str, MemberLoraLinear]:
+    """Freeze `model` and replace each targeted `nn.Linear` by a `MemberLoraLinear`.
+
+    Targets match the last component of a module name (``q_proj`` matches
+    ``model.layers.3.self_attn.q_proj``), as in PEFT. Returns the new layers by module name.
+    """
+    model.requires_grad_(False)
+    targets = set(config.target_modules)
+    found: dict[str, MemberLoraLinear] = {}
+    for name, module in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"--ensemble.target_modules names {name!r}, which is a {type(module).__name__}, "
+                             "not an nn.Linear; LoRA members can only wrap linear layers.")
+        parent_name, _, child = name.rpartition(".")
+        layer = MemberLoraLinear(module, config.num_members, config.rank, config.alpha, config.dropout)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        found[name] = layer
+    missing = targets - {n.rsplit(".", 1)[-1] for n in found}
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"--ensemble.target_modules {sorted(missing)} match no linear layer of this model; "
+                         f"its linear layers are named {linear}.")
+    init_members(found, config)
+    return found
+
+
+@torch.no_grad()
+def init_members(layers: dict[str, MemberLoraLinear], config: EnsembleConfig,
+                 members: list[int] | None = None) -> None:
+    """Draw each member's A from its own seed, B = 0 (so every member starts as the base model).
+
+    A follows PEFT's default (kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)))
+    times `config.init_scale`: a larger scale makes members more different, as LoRA-Ensemble
+    found. Member k's draw depends only on (seed, k), not on the number of members.
+    """
+    for k in members if members is not None else range(config.num_members):
+        gen = torch.Generator().manual_seed(member_seed(config.seed, k))
+        for layer in layers.values():
+            bound = config.init_scale / math.sqrt(layer.lora_A.shape[-1])
+            a = torch.rand(layer.lora_A.shape[1:], generator=gen, dtype=torch.float32) * 2 * bound - bound
+            layer.lora_A[k].copy_(a)
+            layer.lora_B[k].zero_()
+
+
+def member_layers(model: nn.Module) -> dict[str, MemberLoraLinear]:
+    """All `MemberLoraLinear` layers of `model`, by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, MemberLoraLinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters: every layer's `lora_A` and `lora_B` ([M, ...] each)."""
+    return [p for layer in member_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
+
+
+@torch.no_grad()
+def clip_grad_norm_per_member(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip each member's gradient to `max_norm`, as `clip_grad_norm_` would if it trained alone.
+
+    Every parameter has the member axis first. Returns the pre-clip norms, shape [M].
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    sq = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads]).sum(0)  # [M]
+    norms = sq.sqrt()
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # same formula as torch.nn.utils
+    for g in grads:
+        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+    return norms
+
+
+# ---------------------------------------------------------------- PEFT export / import
+
+
+def _peft_key(module_name: str, which: str) -> str:
+    return f"base_model.model.{module_name}.lora_{which}.weight"
+
+
+def export_member(model: nn.Module, member: int, folder: str | Path, config: EnsembleConfig,
+                  base_model_name: str | None = None) -> Path:
+    """Write member `member` as a standard PEFT LoRA adapter folder and return its path.
+
+    The folder holds `adapter_config.json` and `adapter_model.safetensors`, loadable with
+    `peft.PeftModel.from_pretrained(base_model, folder)`.
+    """
+    from peft import LoraConfig
+
+    folder = Path(folder)
+    layers = member_layers(model)
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[_peft_key(name, "A")] = layer.lora_A[member].detach().float().contiguous().clone()
+        tensors[_peft_key(name, "B")] = layer.lora_B[member].detach().float().contiguous().clone()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
+    LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+        target_modules=sorted(set(config.target_modules)), bias="none", task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name,
+    ).save_pretrained(str(folder))
+    return folder
+
+
+@torch.no_grad()
+def import_member(model: nn.Module, member: int, folder: str | Path) -> None:
+    """Load a PEFT LoRA adapter folder into member slot `member` of `model`.
+
+    The adapter's rank and targets must match the model's member layers; its alpha may differ
+    (the weights are rescaled so the update B A * alpha / r is the same).
+    """
+    folder = Path(folder)
+    cfg_path, weights_path = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
+    if not cfg_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: it needs {PEFT_CONFIG} and {PEFT_WEIGHTS}.")
+    cfg = json.loads(cfg_path.read_text())
+    for flag in ("use_dora", "use_rslora"):
+        if cfg.get(flag):
+            raise ValueError(f"Adapter {folder} uses {flag}=true, which loraens members do not support.")
+    tensors = load_file(str(weights_path))
+    layers = member_layers(model)
+    expected = {_peft_key(n, w) for n in layers for w in ("A", "B")}
+    # PEFT may save keys with the adapter name ("lora_A.default.weight"); normalise that away.
+    tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
+    if set(tensors) != expected:
+        extra, missing = sorted(set(tensors) - expected)[:3], sorted(expected - set(tensors))[:3]
+        raise ValueError(f"Adapter {folder} does not match this model's LoRA layers: "
+                         f"unexpected keys {extra}, missing keys {missing}.")
+    for name, layer in layers.items():
+        a, b = tensors[_peft_key(name, "A")], tensors[_peft_key(name, "B")]
+        if a.shape != layer.lora_A.shape[1:] or b.shape != layer.lora_B.shape[1:]:
+            raise ValueError(f"Adapter {folder} has rank {a.shape[0]} at {name}, but the members have rank "
+                             f"{layer.rank}; set --ensemble.rank {a.shape[0]}.")
+        rescale = (cfg.get("lora_alpha", layer.scaling * layer.rank) / cfg.get("r", layer.rank)) / layer.scaling
+        layer.lora_A[member].copy_(a.float())
+        layer.lora_B[member].copy_(b.float() * rescale)

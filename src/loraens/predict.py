@@ -1,0 +1,79 @@
+"""Member probabilities [N, M, C] for a list of encoded questions, and their storage on disk."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .batching import collate, length_sorted_batches
+from .config import Normalization, Scoring
+from .prompts import EncodedQuestion
+from .scoring import member_log_probs
+
+
+@dataclass
+class Predictions:
+    """member_probs [N, M, C] float32; targets [N] long; choice_mask [N, C] bool; ids: N strings."""
+
+    member_probs: torch.Tensor
+    targets: torch.Tensor
+    choice_mask: torch.Tensor
+    ids: list[str]
+
+    def save(self, path: str | Path) -> None:
+        """One safetensors file; the question ids go in its JSON metadata (never pickle)."""
+        save_file(
+            {"member_probs": self.member_probs.contiguous(), "targets": self.targets.contiguous(),
+             "choice_mask": self.choice_mask.contiguous()},
+            str(path), metadata={"ids": json.dumps(self.ids), "shape": "member_probs[N,M,C]"},
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Predictions:
+        from safetensors import safe_open
+
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            ids = json.loads((f.metadata() or {}).get("ids", "[]"))
+        return cls(tensors["member_probs"], tensors["targets"], tensors["choice_mask"], ids)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    questions: list[EncodedQuestion],
+    ids: list[str],
+    num_members: int,
+    scoring: Scoring,
+    letter_ids: tuple[int, ...] = (),
+    normalization: Normalization = Normalization.MEAN,
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "predict",
+) -> Predictions:
+    """Every member's distribution over the choices of every question, in the input order.
+
+    Questions are batched by length to keep padding small; each batch is repeated for the M
+    members and scored in one forward pass.
+    """
+    was_training = model.training
+    model.eval()
+    c = max(q.num_choices for q in questions)
+    out = torch.zeros(len(questions), num_members, c)
+    batches = length_sorted_batches(questions, batch_size)
+    for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+        batch = collate([questions[i] for i in idx], num_choices=c).repeat_members(num_members)
+        lp = member_log_probs(model, batch, num_members, scoring, letter_ids, normalization)  # [M, B, C]
+        out[idx] = lp.exp().transpose(0, 1).float()
+    model.train(was_training)
+    targets = torch.tensor([q.answer for q in questions], dtype=torch.long)
+    mask = torch.zeros(len(questions), c, dtype=torch.bool)
+    for i, q in enumerate(questions):
+        mask[i, : q.num_choices] = True
+    return Predictions(out, targets, mask, list(ids))

@@ -1,0 +1,173 @@
+"""A run, end to end: data -> model -> members -> training -> predictions -> metrics -> run folder.
+
+Run folder layout::
+
+    <output_dir>/
+      config.yaml                        resolved configuration, enough to rerun
+      members/member_<k>/                PEFT adapter folders (rewritten after every epoch)
+      metrics.jsonl                      one line per (epoch, split) evaluation
+      predictions/<dataset>_<split>.safetensors   member_probs [N, M, C], targets, choice_mask, ids
+      results.json                       final metrics per split: each member, mean member, ensemble
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .config import RunConfig
+from .data import load_mcqa
+from .ensemble import attach_members, export_member, import_member
+from .metrics import evaluate_ensemble
+from .model import load_base_model
+from .predict import Predictions, predict
+from .prompts import PromptEncoder
+from .train import EpochSummary, train_members
+
+
+@dataclass
+class LoadedEnsemble:
+    """A base model with its members attached, plus what is needed to score questions."""
+
+    config: RunConfig
+    model: nn.Module
+    encoder: PromptEncoder
+
+    def predict(self, examples: list, progress: bool = True, desc: str = "predict") -> Predictions:
+        """Member probabilities [N, M, C] for `examples` (records with question/choices/answer/id)."""
+        return predict(
+            self.model, self.encoder.encode_all(examples), [e.id for e in examples],
+            self.config.ensemble.num_members, self.config.prompt.scoring, self.encoder.letter_ids,
+            self.config.prompt.normalization, self.config.train.eval_batch_size, progress, desc,
+        )
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    results: dict[str, Any]  # split key -> evaluate_ensemble(...) output
+    epochs: list[EpochSummary] = field(default_factory=list)
+
+
+def split_key(dataset: str, split: str) -> str:
+    """Name of an evaluated split in results.json and predictions/: '<dataset>_<split>'."""
+    stem = Path(dataset).stem if dataset.endswith((".jsonl", ".csv")) else dataset
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{stem}_{split}")
+
+
+def build_ensemble(config: RunConfig) -> LoadedEnsemble:
+    """Load the base model and attach freshly initialised members."""
+    model, tokenizer = load_base_model(config.model)
+    attach_members(model, config.ensemble)
+    return LoadedEnsemble(config, model, PromptEncoder(tokenizer, config.prompt))
+
+
+def load_examples(config: RunConfig, split: str, limit: int | None, dataset: str | None = None) -> list:
+    d = config.data
+    return load_mcqa(dataset or d.dataset, split, source=d.source, data_dir=d.data_dir, limit=limit,
+                     seed=d.seed, skip_invalid=d.skip_invalid)
+
+
+def _evaluate(ens: LoadedEnsemble, run_dir: Path, key: str, examples: list, progress: bool) -> dict[str, Any]:
+    preds = ens.predict(examples, progress=progress, desc=f"eval {key}")
+    (run_dir / "predictions").mkdir(parents=True, exist_ok=True)
+    preds.save(run_dir / "predictions" / f"{key}.safetensors")
+    return evaluate_ensemble(preds.member_probs, preds.targets)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _update_results(run_dir: Path, key: str, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> dict:
+    path = run_dir / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"splits": {}}
+    results["splits"][key] = metrics
+    results.update(extra or {})
+    path.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def export_members(ens: LoadedEnsemble, run_dir: Path) -> list[Path]:
+    return [
+        export_member(ens.model, k, run_dir / "members" / f"member_{k}", ens.config.ensemble, ens.config.model.name)
+        for k in range(ens.config.ensemble.num_members)
+    ]
+
+
+def train_run(config: RunConfig, progress: bool = True) -> RunResult:
+    """Train the members described by `config` and write the run folder.
+
+    Members are exported after every epoch, so an interrupted run keeps what it finished.
+    """
+    run_dir = Path(config.output_dir)
+    started = time.time()
+    train_examples = load_examples(config, config.data.train_split, config.data.train_limit)
+    eval_sets = {split_key(config.data.dataset, s): load_examples(config, s, config.data.eval_limit)
+                 for s in config.data.eval_splits}
+    ens = build_ensemble(config)
+    train_q = ens.encoder.encode_all(train_examples)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / "config.yaml")
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    last: dict[str, Any] = {}
+
+    def on_epoch_end(summary: EpochSummary) -> None:
+        export_members(ens, run_dir)
+        final = summary.epoch == config.train.epochs or summary.step == config.train.max_steps
+        if not (config.train.eval_every_epoch or final):
+            return
+        for key, examples in eval_sets.items():
+            metrics = _evaluate(ens, run_dir, key, examples, progress)
+            last[key] = metrics
+            _append_jsonl(metrics_path, {
+                "epoch": summary.epoch, "step": summary.step, "split": key, "train_loss": summary.train_loss,
+                "epoch_seconds": round(summary.seconds, 2), **metrics,
+            })
+
+    epochs = train_members(ens.model, train_q, config.train, config.ensemble, config.prompt.scoring,
+                           ens.encoder.letter_ids, config.prompt.normalization, on_epoch_end, progress)
+    if not epochs or not last:  # e.g. max_steps ended training before an evaluation ran
+        for key, examples in eval_sets.items():
+            last[key] = _evaluate(ens, run_dir, key, examples, progress)
+    results: dict[str, Any] = {}
+    info = {"num_train_questions": len(train_examples), "train_seconds": round(time.time() - started, 1),
+            "num_members": config.ensemble.num_members}
+    for key, metrics in last.items():
+        results = _update_results(run_dir, key, metrics, info)
+    return RunResult(run_dir, results.get("splits", {}), epochs)
+
+
+def load_run(run_dir: str | Path) -> LoadedEnsemble:
+    """Rebuild a trained ensemble from its run folder (config.yaml + members/)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a loraens run folder: config.yaml is missing.")
+    config = RunConfig.load(run_dir / "config.yaml")
+    ens = build_ensemble(config)
+    for k in range(config.ensemble.num_members):
+        folder = run_dir / "members" / f"member_{k}"
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is missing: the run has {config.ensemble.num_members} members "
+                                    "in config.yaml but was interrupted before exporting them.")
+        import_member(ens.model, k, folder)
+    return ens
+
+
+def evaluate_run(run_dir: str | Path, dataset: str | None = None, split: str = "validation",
+                 limit: int | None = None, progress: bool = True) -> tuple[str, dict[str, Any]]:
+    """Score a saved run on any dataset and split; adds predictions and results to the run folder."""
+    ens = load_run(run_dir)
+    dataset = dataset or ens.config.data.dataset
+    key = split_key(dataset, split)
+    metrics = _evaluate(ens, Path(run_dir), key, load_examples(ens.config, split, limit, dataset), progress)
+    _update_results(Path(run_dir), key, metrics)
+    return key, metrics

@@ -1,0 +1,84 @@
+"""From a padded batch to each member's log-distribution over the choices.
+
+Both scoring modes run the decoder once on all member rows and apply the output head only where
+it is needed: at the answer position and only for the letter rows (letter mode), or at the
+positions that predict choice tokens (choice-likelihood). The full-vocabulary logits at every
+position, which a plain HF forward computes, are never formed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batching import Batch
+from .config import Normalization, Scoring
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The transformer body of an HF causal LM (without its output head)."""
+    return getattr(model, model.base_model_prefix)
+
+
+def _head_logits(model: nn.Module, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Output-head logits for `hidden` [..., H]; restricted to vocabulary `rows` [C] if given."""
+    head = model.get_output_embeddings()
+    weight = head.weight if rows is None else head.weight[rows]
+    bias = getattr(head, "bias", None)
+    if bias is not None and rows is not None:
+        bias = bias[rows]
+    logits = F.linear(hidden, weight, bias).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma-style soft-capping of the final logits
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def member_log_probs(
+    model: nn.Module,
+    batch: Batch,
+    num_members: int,
+    scoring: Scoring,
+    letter_ids: tuple[int, ...] = (),
+    normalization: Normalization = Normalization.MEAN,
+) -> torch.Tensor:
+    """Log-probabilities over choices, shape [M, B, C], with masked choices at -inf.
+
+    `batch` holds M*B member-major rows (see `Batch.repeat_members`), so row k*B + i is question
+    i as seen by member k. Gradients flow to the members' LoRA weights.
+    """
+    rows = batch.num_rows
+    if rows % num_members:
+        raise ValueError(f"A batch of {rows} rows cannot be split among {num_members} members.")
+    hidden = decoder_of(model)(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).last_hidden_state  # [R, T, H]
+    if scoring is Scoring.LETTER:
+        c = batch.choice_mask.shape[1]
+        at_answer = hidden[torch.arange(rows), batch.answer_pos]  # [R, H]
+        scores = _head_logits(model, at_answer, torch.tensor(letter_ids[:c]))  # [R, C]
+    else:
+        scores = _choice_scores(model, hidden, batch, normalization)  # [R, C]
+    scores = scores.masked_fill(~batch.choice_mask, float("-inf"))
+    return F.log_softmax(scores, dim=-1).view(num_members, rows // num_members, -1)
+
+
+def _choice_scores(model: nn.Module, hidden: torch.Tensor, batch: Batch, normalization: Normalization) -> torch.Tensor:
+    """Summed or mean log-probability of each choice's tokens, [R, C]."""
+    assert batch.score_pos is not None and batch.score_tokens is not None and batch.score_mask is not None
+    r, c, length = batch.score_pos.shape
+    flat_pos = batch.score_pos.view(r, c * length)
+    gathered = hidden.gather(1, flat_pos[..., None].expand(-1, -1, hidden.shape[-1]))  # [R, C*L, H]
+    mask = batch.score_mask.view(r, c * length)
+    logits = _head_logits(model, gathered[mask])  # [K, V]: real choice tokens only
+    token_lp = logits.log_softmax(-1).gather(1, batch.score_tokens.view(r, c * length)[mask][:, None]).squeeze(1)
+    per_token = torch.zeros(r, c * length, dtype=token_lp.dtype, device=token_lp.device)
+    per_token = per_token.masked_scatter(mask, token_lp).view(r, c, length)
+    total = per_token.sum(-1)  # [R, C]
+    if normalization is Normalization.MEAN:
+        total = total / batch.score_mask.sum(-1).clamp(min=1)
+    return total

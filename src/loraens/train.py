@@ -1,0 +1,149 @@
+"""Train all members together: one forward/backward and one optimizer step per batch.
+
+Optimizer semantics are per member. AdamW and weight decay act elementwise, so a parameter
+stacked over the member axis behaves exactly like M separate parameters. The loss is the SUM of
+each member's mean loss, so member k's gradient is the one it would get training alone, and
+gradient-norm clipping is computed per member (`clip_grad_norm_per_member`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .batching import collate
+from .config import EnsembleConfig, Normalization, Scoring, TrainConfig
+from .ensemble import clip_grad_norm_per_member, lora_parameters
+from .prompts import EncodedQuestion
+from .scoring import member_log_probs
+
+
+@dataclass
+class EpochSummary:
+    epoch: int  # 1-based
+    step: int  # optimizer steps so far
+    train_loss: list[float]  # mean training loss of each member over this epoch, [M]
+    seconds: float
+
+
+def member_orders(n: int, num_members: int, epoch: int, seed: int, per_member: bool) -> np.ndarray:
+    """Question order of each member in `epoch`, shape [M, n].
+
+    With `per_member` each member draws its own permutation (a source of diversity); otherwise
+    all members see the same order.
+    """
+    rows = [np.random.default_rng([seed, k if per_member else 0, epoch]).permutation(n) for k in range(num_members)]
+    return np.stack(rows)
+
+
+def linear_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warmup from 0 to 1, then linear decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def train_members(
+    model: nn.Module,
+    questions: list[EncodedQuestion],
+    train: TrainConfig,
+    ensemble: EnsembleConfig,
+    scoring: Scoring,
+    letter_ids: tuple[int, ...] = (),
+    normalization: Normalization = Normalization.MEAN,
+    on_epoch_end: Callable[[EpochSummary], None] | None = None,
+    progress: bool = True,
+) -> list[EpochSummary]:
+    """Fine-tune every member of `model` on `questions`; returns one summary per epoch.
+
+    Each optimizer step takes `train.batch_size` questions per member (a different set per
+    member when `ensemble.member_data_order`), split into `train.grad_accum` micro-batches.
+    """
+    m, b = ensemble.num_members, train.batch_size
+    n = len(questions)
+    if n == 0:
+        raise ValueError("No training questions: check --data.dataset, --data.train_split and --data.train_limit.")
+    c = max(q.num_choices for q in questions)
+    steps_per_epoch = math.ceil(n / b)
+    total = steps_per_epoch * train.epochs
+    if train.max_steps is not None:
+        total = min(total, train.max_steps)
+    params = lora_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, linear_schedule(total, int(round(train.warmup_ratio * total)))
+    )
+    model.train()
+    summaries: list[EpochSummary] = []
+    step = 0
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    for epoch in range(1, train.epochs + 1):
+        if step >= total:
+            break
+        start = time.perf_counter()
+        orders = member_orders(n, m, epoch, ensemble.seed, ensemble.member_data_order)
+        losses = torch.zeros(m)
+        seen = 0
+        for s in range(steps_per_epoch):
+            if step >= total:
+                break
+            chunk = orders[:, s * b: (s + 1) * b]  # [M, b]; the last batch may be shorter
+            losses += train_step(model, questions, chunk, train.grad_accum, m, c, scoring, letter_ids,
+                                 normalization) * chunk.shape[1]
+            seen += chunk.shape[1]
+            if train.max_grad_norm is not None:
+                clip_grad_norm_per_member(params, train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{float(losses.sum() / max(seen, 1) / m):.4f}")
+        summary = EpochSummary(epoch, step, (losses / max(seen, 1)).tolist(), time.perf_counter() - start)
+        summaries.append(summary)
+        if on_epoch_end is not None:
+            on_epoch_end(summary)
+            model.train()
+    bar.close()
+    model.eval()
+    return summaries
+
+
+def train_step(
+    model: nn.Module,
+    questions: list[EncodedQuestion],
+    chunk: np.ndarray,
+    grad_accum: int,
+    num_members: int,
+    num_choices: int,
+    scoring: Scoring,
+    letter_ids: tuple[int, ...],
+    normalization: Normalization,
+) -> torch.Tensor:
+    """Accumulate gradients for one optimizer step; returns each member's mean loss, [M].
+
+    `chunk` [M, b] holds question indices, member k's in row k.
+    """
+    b = chunk.shape[1]
+    total = torch.zeros(num_members)
+    for micro in np.array_split(np.arange(b), min(grad_accum, b)):
+        idx = chunk[:, micro]  # [M, mb]
+        batch = collate([questions[i] for i in idx.reshape(-1)], num_choices=num_choices)  # member-major rows
+        lp = member_log_probs(model, batch, num_members, scoring, letter_ids, normalization)  # [M, mb, C]
+        targets = batch.targets.view(num_members, -1, 1)
+        per_member = -lp.gather(-1, targets).squeeze(-1).mean(1)  # [M]
+        # Sum over members (each gets its own gradient), weight micro-batches by their size.
+        (per_member.sum() * (len(micro) / b)).backward()
+        total += per_member.detach().float() * (len(micro) / b)
+    return total
