@@ -73,22 +73,25 @@ def attach_members(model: nn.Module, config: EnsembleConfig) -> dict[str, Member
     """
     model.requires_grad_(False)
     targets = set(config.target_modules)
-    found: dict[str, MemberLoraLinear] = {}
-    for name, module in list(model.named_modules()):
-        if name.rsplit(".", 1)[-1] not in targets:
-            continue
-        if not isinstance(module, nn.Linear):
+    # Check every name before swapping any module, so a bad name leaves the model untouched.
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = targets - {n.rsplit(".", 1)[-1] for n in linear}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in missing:
             raise ValueError(f"--ensemble.target_modules names {name!r}, which is a {type(module).__name__}, "
                              "not an nn.Linear; LoRA members can only wrap linear layers.")
+    if missing:
+        names = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValueError(f"--ensemble.target_modules {sorted(missing)} match no linear layer of this model; "
+                         f"its linear layers are named {names}.")
+    found: dict[str, MemberLoraLinear] = {}
+    for name, module in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] not in targets or not isinstance(module, nn.Linear):
+            continue
         parent_name, _, child = name.rpartition(".")
         layer = MemberLoraLinear(module, config.num_members, config.rank, config.alpha, config.dropout)
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         found[name] = layer
-    missing = targets - {n.rsplit(".", 1)[-1] for n in found}
-    if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"--ensemble.target_modules {sorted(missing)} match no linear layer of this model; "
-                         f"its linear layers are named {linear}.")
     init_members(found, config)
     return found
 

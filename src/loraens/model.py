@@ -111,7 +111,7 @@ def load_base_model(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTok
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=_TORCH_DTYPES[config.dtype], attn_implementation="sdpa", **kwargs
+            source, dtype=_TORCH_DTYPES[config.dtype], attn_implementation=config.attn_implementation, **kwargs
         )
     except OSError as err:
         raise ModelError(

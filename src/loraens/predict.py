@@ -62,6 +62,10 @@ def predict(
     Questions are batched by length to keep padding small; each batch is repeated for the M
     members and scored in one forward pass.
     """
+    if not questions:
+        raise ValueError("predict() got no questions; check the dataset, split and --limit.")
+    if len(ids) != len(questions):
+        raise ValueError(f"predict() needs one id per question, but got {len(ids)} ids for {len(questions)} questions.")
     was_training = model.training
     model.eval()
     c = max(q.num_choices for q in questions)

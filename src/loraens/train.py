@@ -43,6 +43,36 @@ def member_orders(n: int, num_members: int, epoch: int, seed: int, per_member: b
     return np.stack(rows)
 
 
+def member_batches(orders: np.ndarray, lengths: np.ndarray, batch_size: int, window: int, seed: int,
+                   epoch: int) -> list[np.ndarray]:
+    """Split each member's order into batches; returns one [M, b] index array per step.
+
+    With `window > 1`, each member sorts its questions by length within windows of `window`
+    batches before splitting them, and all members then visit the batches in one shared shuffled
+    order. At every step the members' questions are different but of similar length, so the
+    padding to a common length stays small (on ARC-Easy, window 8 pads to 1.35x the mean length
+    instead of 2.4x), while each batch is still a random draw from the member's own order. The
+    window shrinks on small sets so that an epoch always spans at least 4 windows.
+    """
+    m, n = orders.shape
+    # Keep at least 4 windows per epoch: one window holding every question would sort all
+    # members into the same batches and erase their own data orders.
+    window = max(1, min(window, math.ceil(n / batch_size) // 4))
+    per_member = []
+    for k in range(m):
+        batches = []
+        for start in range(0, n, window * batch_size):
+            block = orders[k, start: start + window * batch_size]
+            if window > 1:
+                block = block[np.argsort(-lengths[block], kind="stable")]
+            batches += [block[i: i + batch_size] for i in range(0, len(block), batch_size)]
+        per_member.append(batches)
+    steps = np.arange(len(per_member[0]))
+    if window > 1:  # the same visiting order for all members keeps their lengths aligned
+        steps = np.random.default_rng([seed, 1_000_003, epoch]).permutation(len(steps))
+    return [np.stack([per_member[k][s] for k in range(m)]) for s in steps]
+
+
 def linear_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """LR multiplier: linear warmup from 0 to 1, then linear decay to 0 at `total_steps`."""
 
@@ -75,6 +105,7 @@ def train_members(
     if n == 0:
         raise ValueError("No training questions: check --data.dataset, --data.train_split and --data.train_limit.")
     c = max(q.num_choices for q in questions)
+    lengths = np.array([q.num_tokens for q in questions])
     steps_per_epoch = math.ceil(n / b)
     total = steps_per_epoch * train.epochs
     if train.max_steps is not None:
@@ -95,10 +126,10 @@ def train_members(
         orders = member_orders(n, m, epoch, ensemble.seed, ensemble.member_data_order)
         losses = torch.zeros(m)
         seen = 0
-        for s in range(steps_per_epoch):
+        for chunk in member_batches(orders, lengths, b, train.bucket_window, ensemble.seed, epoch):
             if step >= total:
                 break
-            chunk = orders[:, s * b: (s + 1) * b]  # [M, b]; the last batch may be shorter
+            # chunk: [M, b] question indices, member k's in row k; the last batch may be shorter
             losses += train_step(model, questions, chunk, train.grad_accum, m, c, scoring, letter_ids,
                                  normalization) * chunk.shape[1]
             seen += chunk.shape[1]

@@ -1,0 +1,185 @@
+"""Shared fixtures: a tiny random Llama, a tiny in-memory tokenizer, synthetic questions, references.
+
+Nothing here touches the network or the real default model: the tokenizer is a byte-level BPE
+trained in memory on a few sentences, and the model is a 2-layer, 32-wide Llama built from a
+config with seeded random weights (STYLE.md point 6). Every test gets a FRESH model, because
+`attach_members` replaces its layers in place; the weights come from one cached state dict.
+
+The unpacked reference scorers (`letter_reference`, `choice_reference`) run the plain HF model
+on one question (or one prompt + choice) at a time and read its full-vocabulary logits, so they
+share no code with `loraens.scoring` / `loraens.batching` beyond the token ids.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from loraens.config import Normalization, PromptConfig, Scoring
+from loraens.data import MCQAExample
+from loraens.prompts import LETTERS, EncodedQuestion, PromptEncoder
+
+# The models here are tiny: intra-op threads only add synchronisation, and on a busy 2-core CI
+# machine two spinning threads made a training step ~25x slower than one thread.
+torch.set_num_threads(1)
+
+WORDS = ("red blue green black white sky sea tree stone water fire cat dog bird fish sun moon "
+         "small large hot cold fast slow what which is the of a colour animal lives in").split()
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _train_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE (GPT-2 style, like SmolLM2's): " A" .. " J" become single tokens because the
+    training text is full of them, and the ByteLevel pre-tokenizer splits "Answer: A" into
+    "Answer", ":", " A", so the letter token is the same with or without "Answer:" before it."""
+    letters = " ".join(LETTERS)
+    corpus = []
+    for _ in range(20):
+        corpus += [
+            "Question: What is the colour of the sky?\nA. red\nB. blue\nC. green\nD. black\nE. white\nAnswer: B",
+            *(f"Answer: {c}" for c in LETTERS),
+            f" {letters}",
+            " ".join(WORDS),
+        ]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, min_frequency=1, special_tokens=["<s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    # A BOS token on prompts (add_special_tokens=True), as real chat models have.
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return _train_tokenizer()
+
+
+# ---------------------------------------------------------------- tiny model
+
+
+@pytest.fixture(scope="session")
+def _tiny_llama(tokenizer) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        # Larger than the default 0.02 so the random model's distributions are far from uniform
+        # and the equivalence tests compare informative numbers.
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).float()
+    return config, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def make_base(_tiny_llama) -> Callable[[], LlamaForCausalLM]:
+    """Factory of fresh, identical, frozen fp32 copies of the tiny Llama (eval mode, SDPA)."""
+    config, state = _tiny_llama
+
+    def make() -> LlamaForCausalLM:
+        model = LlamaForCausalLM(config).float()
+        model.load_state_dict(state)
+        model.requires_grad_(False)
+        return model.eval()
+
+    return make
+
+
+@pytest.fixture
+def base_model(make_base) -> LlamaForCausalLM:
+    return make_base()
+
+
+# ---------------------------------------------------------------- questions
+
+
+def make_questions(n: int, seed: int = 0, choice_counts: tuple[int, ...] = (3, 4, 5)) -> list[MCQAExample]:
+    """`n` synthetic questions with 3, 4 and 5 choices in turn, of varied lengths (seeded)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        c = choice_counts[i % len(choice_counts)]
+        question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))) + "?"
+        choices = tuple(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3))) for _ in range(c))
+        out.append(MCQAExample(id=f"q{i}", question=question, choices=choices, answer=rng.randrange(c)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def questions() -> list[MCQAExample]:
+    return make_questions(12)
+
+
+def encoder(tokenizer, scoring: Scoring, **prompt) -> PromptEncoder:
+    return PromptEncoder(tokenizer, PromptConfig(scoring=scoring, **prompt))
+
+
+@pytest.fixture(scope="session")
+def letter_encoder(tokenizer) -> PromptEncoder:
+    return encoder(tokenizer, Scoring.LETTER)
+
+
+@pytest.fixture(scope="session")
+def cloze_encoder(tokenizer) -> PromptEncoder:
+    return encoder(tokenizer, Scoring.CHOICE_LIKELIHOOD)
+
+
+# ---------------------------------------------------------------- unpacked references
+
+
+def letter_reference(model, q: EncodedQuestion, letter_ids: tuple[int, ...]) -> torch.Tensor:
+    """Log-distribution [num_choices] from a plain HF forward of the prompt alone."""
+    logits = model(torch.tensor([q.prompt_ids])).logits[0, -1]  # [V]
+    return F.log_softmax(logits[list(letter_ids[: q.num_choices])].float(), dim=-1)
+
+
+def choice_reference(model, q: EncodedQuestion, normalization: Normalization) -> torch.Tensor:
+    """Log-distribution [num_choices]: each choice scored by its own plain HF forward of prompt + choice."""
+    p = len(q.prompt_ids)
+    scores = []
+    for cont in q.continuations:
+        logits = model(torch.tensor([list(q.prompt_ids) + list(cont)])).logits[0]  # [p + n, V]
+        lp = F.log_softmax(logits[p - 1: p - 1 + len(cont)].float(), dim=-1)
+        tok = lp.gather(1, torch.tensor(cont)[:, None]).squeeze(1)
+        scores.append(tok.sum() if normalization is Normalization.SUM else tok.mean())
+    return F.log_softmax(torch.stack(scores), dim=-1)
+
+
+def reference_log_probs(model, q: EncodedQuestion, scoring: Scoring, letter_ids=(), normalization=Normalization.MEAN):
+    if scoring is Scoring.LETTER:
+        return letter_reference(model, q, letter_ids)
+    return choice_reference(model, q, normalization)
+
+
+@pytest.fixture(scope="session")
+def reference() -> Callable[..., torch.Tensor]:
+    """`reference(model, encoded_question, scoring, letter_ids, normalization)` -> [num_choices] log-probs."""
+    return reference_log_probs
+
+
+def randomize_lora_B(layers, std: float = 0.1, seed: int = 1) -> None:
+    """Give every member a non-zero B (the default init has B = 0), so members differ and A gets gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * std)
+
+
+@pytest.fixture(scope="session")
+def randomize_B() -> Callable[..., None]:
+    return randomize_lora_B
