@@ -1,0 +1,113 @@
+"""End to end through the command line on a tiny model saved to a folder: the files a run writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from loraens.cli import main
+from loraens.config import RunConfig
+from loraens.metrics import evaluate_ensemble
+from loraens.predict import Predictions
+from loraens.run import load_run
+
+from .conftest import make_questions
+
+
+def _arc_row(q, i: int) -> dict:
+    labels = "ABCDE"[: len(q.choices)]
+    return {"id": f"q{i}", "question": q.question, "choices": {"text": list(q.choices), "label": list(labels)},
+            "answerKey": labels[q.answer]}
+
+
+@pytest.fixture
+def tiny_setup(tmp_path, make_base, tokenizer):
+    """A saved tiny model folder and a local mirror with arc_easy train/validation in the hub schema."""
+    model_dir = tmp_path / "tiny-model"
+    make_base().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    mirror = tmp_path / "mirror" / "arc_easy"
+    mirror.mkdir(parents=True)
+    for split, n, seed in (("train", 12, 0), ("validation", 7, 1)):
+        rows = [_arc_row(q, i) for i, q in enumerate(make_questions(n, seed=seed))]
+        (mirror / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model_dir, mirror.parent
+
+
+def _train_args(run, model_dir, mirror, *extra: str) -> list[str]:
+    return ["train", "--output_dir", str(run), "--model.name", str(model_dir), "--model.dtype", "float32",
+            "--data.dataset", "arc_easy", "--data.data_dir", str(mirror), "--ensemble.num_members", "2",
+            "--train.epochs", "2", "--train.batch_size", "4", "--train.lr", "0.01", "--quiet", *extra]
+
+
+def test_train_writes_a_complete_run_folder_and_evaluate_extends_it(tmp_path, tiny_setup, capsys):
+    model_dir, mirror = tiny_setup
+    run = tmp_path / "run"
+    assert main(_train_args(run, model_dir, mirror)) == 0
+    out = capsys.readouterr().out
+    assert "ensemble" in out and "mean member" in out
+
+    # config.yaml: the resolved configuration, enough to rerun.
+    config = RunConfig.load(run / "config.yaml")
+    assert config.ensemble.num_members == 2 and config.train.epochs == 2
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["name"] == str(model_dir)
+
+    # members/: one standard PEFT adapter folder per member.
+    for k in range(2):
+        folder = run / "members" / f"member_{k}"
+        assert json.loads((folder / "adapter_config.json").read_text())["r"] == config.ensemble.rank
+        assert (folder / "adapter_model.safetensors").stat().st_size > 0
+
+    # metrics.jsonl: one line per epoch for the validation split.
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["split"]) for r in lines] == [(1, "arc_easy_validation"), (2, "arc_easy_validation")]
+    assert len(lines[0]["train_loss"]) == 2 and len(lines[0]["members"]) == 2
+
+    # predictions: member probabilities [N, M, C], matching results.json.
+    preds = Predictions.load(run / "predictions" / "arc_easy_validation.safetensors")
+    assert preds.member_probs.shape == (7, 2, 5)
+    assert preds.ids == [f"q{i}" for i in range(7)]
+    results = json.loads((run / "results.json").read_text())
+    split = results["splits"]["arc_easy_validation"]
+    expected = evaluate_ensemble(preds.member_probs, preds.targets)
+    assert split["ensemble"] == pytest.approx(expected["ensemble"])
+    assert split["mean_member"] == pytest.approx(expected["mean_member"])
+    assert [m == pytest.approx(e) for m, e in zip(split["members"], expected["members"])] == [True, True]
+    assert lines[-1]["ensemble"] == split["ensemble"]  # the final metrics are the last epoch's
+
+    # The members reload from the folder and reproduce the saved predictions.
+    ens = load_run(run)
+    from loraens.data import load_mcqa
+
+    again = ens.predict(load_mcqa("arc_easy", "validation", data_dir=mirror), progress=False)
+    torch.testing.assert_close(again.member_probs, preds.member_probs, atol=1e-5, rtol=1e-5)
+
+    # evaluate: a saved run on another dataset (a user JSONL file).
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join(json.dumps({"question": q.question, "choices": list(q.choices), "answer": "ABCDE"[q.answer]})
+                           + "\n" for q in make_questions(5, seed=3)))
+    assert main(["evaluate", str(run), "--dataset", str(own), "--quiet"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["splits"]) == {"arc_easy_validation", "own_validation"}
+    assert Predictions.load(run / "predictions" / "own_validation.safetensors").member_probs.shape[:2] == (5, 2)
+
+
+def test_bad_values_give_an_error_naming_the_flag(tmp_path, tiny_setup, capsys):
+    model_dir, mirror = tiny_setup
+    assert main(_train_args(tmp_path / "r", model_dir, mirror, "--train.lr", "-3")) == 2
+    err = capsys.readouterr().err
+    assert "--train.lr" in err and "-3" in err
+    assert main(["evaluate", str(tmp_path / "missing-run")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_every_verb_has_help(capsys):
+    for verb in ("train", "evaluate", "demo"):
+        with pytest.raises(SystemExit) as done:
+            main([verb, "--help"])
+        assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "--ensemble.num_members" in text and "--train.lr" in text and "RUN" in text
