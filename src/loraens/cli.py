@@ -20,9 +20,11 @@ from .config import ConfigError, RunConfig, coerce, section_fields
 
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/demo",
-    "data": {"dataset": "arc_easy", "train_limit": 400, "eval_splits": ["validation"], "eval_limit": 300},
+    "data": {"dataset": "arc_easy", "train_limit": 400, "eval_splits": ["validation"]},
     "ensemble": {"num_members": 4},
-    "train": {"epochs": 2},
+    # Three epochs at this rate make single members over-confident by the end (ECE grows with
+    # training, as in the paper), which is the regime where the ensemble's calibration shows.
+    "train": {"epochs": 3, "lr": 1e-3},
 }
 
 
@@ -93,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
     demo = sub.add_parser("demo", help="the minutes-long demo: 4 members on ARC-Easy, single vs ensemble",
-                          description="Train a small ensemble of the default model (SmolLM2-135M) on 400 ARC-Easy "
-                                      "questions and compare single members with the ensemble on 300 validation "
-                                      "questions. Any setting can be changed with the flags below.")
+                          description="Train 4 LoRA members of the default model (SmolLM2-135M) for 3 epochs on 400 "
+                                      "ARC-Easy training questions and compare single members with the ensemble "
+                                      "on the 570 validation questions after every epoch. Any setting can be "
+                                      "changed with the flags below.")
     add_config_flags(demo, RunConfig.from_dict(DEMO_DEFAULTS))
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -143,8 +146,24 @@ def _train(config: RunConfig, progress: bool, demo: bool) -> int:
         if demo:
             print()
             print(format_comparison(metrics, title=f"{key}: single member vs ensemble"))
+    if demo:
+        print()
+        print(format_epochs(result.run_dir / "metrics.jsonl"))
     print(f"\nRun folder: {result.run_dir} (config.yaml, members/, metrics.jsonl, predictions/, results.json)")
     return 0
+
+
+def format_epochs(metrics_jsonl: Path) -> str:
+    """Mean member vs ensemble after every epoch: how calibration evolves with training."""
+    import json
+
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    head = f"{'epoch':<7}{'split':<24}{'mean member acc/NLL/ECE':>26}{'ensemble acc/NLL/ECE':>26}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = [f"{100 * r[w]['accuracy']:.1f}% {r[w]['nll']:.3f} {r[w]['ece']:.3f}" for w in ("mean_member", "ensemble")]
+        lines.append(f"{r['epoch']:<7}{r['split']:<24}{cells[0]:>26}{cells[1]:>26}")
+    return "\n".join(lines)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ import torch
 ArrayLike = torch.Tensor | np.ndarray | list
 
 METRIC_NAMES: tuple[str, ...] = ("accuracy", "nll", "ece", "brier")
+CALIBRATION_METRIC_NAMES: tuple[str, ...] = ("ece", "mce", "adaptive_ece")
 # Probabilities are clamped here before the log so a confident miss gives a large, finite NLL
 # (-log 1e-12 ~= 27.6) instead of inf, which would poison every mean that includes it.
 NLL_EPS = 1e-12
@@ -93,6 +94,51 @@ def _prepare(probs: ArrayLike, targets: ArrayLike) -> tuple[torch.Tensor, torch.
     return p, t
 
 
+def _as_choice_mask(
+    choice_mask: ArrayLike, n: int, num_choices: int, other_name: str
+) -> torch.Tensor:
+    """Validate ``choice_mask`` [N, C] against N and C of ``other_name``; return a bool tensor."""
+    mask = _as_float(choice_mask, "choice_mask") != 0
+    expected = (n, num_choices)
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"`choice_mask` should have shape [N, C] = {list(expected)} to match "
+            f"`{other_name}`, but got shape {tuple(mask.shape)}"
+        )
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("`choice_mask` should mark at least one real choice per question")
+    return mask
+
+
+def _check_n_bins(n_bins: int) -> int:
+    """Validate a bin count (a positive int, not a bool) and return it as a Python int."""
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer) or n_bins < 1:
+        raise ValueError(f"`n_bins` should be a positive integer, but got {n_bins!r}")
+    return int(n_bins)
+
+
+def _top_label(p: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence (max probability) [N] and correctness (argmax == target, as 0./1.) [N]."""
+    conf, pred = p.max(dim=1)
+    return conf, (pred == t).double()
+
+
+def _equal_width_bin_sums(
+    conf: torch.Tensor, correct: torch.Tensor, n_bins: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-bin (count, sum of confidence, sum of correctness), each [n_bins], (lo, hi] bins."""
+    # Upper edges k / n_bins computed by division (exactly rounded, so 0.4 == 2/5 as a literal).
+    # bucketize(right=False) returns b with upper[b-1] < conf <= upper[b]: the (lo, hi] rule,
+    # and conf = 0 gives b = 0.
+    upper = torch.arange(1, n_bins + 1, dtype=torch.float64) / n_bins
+    bins = torch.bucketize(conf, upper, right=False).clamp_max(n_bins - 1)
+    zeros = torch.zeros(n_bins, dtype=torch.float64)
+    count = zeros.clone().index_add_(0, bins, torch.ones_like(conf))
+    sum_conf = zeros.clone().index_add_(0, bins, conf)
+    sum_acc = zeros.clone().index_add_(0, bins, correct)
+    return count, sum_conf, sum_acc
+
+
 # --------------------------------------------------------------------------- ensembling
 
 
@@ -135,15 +181,7 @@ def ensemble_probs_from_logits(
     z = _as_float(member_logits, "member_logits")
     _check_shape(z, "member_logits", "NMC")
     if choice_mask is not None:
-        mask = _as_float(choice_mask, "choice_mask") != 0
-        expected = (z.shape[0], z.shape[2])
-        if tuple(mask.shape) != expected:
-            raise ValueError(
-                f"`choice_mask` should have shape [N, C] = {list(expected)} to match "
-                f"`member_logits`, but got shape {tuple(mask.shape)}"
-            )
-        if not bool(mask.any(dim=1).all()):
-            raise ValueError("`choice_mask` should mark at least one real choice per question")
+        mask = _as_choice_mask(choice_mask, z.shape[0], z.shape[2], "member_logits")
         z = z.masked_fill(~mask[:, None, :], float("-inf"))
     # log_softmax per member first, so the mean is over log-probabilities whatever the input was.
     mean_log_probs = torch.log_softmax(z, dim=-1).mean(dim=1)
@@ -201,21 +239,72 @@ def ece(probs: ArrayLike, targets: ArrayLike, n_bins: int = 15) -> float:
     Args:
         probs: float ``[N, C]``.  targets: int ``[N]``.  n_bins: number of bins (> 0).
     """
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer) or n_bins < 1:
-        raise ValueError(f"`n_bins` should be a positive integer, but got {n_bins!r}")
-    n_bins = int(n_bins)
+    n_bins = _check_n_bins(n_bins)
     p, t = _prepare(probs, targets)
-    conf, pred = p.max(dim=1)
-    correct = (pred == t).double()
-    # Upper edges k / n_bins computed by division (exactly rounded, so 0.4 == 2/5 as a literal).
-    # bucketize(right=False) returns b with upper[b-1] < conf <= upper[b]: the (lo, hi] rule,
-    # and conf = 0 gives b = 0.
-    upper = torch.arange(1, n_bins + 1, dtype=torch.float64) / n_bins
-    bins = torch.bucketize(conf, upper, right=False).clamp_max(n_bins - 1)
-    sum_conf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
-    sum_acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
+    _, sum_conf, sum_acc = _equal_width_bin_sums(*_top_label(p, t), n_bins)
     # |B|/N * |acc - conf| = |sum_acc - sum_conf| / N, which needs no division by empty counts.
     return float((sum_acc - sum_conf).abs().sum() / p.shape[0])
+
+
+def mce(probs: ArrayLike, targets: ArrayLike, n_bins: int = 15) -> float:
+    """Maximum calibration error: the largest ``|acc(B_b) - conf(B_b)|`` over non-empty bins.
+
+    Same top-label confidences and the same equal-width ``(lo, hi]`` bins as :func:`ece`
+    (Naeini et al. 2015). ECE is a weighted mean of the same per-bin gaps, so ``mce >= ece``.
+    A bin holding one question counts as much as a bin holding hundreds, so MCE is noisy on
+    small N.
+
+    Args:
+        probs: float ``[N, C]``.  targets: int ``[N]``.  n_bins: number of bins (> 0).
+    """
+    n_bins = _check_n_bins(n_bins)
+    p, t = _prepare(probs, targets)
+    count, sum_conf, sum_acc = _equal_width_bin_sums(*_top_label(p, t), n_bins)
+    filled = count > 0  # never empty: N > 0 puts every question in some bin
+    return float(((sum_acc[filled] - sum_conf[filled]).abs() / count[filled]).max())
+
+
+def adaptive_ece(probs: ArrayLike, targets: ArrayLike, n_bins: int = 15) -> float:
+    """Top-label ECE with equal-mass bins (adaptive binning, as in Nixon et al. 2019's ACE).
+
+    Questions are sorted by confidence and cut into ``n_bins`` consecutive groups of nearly
+    equal size with ``np.array_split`` (sizes differ by at most one; the larger groups come
+    first, i.e. hold the lower confidences). ``sum_b |B_b| / N * |acc(B_b) - conf(B_b)|``, as
+    in :func:`ece`. With ``n_bins > N`` the extra groups are empty and add nothing.
+
+    Ties: the sort is stable, so questions with equal confidence keep their input order, and a
+    run of equal confidences may be cut between two adjacent bins; which of those questions
+    lands in which bin then follows their position in the input.
+
+    Args:
+        probs: float ``[N, C]``.  targets: int ``[N]``.  n_bins: number of bins (> 0).
+    """
+    n_bins = _check_n_bins(n_bins)
+    p, t = _prepare(probs, targets)
+    conf, correct = _top_label(p, t)
+    order = torch.sort(conf, stable=True).indices.numpy()
+    total = 0.0
+    for group in np.array_split(order, n_bins):
+        if len(group) > 0:
+            g = torch.from_numpy(group)
+            total += abs(float(correct[g].sum() - conf[g].sum()))
+    return total / p.shape[0]
+
+
+def calibration_metrics(
+    probs: ArrayLike, targets: ArrayLike, n_bins: int = 15
+) -> dict[str, float]:
+    """ECE, MCE and adaptive ECE of ``probs`` [N, C] against ``targets`` [N], all with ``n_bins``.
+
+    Keys are :data:`CALIBRATION_METRIC_NAMES`. Kept apart from :func:`compute_metrics` so that
+    the rows of results.json and the tables keep their four columns.
+    """
+    p, t = _prepare(probs, targets)
+    return {
+        "ece": ece(p, t, n_bins=n_bins),
+        "mce": mce(p, t, n_bins=n_bins),
+        "adaptive_ece": adaptive_ece(p, t, n_bins=n_bins),
+    }
 
 
 def compute_metrics(probs: ArrayLike, targets: ArrayLike, n_bins: int = 15) -> dict[str, float]:
