@@ -1,4 +1,4 @@
-"""Command line: thin verbs over the library (`loraens train | evaluate | demo`).
+"""Command line: thin verbs over the library (`loraens train | evaluate | report | demo`).
 
 Every field of `RunConfig` is a flag named after its section (``--train.lr``, ``--ensemble.num_members``);
 values come from the defaults, then an optional YAML file (``--config``), then the flags.
@@ -109,8 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", help="built-in dataset, mmlu:<subjects>, or a .jsonl/.csv file "
                                       "(default: the run's training dataset)")
     ev.add_argument("--split", default="validation", help="split to score (default: validation)")
-    ev.add_argument("--limit", type=int, help="score a seeded random subset of this many questions")
+    ev.add_argument("--limit", type=int, help="score a seeded random subset of this many questions (of every set)")
+    ev.add_argument("--ood", nargs="+", default=[], metavar="D",
+                    help="out-of-distribution datasets: report how well each uncertainty score separates "
+                         "them from --dataset (AUROC, AUPR, FPR at 95%% TPR)")
+    ev.add_argument("--ood_split", metavar="S", help="split of the --ood datasets (default: --split)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    rep = sub.add_parser("report", help="HTML + Markdown report comparing one or more runs",
+                         description="Compute every metric from the runs' prediction files, with bootstrap "
+                                     "intervals, and write a self-contained HTML file and a Markdown summary "
+                                     "with plots (reliability, selective prediction, OOD ROC, ensemble size).")
+    rep.add_argument("runs", nargs="+", metavar="RUN", help="run folders (with predictions/)")
+    rep.add_argument("--output", metavar="PATH", help="output path without suffix (default: <first run>/report)")
+    rep.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    rep.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     return parser
 
 
@@ -123,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train", "demo"):
             config = resolve_config(args, DEMO_DEFAULTS if args.command == "demo" else None)
             return _train(config, progress=not args.quiet, demo=args.command == "demo")
+        if args.command == "report":
+            return _report(args)
         return _evaluate(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"loraens {args.command}: error: {err}", file=sys.stderr)
@@ -166,15 +180,45 @@ def format_epochs(metrics_jsonl: Path) -> str:
     return "\n".join(lines)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    for run in args.runs:
+        if not Path(run).is_dir():
+            raise FileNotFoundError(f"RUN {run!r} is not a folder; give run folders such as runs/demo.")
+    if args.resamples < 10:
+        raise ValueError(f"--resamples must be at least 10, but got {args.resamples}.")
+    output = Path(args.output) if args.output else Path(args.runs[0]) / "report"
+    html_path, md_path = build_report(args.runs, output, n_resamples=args.resamples, seed=args.seed)
+    print(f"Wrote {html_path} and {md_path}")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .metrics import format_table
     from .run import evaluate_run
 
     if not Path(args.run).is_dir():
         raise FileNotFoundError(f"RUN {args.run!r} is not a folder; give a run folder such as runs/demo.")
-    key, metrics = evaluate_run(args.run, args.dataset, args.split, args.limit, progress=not args.quiet)
-    print(format_table(metrics, title=f"{key}: every member, mean member, ensemble"))
+    out = evaluate_run(args.run, args.dataset, args.split, args.limit, args.ood, args.ood_split,
+                       progress=not args.quiet)
+    print(format_table(out["metrics"], title=f"{out['key']}: every member, mean member, ensemble"))
+    if out["ood"]:
+        print()
+        print(format_ood(out["key"], out["ood"]))
     return 0
+
+
+OOD_COLUMNS = ("1-max_prob", "predictive_entropy_norm", "mutual_information_norm", "member_disagreement")
+
+
+def format_ood(in_key: str, ood: dict[str, dict[str, dict[str, float]]]) -> str:
+    """AUROC of the main uncertainty scores for every OOD set (in-distribution: `in_key`)."""
+    head = f"{'OOD set (vs ' + in_key + ')':<34}" + "".join(f"{c:>26}" for c in OOD_COLUMNS)
+    lines = ["OOD detection AUROC (higher is better; 0.5 = chance)", head, "-" * len(head)]
+    for key, table in ood.items():
+        lines.append(f"{key:<34}" + "".join(f"{table[c]['auroc']:>26.3f}" for c in OOD_COLUMNS))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

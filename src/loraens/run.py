@@ -17,6 +17,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -162,12 +163,46 @@ def load_run(run_dir: str | Path) -> LoadedEnsemble:
     return ens
 
 
+def ood_table(in_preds: Predictions, out_preds: Predictions) -> dict[str, dict[str, float]]:
+    """OOD detection of `out_preds` against `in_preds` for every uncertainty score.
+
+    Scores come from `uncertainty_scores`; the "_norm" entropies divide by log(number of
+    choices) so that a set with more choices does not look "more uncertain" by construction.
+    """
+    from .ood import ood_metrics
+    from .uncertainty import uncertainty_scores
+
+    s_in = uncertainty_scores(in_preds.member_probs, in_preds.choice_mask)
+    s_out = uncertainty_scores(out_preds.member_probs, out_preds.choice_mask)
+    return {name: ood_metrics(s_in[name], s_out[name]) for name in s_in}
+
+
 def evaluate_run(run_dir: str | Path, dataset: str | None = None, split: str = "validation",
-                 limit: int | None = None, progress: bool = True) -> tuple[str, dict[str, Any]]:
-    """Score a saved run on any dataset and split; adds predictions and results to the run folder."""
+                 limit: int | None = None, ood: Sequence[str] = (), ood_split: str | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Score a saved run on any dataset and split, plus optional out-of-distribution sets.
+
+    Writes predictions/<key>.safetensors for every set, adds their metrics to results.json, and
+    for OOD sets the detection metrics (AUROC, AUPR, FPR@95) of every uncertainty score under
+    results.json["ood"][<in key>][<ood key>]. Returns {"key", "metrics", "ood"}.
+    """
+    run_dir = Path(run_dir)
     ens = load_run(run_dir)
     dataset = dataset or ens.config.data.dataset
     key = split_key(dataset, split)
-    metrics = _evaluate(ens, Path(run_dir), key, load_examples(ens.config, split, limit, dataset), progress)
-    _update_results(Path(run_dir), key, metrics)
-    return key, metrics
+    metrics = _evaluate(ens, run_dir, key, load_examples(ens.config, split, limit, dataset), progress)
+    results = _update_results(run_dir, key, metrics)
+    in_preds = Predictions.load(run_dir / "predictions" / f"{key}.safetensors")
+    ood_results: dict[str, Any] = {}
+    for other in ood:
+        other_split = ood_split or split
+        other_key = split_key(other, other_split)
+        other_metrics = _evaluate(ens, run_dir, other_key,
+                                  load_examples(ens.config, other_split, limit, other), progress)
+        _update_results(run_dir, other_key, other_metrics)
+        ood_results[other_key] = ood_table(in_preds, Predictions.load(run_dir / "predictions" / f"{other_key}.safetensors"))
+    if ood_results:
+        results = json.loads((run_dir / "results.json").read_text())
+        results.setdefault("ood", {}).setdefault(key, {}).update(ood_results)
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return {"key": key, "metrics": metrics, "ood": ood_results}
