@@ -1,0 +1,102 @@
+"""Matplotlib figures of a report, each returned as PNG bytes (the report embeds them)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _png(fig: plt.Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def reliability_diagram(curves: Mapping[str, np.ndarray], targets: np.ndarray, n_bins: int = 15) -> bytes:
+    """Accuracy per confidence bin for each named [N, C] distribution, plus confidence histograms.
+
+    Left: one line per model (bin accuracy vs bin confidence; the diagonal is perfect calibration).
+    Right: how many questions fall into each confidence bin.
+    """
+    fig, (ax, hist) = plt.subplots(1, 2, figsize=(10, 4))
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
+    for name, probs in curves.items():
+        conf = probs.max(-1)
+        correct = probs.argmax(-1) == targets
+        idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+        xs, ys = [], []
+        for b in range(n_bins):
+            sel = idx == b
+            if sel.any():
+                xs.append(conf[sel].mean())
+                ys.append(correct[sel].mean())
+        ax.plot(xs, ys, marker="o", label=name)
+        hist.hist(conf, bins=edges, alpha=0.5, label=name)
+    ax.set(xlabel="confidence (top-choice probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+           title="Reliability diagram")
+    ax.legend(loc="upper left", fontsize=8)
+    hist.set(xlabel="confidence (top-choice probability)", ylabel="questions", title="Confidence histogram")
+    hist.legend(fontsize=8)
+    return _png(fig)
+
+
+def accuracy_coverage(curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """Accuracy of the most certain questions vs the share of questions answered."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (coverage, acc) in curves.items():
+        ax.plot(coverage, acc, label=name)
+    ax.set(xlabel="coverage (share of questions answered, most certain first)", ylabel="accuracy",
+           xlim=(0, 1), title="Selective prediction")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], title: str) -> bytes:
+    """ROC curves of OOD detection: name -> (fpr, tpr, auroc)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", label="chance")
+    for name, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {auc:.3f})")
+    ax.set(xlabel="false positive rate (in-distribution flagged)", ylabel="true positive rate (OOD flagged)",
+           title=title)
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+def score_histograms(score_in: np.ndarray, scores_out: Mapping[str, np.ndarray], in_name: str, score: str) -> bytes:
+    """Distribution of one uncertainty score on the in-distribution set and each OOD set."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    everything = np.concatenate([score_in, *scores_out.values()])
+    bins = np.linspace(everything.min(), everything.max() + 1e-9, 30)
+    ax.hist(score_in, bins=bins, alpha=0.6, density=True, label=f"{in_name} (in-distribution)")
+    for name, values in scores_out.items():
+        ax.hist(values, bins=bins, alpha=0.4, density=True, label=name)
+    ax.set(xlabel=score, ylabel="density", title=f"{score}: in-distribution vs OOD")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def ensemble_size(rows: Sequence[Mapping], metrics: Sequence[str] = ("accuracy", "nll", "ece")) -> bytes:
+    """Metric vs number of members: the first m members, and the mean (± std) over random m-subsets."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6))
+    m = [r["m"] for r in rows]
+    for ax, metric in zip(np.atleast_1d(axes), metrics):
+        first = [r["first"][metric] for r in rows]
+        mean = np.array([r["random_mean"][metric] for r in rows])
+        std = np.array([r["random_std"][metric] for r in rows])
+        ax.plot(m, first, marker="o", label="first m members")
+        ax.plot(m, mean, marker="s", label="random m-subsets (mean ± std)")
+        ax.fill_between(m, mean - std, mean + std, alpha=0.2)
+        ax.set(xlabel="members in the ensemble (m)", ylabel=metric, title=f"{metric} vs ensemble size")
+        ax.set_xticks(m)
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    return _png(fig)

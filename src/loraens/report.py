@@ -1,0 +1,247 @@
+"""`loraens report RUN [RUN ...]`: a self-contained HTML file and a Markdown summary.
+
+Everything is computed from the run folders' prediction files (member probabilities
+[N, M, C]), so a report can be rebuilt at any time, with any number of bootstrap resamples.
+Every metric is shown with a seeded bootstrap 95% interval; differences between the ensemble
+and a single member use a paired bootstrap on the same questions.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import plots
+from .bootstrap import format_ci, metric_cis, paired_bootstrap
+from .ensemble_size import ensemble_size_curve
+from .metrics import adaptive_ece, compute_metrics, ece, ensemble_probs, mce, nll
+from .ood import ood_metrics, roc_points
+from .predict import Predictions
+from .selective import accuracy_coverage_curve, selective_metrics
+from .uncertainty import uncertainty_scores
+
+MAIN_METRICS = ("accuracy", "nll", "ece", "brier")
+OOD_SCORES = ("1-max_prob", "predictive_entropy_norm", "mutual_information_norm", "member_disagreement")
+
+
+@dataclass
+class Section:
+    """One titled block of the report: Markdown text, HTML text, and figures."""
+
+    title: str
+    markdown: list[str] = field(default_factory=list)
+    html: list[str] = field(default_factory=list)
+    figures: list[tuple[str, bytes]] = field(default_factory=list)  # (caption, PNG bytes)
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        self.markdown += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        self.markdown += ["| " + " | ".join(r) + " |" for r in rows]
+        self.markdown.append("")
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+        self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+    def text(self, line: str) -> None:
+        self.markdown += [line, ""]
+        self.html.append(f"<p>{html.escape(line)}</p>")
+
+
+def _load_predictions(run_dir: Path) -> dict[str, Predictions]:
+    folder = run_dir / "predictions"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{run_dir} has no predictions/ folder; run `loraens evaluate {run_dir}` first.")
+    return {p.stem: Predictions.load(p) for p in sorted(folder.glob("*.safetensors"))}
+
+
+def _split_section(run: str, key: str, preds: Predictions, n_resamples: int, seed: int) -> Section:
+    """Metrics with intervals, calibration, selective prediction and ensemble size for one split."""
+    mp = preds.member_probs.double().numpy()
+    targets = preds.targets.numpy()
+    ens, single = ensemble_probs(mp).numpy(), mp[:, 0]
+    sec = Section(f"{run} / {key}: N = {len(targets)} questions, M = {mp.shape[1]} members")
+
+    ci_single = metric_cis(single, targets, n_resamples=n_resamples, seed=seed)
+    ci_ens = metric_cis(ens, targets, n_resamples=n_resamples, seed=seed)
+    mean_member = {k: float(np.mean([compute_metrics(mp[:, j], targets)[k] for j in range(mp.shape[1])]))
+                   for k in MAIN_METRICS}
+    rows = [["single member (member 0)", *(format_ci(ci_single[k]) for k in MAIN_METRICS)],
+            ["mean member (point estimate)", *(f"{mean_member[k]:.3f}" for k in MAIN_METRICS)],
+            ["ensemble", *(format_ci(ci_ens[k]) for k in MAIN_METRICS)]]
+    diffs = []
+    for k, fn in (("accuracy", _acc), ("nll", nll), ("ece", ece)):
+        d = paired_bootstrap(fn, (ens, targets), (single, targets), n_resamples=n_resamples, seed=seed)
+        diffs.append(f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] p={d['p_value']:.3f}")
+    sec.table(["model", "accuracy", "NLL", "ECE", "Brier"], rows)
+    sec.text("Ensemble minus single member, paired bootstrap over the same questions (95% interval, "
+             f"two-sided p): accuracy {diffs[0]}; NLL {diffs[1]}; ECE {diffs[2]}.")
+    sec.table(["model", "ECE (15 bins)", "MCE", "adaptive ECE"],
+              [[name, f"{ece(p, targets):.4f}", f"{mce(p, targets):.4f}", f"{adaptive_ece(p, targets):.4f}"]
+               for name, p in (("single member", single), ("ensemble", ens))])
+    sec.figures.append(("Reliability diagram and confidence histogram: single member vs ensemble",
+                        plots.reliability_diagram({"single member": single, "ensemble": ens}, targets)))
+
+    sel = selective_metrics(mp, targets, choice_mask=preds.choice_mask.numpy())
+    sec.table(["uncertainty score (ensemble)", "AURC (lower is better)", "acc @ 80% coverage", "acc @ 90% coverage"],
+              [[s, f"{v['aurc']:.4f}", f"{v['acc@80']:.3f}", f"{v['acc@90']:.3f}"] for s, v in sel.items()])
+    scores = uncertainty_scores(mp, preds.choice_mask.numpy())
+    correct_e, correct_s = ens.argmax(-1) == targets, single.argmax(-1) == targets
+    curves = {f"ensemble, {s}": accuracy_coverage_curve(correct_e, scores[s]) for s in OOD_SCORES}
+    curves["single member, 1-max_prob"] = accuracy_coverage_curve(correct_s, 1 - single.max(-1))
+    sec.figures.append(("Accuracy-coverage curves", plots.accuracy_coverage(curves)))
+
+    size = ensemble_size_curve(mp, targets, n_subsets=20, seed=seed)
+    sec.table(["members m", "accuracy (first m)", "NLL (first m)", "ECE (first m)", "NLL (random m-subsets)"],
+              [[str(r["m"]), f"{r['first']['accuracy']:.3f}", f"{r['first']['nll']:.4f}", f"{r['first']['ece']:.4f}",
+                f"{r['random_mean']['nll']:.4f} ± {r['random_std']['nll']:.4f}"] for r in size])
+    sec.figures.append(("Ensemble-size curve", plots.ensemble_size(size)))
+    return sec
+
+
+def _acc(probs: np.ndarray, targets: np.ndarray) -> float:
+    return float((probs.argmax(-1) == targets).mean())
+
+
+def _ood_section(run: str, in_key: str, ood_keys: list[str], preds: dict[str, Predictions],
+                 n_resamples: int, seed: int) -> Section:
+    """OOD detection of every OOD set against `in_key`, with bootstrap intervals on AUROC."""
+    sec = Section(f"{run}: out-of-distribution detection (in-distribution: {in_key})")
+    sec.text("Each score is oriented so that higher means more uncertain; OOD questions are the positive class. "
+             "Entropies marked _norm are divided by log(number of choices), so sets with more choices do not "
+             "look more uncertain by construction.")
+    s_in = uncertainty_scores(preds[in_key].member_probs.double().numpy(), preds[in_key].choice_mask.numpy())
+    rows, outs = [], {}
+    rng = np.random.default_rng(seed)
+    for key in ood_keys:
+        p = preds[key]
+        s_out = uncertainty_scores(p.member_probs.double().numpy(), p.choice_mask.numpy())
+        outs[key] = s_out
+        for score in OOD_SCORES:
+            m = ood_metrics(s_in[score], s_out[score])
+            low, high = _auroc_interval(s_in[score], s_out[score], n_resamples, rng)
+            rows.append([key, score, f"{m['auroc']:.3f} [{low:.3f}, {high:.3f}]", f"{m['aupr']:.3f}",
+                         f"{m['fpr95']:.3f}"])
+        roc = {s: (*roc_points(s_in[s], s_out[s]), ood_metrics(s_in[s], s_out[s])["auroc"]) for s in OOD_SCORES}
+        sec.figures.append((f"ROC curves: {key} vs {in_key}", plots.roc_curves(roc, f"OOD: {key}")))
+    sec.table(["OOD set", "score", "AUROC [95% interval]", "AUPR", "FPR @ 95% TPR"], rows)
+    for score in ("predictive_entropy_norm", "mutual_information_norm"):
+        sec.figures.append((f"Score histograms: {score}",
+                            plots.score_histograms(s_in[score], {k: v[score] for k, v in outs.items()}, in_key, score)))
+    return sec
+
+
+def _auroc_interval(s_in: np.ndarray, s_out: np.ndarray, n: int, rng: np.random.Generator) -> tuple[float, float]:
+    """Percentile 95% interval of AUROC, resampling each set separately (they are independent)."""
+    from scipy.stats import rankdata
+
+    a = s_in[rng.integers(0, len(s_in), (n, len(s_in)))]
+    b = s_out[rng.integers(0, len(s_out), (n, len(s_out)))]
+    ranks = rankdata(np.concatenate([b, a], axis=1), axis=1)  # ties get average ranks
+    n_out, n_in = b.shape[1], a.shape[1]
+    auc = (ranks[:, :n_out].sum(1) - n_out * (n_out + 1) / 2) / (n_out * n_in)  # Mann-Whitney U
+    return float(np.quantile(auc, 0.025)), float(np.quantile(auc, 0.975))
+
+
+def _comparison_section(runs: dict[str, dict[str, Predictions]], n_resamples: int, seed: int) -> Section | None:
+    """Runs side by side on the splits they share; paired differences against the first run."""
+    if len(runs) < 2:
+        return None
+    names = list(runs)
+    sec = Section("Runs side by side (ensemble)")
+    shared = sorted(set.intersection(*(set(p) for p in runs.values())))
+    rows = []
+    for key in shared:
+        base = runs[names[0]][key]
+        base_ens = ensemble_probs(base.member_probs.double().numpy()).numpy()
+        for name in names:
+            p = runs[name][key]
+            e = ensemble_probs(p.member_probs.double().numpy()).numpy()
+            ci = metric_cis(e, p.targets.numpy(), n_resamples=n_resamples, seed=seed)
+            diff = "—"
+            if name != names[0] and p.ids == base.ids:
+                d = paired_bootstrap(nll, (e, p.targets.numpy()), (base_ens, base.targets.numpy()),
+                                     n_resamples=n_resamples, seed=seed)
+                diff = f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] p={d['p_value']:.3f}"
+            rows.append([key, name, *(format_ci(ci[k]) for k in MAIN_METRICS), diff])
+    sec.table(["split", "run", "accuracy", "NLL", "ECE", "Brier", f"NLL minus {names[0]} (paired)"], rows)
+    return sec
+
+
+def build_report(run_dirs: list[str | Path], output: str | Path, n_resamples: int = 1000, seed: int = 0) -> tuple[Path, Path]:
+    """Write `<output>.html` (self-contained, plots embedded) and `<output>.md` (+ PNG files beside it)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, dict[str, Predictions]] = {}
+    sections: list[Section] = []
+    for run_dir in map(Path, run_dirs):
+        name = run_dir.name if run_dir.name not in runs else str(run_dir)
+        preds = runs[name] = _load_predictions(run_dir)
+        results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
+        ood = results.get("ood", {})
+        ood_keys = {k for v in ood.values() for k in v}
+        for key, p in preds.items():
+            if key not in ood_keys:
+                sections.append(_split_section(name, key, p, n_resamples, seed))
+        for in_key, table in ood.items():
+            present = [k for k in table if k in preds]
+            if in_key in preds and present:
+                sections.append(_ood_section(name, in_key, present, preds, n_resamples, seed))
+    comparison = _comparison_section(runs, n_resamples, seed)
+    if comparison is not None:
+        sections.insert(0, comparison)
+    return _write(sections, output, list(runs), n_resamples, seed)
+
+
+def _write(sections: list[Section], output: Path, names: list[str], n_resamples: int, seed: int) -> tuple[Path, Path]:
+    title = f"loraens report: {', '.join(names)}"
+    intro = (f"Intervals: 95% percentile bootstrap over questions ({n_resamples} resamples, seed {seed}). "
+             "NLL, ECE, Brier, AURC: lower is better.")
+    md, body = [f"# {title}", "", intro, ""], []
+    fig_dir = output.parent / f"{output.name}_files"
+    fig_dir.mkdir(exist_ok=True)
+    count = 0
+    for sec in sections:
+        md += [f"## {sec.title}", "", *sec.markdown]
+        body.append(f"<h2>{html.escape(sec.title)}</h2>" + "".join(sec.html))
+        for caption, png in sec.figures:
+            count += 1
+            (fig_dir / f"figure_{count}.png").write_bytes(png)
+            md += [f"![{caption}]({fig_dir.name}/figure_{count}.png)", ""]
+            data = base64.b64encode(png).decode()
+            body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    html_path, md_path = output.with_suffix(".html"), output.with_suffix(".md")
+    html_path.write_text(_PAGE.format(title=html.escape(title), intro=html.escape(intro), body="\n".join(body)))
+    md_path.write_text("\n".join(md))
+    return html_path, md_path
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
+figure {{ margin: 1em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555; font-size: 0.9em; }}
+</style>
+<script>
+// Records load problems on <body>, so a headless browser test can read them from the DOM.
+window.loraensErrors = [];
+window.addEventListener("error", e => window.loraensErrors.push(String(e.message || e.type)), true);
+window.addEventListener("load", () => {{
+  const imgs = Array.from(document.images);
+  document.body.dataset.images = imgs.length;
+  document.body.dataset.imagesLoaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.errors = window.loraensErrors.length;
+}});
+</script></head>
+<body><h1>{title}</h1><p>{intro}</p>
+{body}
+</body></html>
+"""
