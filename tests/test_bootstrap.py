@@ -1,4 +1,4 @@
-"""Bootstrap intervals, paired differences, and the ensemble-size curve."""
+"""Tests for loraens.bootstrap: seeding, coverage, scaling, paired differences, vectorised metrics."""
 
 from __future__ import annotations
 
@@ -6,112 +6,204 @@ import numpy as np
 import pytest
 import torch
 
-from loraens.bootstrap import bootstrap_ci, format_ci, metric_cis, paired_bootstrap
-from loraens.ensemble_size import ensemble_size_curve
-from loraens.metrics import compute_metrics, ece, evaluate_ensemble, nll
+import loraens.bootstrap as bootstrap
+from loraens.bootstrap import (
+    bootstrap_ci,
+    format_ci,
+    metric_cis,
+    metric_resamples,
+    paired_bootstrap,
+    paired_metric_diffs,
+    resample_indices,
+)
+from loraens.metrics import METRIC_NAMES, accuracy, brier, compute_metrics, ece, nll
+
+METRIC_FNS = {"accuracy": accuracy, "nll": nll, "ece": ece, "brier": brier}
 
 
-def _probs(n: int, seed: int, c: int = 4, sharp: float = 2.0):
+def _probs(n: int, seed: int, c: int = 4, sharp: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax of noise plus ``sharp`` on the target: better than chance, not perfect."""
     rng = np.random.default_rng(seed)
     targets = rng.integers(0, c, n)
     logits = rng.normal(size=(n, c)) + sharp * np.eye(c)[targets]
     return torch.softmax(torch.tensor(logits), -1).numpy(), targets
 
 
-def _mean(x):
+def _mean(x) -> float:
     return float(np.mean(x))
+
+
+# --------------------------------------------------------------------------- any metric
 
 
 def test_seeded_and_contains_the_mean():
     x = np.random.default_rng(0).normal(size=300)
-    a, b = bootstrap_ci(_mean, x, n_resamples=200, seed=1), bootstrap_ci(_mean, x, n_resamples=200, seed=1)
-    assert a == b
+    a = bootstrap_ci(_mean, x, n_resamples=200, seed=1)
+    assert a == bootstrap_ci(_mean, x, n_resamples=200, seed=1)
+    assert a != bootstrap_ci(_mean, x, n_resamples=200, seed=2)
+    assert set(a) == {"value", "low", "high", "std"}
     assert a["value"] == pytest.approx(x.mean())
     assert a["low"] < a["value"] < a["high"]
-    assert bootstrap_ci(_mean, x, n_resamples=200, seed=2) != a
+
+
+def test_resample_r_uses_row_r_of_the_index_matrix():
+    x = np.arange(7.0)
+    idx = resample_indices(7, 5, seed=3)
+    # The documented draw: one seeded generator, integers in [0, N), shape [R, N].
+    assert np.array_equal(idx, np.random.default_rng(3).integers(0, 7, size=(5, 7)))
+    seen = []
+    bootstrap_ci(lambda v: seen.append(v.copy()) or 0.0, x, n_resamples=5, seed=3)
+    assert np.array_equal(np.stack(seen[:5]), x[idx])  # seen[5] is the point estimate on all of x
 
 
 def test_interval_shrinks_like_one_over_sqrt_n():
     rng = np.random.default_rng(0)
-    small, large = rng.normal(size=100), rng.normal(size=1600)
-    w_small = bootstrap_ci(_mean, small, n_resamples=400)
-    w_large = bootstrap_ci(_mean, large, n_resamples=400)
-    ratio = (w_small["high"] - w_small["low"]) / (w_large["high"] - w_large["low"])
-    assert 3.0 < ratio < 5.3  # sqrt(1600 / 100) = 4
+    # Standardised samples (population std exactly 1), so only the resampling is random and the
+    # bootstrap std of the mean is 1/sqrt(N): 0.1 at N = 100, 0.025 at N = 1600, ratio 4.
+    small, large = (z := rng.normal(size=100)) - z.mean(), (w := rng.normal(size=1600)) - w.mean()
+    small, large = small / small.std(), large / large.std()
+    ci_small = bootstrap_ci(_mean, small, n_resamples=400)
+    ci_large = bootstrap_ci(_mean, large, n_resamples=400)
+    assert ci_small["std"] == pytest.approx(0.1, rel=0.15)
+    assert ci_large["std"] == pytest.approx(0.025, rel=0.15)
+    assert 3.4 < ci_small["std"] / ci_large["std"] < 4.7
+    width_ratio = (ci_small["high"] - ci_small["low"]) / (ci_large["high"] - ci_large["low"])
+    assert 3.0 < width_ratio < 5.3
+
+
+def test_torch_tensors_reach_the_metric_as_tensors():
+    p, t = _probs(50, 1)
+    pt, tt = torch.tensor(p), torch.tensor(t)
+
+    def acc(probs, targets):
+        assert isinstance(probs, torch.Tensor) and isinstance(targets, torch.Tensor)
+        return accuracy(probs, targets)
+
+    assert bootstrap_ci(acc, pt, tt, n_resamples=20) == pytest.approx(
+        bootstrap_ci(accuracy, p, t, n_resamples=20)
+    )
+
+
+def test_arrays_must_share_n():
+    with pytest.raises(ValueError, match=r"same number of questions N on axis 0.*\(5, 3\), \(4,\)"):
+        bootstrap_ci(accuracy, np.full((5, 3), 1 / 3), np.zeros(4, dtype=int))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"n_resamples": 0}, "`n_resamples` should be a positive integer"), ({"alpha": 1.5}, "`alpha` should be in")],
+)
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bootstrap_ci(_mean, np.arange(3.0), **kwargs)
+
+
+# --------------------------------------------------------------------------- paired
 
 
 def test_paired_against_itself_is_zero():
     p, t = _probs(200, 0)
     d = paired_bootstrap(nll, (p, t), (p, t), n_resamples=100)
-    assert d["diff"] == d["low"] == d["high"] == 0.0 and d["p_value"] == 1.0
+    # Every resampled difference is exactly 0: both tails hold all of them -> p = min(1, 2 * 1).
+    assert d == {"diff": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0}
 
 
 def test_paired_detects_a_clearly_better_method():
     p, t = _probs(300, 0)
     flat = np.full_like(p, 0.25)
     d = paired_bootstrap(nll, (p, t), (flat, t), n_resamples=200)
+    assert d["diff"] == pytest.approx(nll(p, t) - nll(flat, t))
     assert d["diff"] < 0 and d["high"] < 0 and d["p_value"] < 0.05
+
+
+def test_paired_is_antisymmetric():
+    p, t = _probs(120, 2, sharp=0.5)
+    q, _ = _probs(120, 3, sharp=0.5)  # another method's probabilities on the same questions
+    ab = paired_bootstrap(brier, (p, t), (q, t), n_resamples=200, seed=4)
+    ba = paired_bootstrap(brier, (q, t), (p, t), n_resamples=200, seed=4)
+    assert ba["diff"] == pytest.approx(-ab["diff"])
+    assert (ba["low"], ba["high"]) == pytest.approx((-ab["high"], -ab["low"]))
+    assert ba["p_value"] == pytest.approx(ab["p_value"])
+    assert 0.0 <= ab["p_value"] <= 1.0
 
 
 def test_paired_needs_the_same_questions():
     p, t = _probs(10, 0)
-    with pytest.raises(ValueError, match="N = 10 and N = 9"):
+    with pytest.raises(ValueError, match=r"N = 10 and N = 9 \(shapes \[\(10, 4\), \(10,\)\] and \[\(9, 4\), \(9,\)\]\)"):
         paired_bootstrap(nll, (p, t), (p[:9], t[:9]))
 
 
-def test_metric_cis_point_values_and_vectorised_resamples_match_plain_metrics():
+# --------------------------------------------------------------------------- vectorised metrics
+
+
+def test_metric_cis_point_values_are_compute_metrics():
     p, t = _probs(150, 4, sharp=1.0)
-    cis = metric_cis(p, t, n_resamples=50, seed=7)
+    cis = metric_cis(p, t, n_resamples=200, seed=7)
     full = compute_metrics(p, t)
-    for k in full:
-        assert cis[k]["value"] == pytest.approx(full[k])
-        assert cis[k]["low"] <= full[k] <= cis[k]["high"] or k == "ece"  # ECE is biased upward under resampling
-    # Reproduce the resample draw: the vectorised ECE of resample r equals ece() on those questions.
-    idx = np.random.default_rng(7).integers(0, 150, size=(50, 150))
-    one = metric_cis(p, t, n_resamples=50, seed=7)
+    assert list(cis) == list(METRIC_NAMES)
+    for k in METRIC_NAMES:
+        assert cis[k]["value"] == full[k]
+        assert cis[k]["low"] <= cis[k]["high"]
+        if k != "ece":  # ECE is biased upward under resampling; its interval may sit above it
+            assert cis[k]["low"] <= full[k] <= cis[k]["high"]
+
+
+def test_vectorised_resamples_equal_plain_metrics_on_the_same_indices():
+    p, t = _probs(150, 4, sharp=1.0)
+    values = metric_resamples(p, t, n_resamples=50, seed=7)
+    idx = np.random.default_rng(7).integers(0, 150, size=(50, 150))  # reproduce the draw
+    for r in range(5):
+        for k, fn in METRIC_FNS.items():
+            assert values[k][r] == pytest.approx(fn(p[idx[r]], t[idx[r]]), abs=1e-12), (k, r)
+    # ...and so the summaries match the plain per-resample ECE as well.
     plain = np.array([ece(p[i], t[i]) for i in idx])
-    assert one["ece"]["low"] == pytest.approx(np.quantile(plain, 0.025))
-    assert one["ece"]["high"] == pytest.approx(np.quantile(plain, 0.975))
-    assert one["ece"]["std"] == pytest.approx(plain.std())
+    ci = metric_cis(p, t, n_resamples=50, seed=7)["ece"]
+    assert ci["low"] == pytest.approx(np.quantile(plain, 0.025))
+    assert ci["high"] == pytest.approx(np.quantile(plain, 0.975))
+    assert ci["std"] == pytest.approx(plain.std())
+
+
+def test_vectorised_ece_respects_n_bins_and_bin_edges():
+    # Confidences exactly on 5-bin edges (0.4, 0.6, 0.8, 1.0) must fall into the lower bin, as ece() does.
+    p = np.array([[0.4, 0.3, 0.3], [0.6, 0.4, 0.0], [0.8, 0.2, 0.0], [1.0, 0.0, 0.0], [0.2, 0.5, 0.3]])
+    t = np.array([0, 1, 0, 0, 2])
+    values = metric_resamples(p, t, n_resamples=30, seed=1, n_bins=5)
+    for r, i in enumerate(resample_indices(5, 30, seed=1)):
+        assert values["ece"][r] == pytest.approx(ece(p[i], t[i], n_bins=5), abs=1e-12)
+
+
+def test_blocked_draw_equals_one_draw(monkeypatch):
+    p, t = _probs(40, 5)
+    whole = metric_resamples(p, t, n_resamples=30, seed=2)
+    monkeypatch.setattr(bootstrap, "_BLOCK_ELEMENTS", 7 * 40)  # blocks of 7 resamples
+    blocked = metric_resamples(p, t, n_resamples=30, seed=2)
+    for k in METRIC_NAMES:
+        np.testing.assert_array_equal(blocked[k], whole[k])
+
+
+def test_metric_cis_agree_with_the_generic_bootstrap():
+    p, t = _probs(80, 6, sharp=1.0)
+    cis = metric_cis(p, t, n_resamples=60, seed=9)
+    for k, fn in METRIC_FNS.items():
+        assert bootstrap_ci(fn, p, t, n_resamples=60, seed=9) == pytest.approx(cis[k], abs=1e-12), k
+
+
+def test_paired_metric_diffs_agree_with_paired_bootstrap():
+    p, t = _probs(80, 6, sharp=1.0)
+    q, _ = _probs(80, 8, sharp=0.3)
+    diffs = paired_metric_diffs(p, q, t, n_resamples=60, seed=9)
+    for k, fn in METRIC_FNS.items():
+        expected = paired_bootstrap(fn, (p, t), (q, t), n_resamples=60, seed=9)
+        assert diffs[k] == pytest.approx(expected, abs=1e-12), k
+
+
+def test_metric_cis_accept_torch():
+    p, t = _probs(60, 3)
+    assert metric_cis(torch.tensor(p, dtype=torch.float64), torch.tensor(t), n_resamples=40) == metric_cis(
+        p, t, n_resamples=40
+    )
 
 
 def test_format_ci():
-    assert format_ci({"value": 0.7123, "low": 0.675, "high": 0.7481}) == "0.712 [0.675, 0.748]"
-
-
-# ---------------------------------------------------------------- ensemble size
-
-
-def _member_probs(n: int, m: int, seed: int):
-    rng = np.random.default_rng(seed)
-    targets = rng.integers(0, 4, n)
-    logits = rng.normal(size=(n, m, 4)) * 2 + 1.5 * np.eye(4)[targets][:, None]
-    return torch.softmax(torch.tensor(logits), -1).numpy(), targets
-
-
-def test_single_member_curve():
-    mp, t = _member_probs(50, 1, 0)
-    rows = ensemble_size_curve(mp, t)
-    assert len(rows) == 1 and rows[0]["first"] == pytest.approx(compute_metrics(mp[:, 0], t))
-    assert all(v == 0 for v in rows[0]["random_std"].values())
-
-
-def test_identical_members_give_a_flat_curve():
-    mp, t = _member_probs(40, 1, 1)
-    rows = ensemble_size_curve(np.repeat(mp, 3, axis=1), t)
-    for r in rows:
-        assert r["first"] == pytest.approx(rows[0]["first"])
-        assert r["random_mean"] == pytest.approx(rows[0]["first"])
-
-
-def test_full_ensemble_row_matches_evaluate_ensemble_and_beats_mean_member_nll():
-    mp, t = _member_probs(80, 4, 2)
-    rows = ensemble_size_curve(mp, t, n_subsets=5, seed=3)
-    assert [r["m"] for r in rows] == [1, 2, 3, 4]
-    full = evaluate_ensemble(mp, t)
-    assert rows[-1]["first"] == pytest.approx(full["ensemble"])
-    assert rows[-1]["random_std"]["nll"] == 0.0  # one subset of size M
-    # By convexity of -log, the full ensemble's NLL is at most the mean member's.
-    assert rows[-1]["first"]["nll"] <= full["mean_member"]["nll"]
-    # m = 1 over all subsets (4 <= n_subsets? no: 4 members, 5 subsets -> all 4 singletons).
-    assert rows[0]["random_mean"]["nll"] == pytest.approx(full["mean_member"]["nll"])
+    assert format_ci({"value": 0.7123, "low": 0.675, "high": 0.7481, "std": 0.02}) == "0.712 [0.675, 0.748]"
+    assert format_ci({"diff": -0.01234, "low": -0.03, "high": 0.02, "p_value": 0.2}, digits=2) == "-0.01 [-0.03, 0.02]"

@@ -16,7 +16,7 @@ from enum import Enum as Enum_
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, coerce, section_fields
+from .config import ConfigError, RunConfig, section_fields
 
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/demo",

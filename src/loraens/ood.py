@@ -1,7 +1,29 @@
-"""Out-of-distribution detection from per-question uncertainty scores.
+"""Out-of-distribution (OOD) detection from per-question uncertainty scores.
 
-Convention: a score is HIGHER for MORE uncertain questions, and OOD questions are the positive
-class, so a perfect detector ranks every OOD question above every in-distribution one.
+Conventions:
+
+- A score is HIGHER for MORE uncertain questions (every score in :mod:`loraens.uncertainty` is
+  oriented that way, e.g. ``1-max_prob`` rather than ``max_prob``).
+- OOD questions are the POSITIVE class (label 1), in-distribution questions the negative class
+  (label 0). A detector flags a question as OOD when its score is ``>=`` a threshold.
+
+So a perfect detector ranks every OOD question above every in-distribution one (AUROC 1), and a
+score that carries no information gives AUROC 0.5.
+
+Metrics (inputs ``score_in`` float ``[N_in]``, ``score_out`` float ``[N_out]``):
+
+- ``auroc``: area under the ROC curve, ``sklearn.metrics.roc_auc_score``. It equals the
+  probability that a random OOD question scores higher than a random in-distribution one, with
+  ties counting 1/2 (the Mann-Whitney U statistic divided by ``N_in * N_out``).
+- ``aupr``: area under the precision-recall curve with OOD as the positive class, computed as
+  average precision (``sklearn.metrics.average_precision_score``, a step-wise sum, not the
+  trapezoidal area). Its chance level is the OOD share ``N_out / (N_in + N_out)``, so it depends
+  on how many questions each side has; AUROC does not.
+- ``fpr95``: the false positive rate at 95% true positive rate: the share of in-distribution
+  questions whose score is ``>=`` the threshold that flags at least 95% of the OOD questions.
+  Of all thresholds reaching TPR >= 0.95 we take the highest one, i.e. the smallest FPR; it is
+  read off the full ROC curve (every distinct score a threshold), so no interpolation. With ties
+  at that threshold every tied question is flagged, on both sides. Lower is better.
 """
 
 from __future__ import annotations
@@ -9,37 +31,86 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from .metrics import ArrayLike, _as_float, _check_shape
 
-def _scores(score_in, score_out) -> tuple[np.ndarray, np.ndarray]:
-    a = np.asarray(score_in, dtype=np.float64).reshape(-1)
-    b = np.asarray(score_out, dtype=np.float64).reshape(-1)
-    for name, x in (("score_in", a), ("score_out", b)):
-        if x.size == 0:
-            raise ValueError(f"`{name}` is empty; OOD detection needs questions on both sides.")
-        if not np.isfinite(x).all():
-            raise ValueError(f"`{name}` holds {int((~np.isfinite(x)).sum())} NaN or infinite scores.")
-    labels = np.r_[np.zeros(a.size), np.ones(b.size)]
-    return labels, np.r_[a, b]
+OOD_METRIC_NAMES: tuple[str, ...] = ("auroc", "aupr", "fpr95")
 
 
-def roc_points(score_in, score_out) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate) over all thresholds, for plotting."""
-    labels, scores = _scores(score_in, score_out)
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return fpr, tpr
+def _as_scores(scores: ArrayLike, name: str) -> np.ndarray:
+    """Validate a float ``[N]`` score array (non-empty, finite); return float64 numpy."""
+    s = _as_float(scores, name)
+    _check_shape(s, name, "N")
+    s = s.numpy()
+    bad = ~np.isfinite(s)
+    if bad.any():
+        n_nan = int(np.isnan(s).sum())
+        raise ValueError(
+            f"`{name}` should hold finite scores, but got {n_nan} NaN and "
+            f"{int(bad.sum()) - n_nan} infinite value(s) among {s.size}"
+        )
+    return s
 
 
-def ood_metrics(score_in, score_out) -> dict[str, float]:
-    """AUROC, AUPR (OOD positive, average precision) and FPR at 95% TPR.
+def _labels_and_scores(score_in: ArrayLike, score_out: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Labels ``[N_in + N_out]`` (0 = in-distribution, 1 = OOD) and the concatenated scores."""
+    s_in = _as_scores(score_in, "score_in")
+    s_out = _as_scores(score_out, "score_out")
+    labels = np.concatenate([np.zeros(s_in.size, np.int64), np.ones(s_out.size, np.int64)])
+    return labels, np.concatenate([s_in, s_out])
 
-    score_in: [N_in], score_out: [N_out]. FPR95 is the smallest false positive rate (share of
-    in-distribution questions flagged) among thresholds that flag at least 95% of OOD questions.
-    Ties count half in AUROC (sklearn's convention, equal to the Mann-Whitney U statistic).
+
+def roc_points(score_in: ArrayLike, score_out: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """ROC curve of OOD detection, for plotting.
+
+    Args:
+        score_in: float ``[N_in]`` uncertainty scores of in-distribution questions.
+        score_out: float ``[N_out]`` uncertainty scores of OOD questions (positives).
+
+    Returns:
+        ``(fpr, tpr)``, float64 ``[K]`` each, non-decreasing, from ``(0, 0)`` to ``(1, 1)``.
+        Collinear intermediate points are dropped (sklearn's default), which does not change
+        the curve or its area.
     """
-    labels, scores = _scores(score_in, score_out)
+    labels, scores = _labels_and_scores(score_in, score_out)
     fpr, tpr, _ = roc_curve(labels, scores)
+    return fpr.astype(np.float64), tpr.astype(np.float64)
+
+
+def fpr_at_tpr(score_in: ArrayLike, score_out: ArrayLike, tpr: float = 0.95) -> float:
+    """Share of in-distribution questions flagged by the highest threshold that flags >= ``tpr``
+    of the OOD questions (the smallest FPR on the ROC curve with TPR >= ``tpr``).
+
+    Args:
+        score_in: float ``[N_in]``.  score_out: float ``[N_out]``.  tpr: target rate in (0, 1].
+    """
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"`tpr` should be in (0, 1], but got {tpr!r}")
+    labels, scores = _labels_and_scores(score_in, score_out)
+    # drop_intermediate=False: sklearn's default drops collinear points, and the first point that
+    # reaches the target TPR can be one of them (then the next kept point has a larger FPR).
+    fprs, tprs, _ = roc_curve(labels, scores, drop_intermediate=False)
+    # Both rates only grow as the threshold falls, so the first point reaching `tpr` has the
+    # smallest FPR. The last point is (1, 1), so the selection is never empty.
+    return float(fprs[tprs >= tpr].min())
+
+
+def ood_metrics(score_in: ArrayLike, score_out: ArrayLike) -> dict[str, float]:
+    """AUROC, AUPR and FPR at 95% TPR of separating OOD from in-distribution questions.
+
+    Conventions in the module docstring: higher score = more uncertain, OOD is the positive
+    class, AUPR is average precision, FPR95 is the smallest FPR with TPR >= 0.95.
+
+    Args:
+        score_in: float ``[N_in]`` uncertainty scores of in-distribution questions (N_in > 0).
+        score_out: float ``[N_out]`` uncertainty scores of OOD questions (N_out > 0).
+
+    Returns:
+        ``{"auroc", "aupr", "fpr95"}`` (keys :data:`OOD_METRIC_NAMES`), Python floats.
+    """
+    labels, scores = _labels_and_scores(score_in, score_out)
+    n_in = int((labels == 0).sum())
     return {
         "auroc": float(roc_auc_score(labels, scores)),
         "aupr": float(average_precision_score(labels, scores)),
-        "fpr95": float(fpr[tpr >= 0.95].min()),
+        "fpr95": fpr_at_tpr(scores[:n_in], scores[n_in:], 0.95),
     }

@@ -13,17 +13,16 @@ import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from . import plots
-from .bootstrap import format_ci, metric_cis, paired_bootstrap
+from .bootstrap import bootstrap_ci, format_ci, metric_cis, metric_resamples, paired_bootstrap
 from .ensemble_size import ensemble_size_curve
 from .metrics import adaptive_ece, compute_metrics, ece, ensemble_probs, mce, nll
 from .ood import ood_metrics, roc_points
 from .predict import Predictions
-from .selective import accuracy_coverage_curve, selective_metrics
+from .selective import accuracy_at_coverage, accuracy_coverage_curve, aurc
 from .uncertainty import uncertainty_scores
 
 MAIN_METRICS = ("accuracy", "nll", "ece", "brier")
@@ -66,31 +65,36 @@ def _split_section(run: str, key: str, preds: Predictions, n_resamples: int, see
     ens, single = ensemble_probs(mp).numpy(), mp[:, 0]
     sec = Section(f"{run} / {key}: N = {len(targets)} questions, M = {mp.shape[1]} members")
 
-    ci_single = metric_cis(single, targets, n_resamples=n_resamples, seed=seed)
-    ci_ens = metric_cis(ens, targets, n_resamples=n_resamples, seed=seed)
-    mean_member = {k: float(np.mean([compute_metrics(mp[:, j], targets)[k] for j in range(mp.shape[1])]))
-                   for k in MAIN_METRICS}
-    rows = [["single member (member 0)", *(format_ci(ci_single[k]) for k in MAIN_METRICS)],
-            ["mean member (point estimate)", *(f"{mean_member[k]:.3f}" for k in MAIN_METRICS)],
-            ["ensemble", *(format_ci(ci_ens[k]) for k in MAIN_METRICS)]]
-    diffs = []
-    for k, fn in (("accuracy", _acc), ("nll", nll), ("ece", ece)):
-        d = paired_bootstrap(fn, (ens, targets), (single, targets), n_resamples=n_resamples, seed=seed)
-        diffs.append(f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] p={d['p_value']:.3f}")
-    sec.table(["model", "accuracy", "NLL", "ECE", "Brier"], rows)
-    sec.text("Ensemble minus single member, paired bootstrap over the same questions (95% interval, "
-             f"two-sided p): accuracy {diffs[0]}; NLL {diffs[1]}; ECE {diffs[2]}.")
+    # The same resampled questions for every model, so differences are paired.
+    ens_r = metric_resamples(ens, targets, n_resamples=n_resamples, seed=seed)
+    mem_r = [metric_resamples(mp[:, j], targets, n_resamples=n_resamples, seed=seed) for j in range(mp.shape[1])]
+    mean_r = {k: np.mean([r[k] for r in mem_r], axis=0) for k in MAIN_METRICS}
+    ens_p = compute_metrics(ens, targets)
+    mem_p = [compute_metrics(mp[:, j], targets) for j in range(mp.shape[1])]
+    mean_p = {k: float(np.mean([p[k] for p in mem_p])) for k in MAIN_METRICS}
+    models = (("single member (member 0)", mem_p[0], mem_r[0]), ("mean member", mean_p, mean_r),
+              ("ensemble", ens_p, ens_r))
+    sec.table(["model", "accuracy", "NLL", "ECE", "Brier"],
+              [[name, *(_ci_text(p[k], r[k]) for k in MAIN_METRICS)] for name, p, r in models])
+    sec.table(["paired difference (same questions)", "accuracy", "NLL", "ECE", "Brier"],
+              [[f"ensemble minus {name}", *(_diff_text(ens_p[k] - p[k], ens_r[k] - r[k]) for k in MAIN_METRICS)]
+               for name, p, r in models[:2]])
     sec.table(["model", "ECE (15 bins)", "MCE", "adaptive ECE"],
-              [[name, f"{ece(p, targets):.4f}", f"{mce(p, targets):.4f}", f"{adaptive_ece(p, targets):.4f}"]
+              [[name, *(format_ci(bootstrap_ci(fn, p, targets, n_resamples=n_resamples, seed=seed), 4)
+                        for fn in (ece, mce, adaptive_ece))]
                for name, p in (("single member", single), ("ensemble", ens))])
     sec.figures.append(("Reliability diagram and confidence histogram: single member vs ensemble",
                         plots.reliability_diagram({"single member": single, "ensemble": ens}, targets)))
 
-    sel = selective_metrics(mp, targets, choice_mask=preds.choice_mask.numpy())
-    sec.table(["uncertainty score (ensemble)", "AURC (lower is better)", "acc @ 80% coverage", "acc @ 90% coverage"],
-              [[s, f"{v['aurc']:.4f}", f"{v['acc@80']:.3f}", f"{v['acc@90']:.3f}"] for s, v in sel.items()])
     scores = uncertainty_scores(mp, preds.choice_mask.numpy())
     correct_e, correct_s = ens.argmax(-1) == targets, single.argmax(-1) == targets
+    rows = []
+    for name, correct, score in [(f"ensemble, {s}", correct_e, scores[s]) for s in scores] + \
+            [("single member, 1-max_prob", correct_s, 1 - single.max(-1))]:
+        cells = [format_ci(bootstrap_ci(fn, correct, score, n_resamples=n_resamples, seed=seed), 3)
+                 for fn in (aurc, _acc_at(0.8), _acc_at(0.9))]
+        rows.append([name, *cells])
+    sec.table(["uncertainty score", "AURC (lower is better)", "acc @ 80% coverage", "acc @ 90% coverage"], rows)
     curves = {f"ensemble, {s}": accuracy_coverage_curve(correct_e, scores[s]) for s in OOD_SCORES}
     curves["single member, 1-max_prob"] = accuracy_coverage_curve(correct_s, 1 - single.max(-1))
     sec.figures.append(("Accuracy-coverage curves", plots.accuracy_coverage(curves)))
@@ -103,8 +107,22 @@ def _split_section(run: str, key: str, preds: Predictions, n_resamples: int, see
     return sec
 
 
-def _acc(probs: np.ndarray, targets: np.ndarray) -> float:
-    return float((probs.argmax(-1) == targets).mean())
+def _ci_text(point: float, values: np.ndarray, digits: int = 3) -> str:
+    low, high = np.quantile(values, [0.025, 0.975])
+    return f"{point:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _diff_text(point: float, diffs: np.ndarray) -> str:
+    """Difference with its paired 95% interval and two-sided bootstrap p-value."""
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    p = min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean()))
+    return f"{point:+.3f} [{low:+.3f}, {high:+.3f}] p={p:.3f}"
+
+
+def _acc_at(coverage: float):
+    def fn(correct: np.ndarray, uncertainty: np.ndarray) -> float:
+        return accuracy_at_coverage(correct, uncertainty, coverage)
+    return fn
 
 
 def _ood_section(run: str, in_key: str, ood_keys: list[str], preds: dict[str, Predictions],
@@ -199,7 +217,8 @@ def build_report(run_dirs: list[str | Path], output: str | Path, n_resamples: in
 
 def _write(sections: list[Section], output: Path, names: list[str], n_resamples: int, seed: int) -> tuple[Path, Path]:
     title = f"loraens report: {', '.join(names)}"
-    intro = (f"Intervals: 95% percentile bootstrap over questions ({n_resamples} resamples, seed {seed}). "
+    intro = (f"Intervals: 95% percentile bootstrap over questions ({n_resamples} resamples, seed {seed}); "
+             "differences are a paired bootstrap over the same questions, with a two-sided p-value. "
              "NLL, ECE, Brier, AURC: lower is better.")
     md, body = [f"# {title}", "", intro, ""], []
     fig_dir = output.parent / f"{output.name}_files"
