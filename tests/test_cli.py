@@ -95,6 +95,26 @@ def test_train_writes_a_complete_run_folder_and_evaluate_extends_it(tmp_path, ti
     assert Predictions.load(run / "predictions" / "own_validation.safetensors").member_probs.shape[:2] == (5, 2)
 
 
+def test_retraining_replaces_the_previous_run_and_own_files_use_split_placeholder(tmp_path, tiny_setup):
+    model_dir, mirror = tiny_setup
+    run = tmp_path / "run"
+    (run / "predictions").mkdir(parents=True)
+    (run / "predictions" / "stale_test.safetensors").write_bytes(b"old")
+    (run / "results.json").write_text(json.dumps({"splits": {"stale_test": {}}, "ood": {"x": {}}}))
+    for split, seed in (("train", 0), ("validation", 1)):
+        (tmp_path / f"own_{split}.jsonl").write_text("".join(
+            json.dumps({"question": q.question, "choices": list(q.choices), "answer": q.answer}) + "\n"
+            for q in make_questions(6, seed=seed)))
+    args = _train_args(run, model_dir, mirror, "--data.dataset", str(tmp_path / "own_{split}.jsonl"),
+                       "--train.epochs", "1")
+    assert main(args) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["splits"]) == {"own_validation"} and "ood" not in results
+    assert not (run / "predictions" / "stale_test.safetensors").exists()
+    ids = Predictions.load(run / "predictions" / "own_validation.safetensors").ids
+    assert ids == [f"own_validation/{i}" for i in range(6)]  # the validation file, not the training file
+
+
 def test_bad_values_give_an_error_naming_the_flag(tmp_path, tiny_setup, capsys):
     model_dir, mirror = tiny_setup
     assert main(_train_args(tmp_path / "r", model_dir, mirror, "--train.lr", "-3")) == 2

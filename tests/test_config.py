@@ -67,3 +67,21 @@ def test_demo_defaults_apply_and_can_be_overridden():
 def test_missing_config_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         RunConfig.load(tmp_path / "nope.yaml")
+
+
+def test_demo_config_file_overrides_only_the_keys_it_sets(tmp_path):
+    from loraens.cli import DEMO_DEFAULTS
+
+    (tmp_path / "c.yaml").write_text("ensemble:\n  rank: 4\n")
+    config = resolve_config(build_parser().parse_args(["demo", "--config", str(tmp_path / "c.yaml")]), DEMO_DEFAULTS)
+    assert config.ensemble.rank == 4
+    assert config.train.epochs == DEMO_DEFAULTS["train"]["epochs"]  # not reset to the library default
+    assert config.data.train_limit == DEMO_DEFAULTS["data"]["train_limit"]
+
+
+def test_invalid_yaml_and_empty_eval_splits_are_config_errors(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        RunConfig.load(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="--data.eval_splits"):
+        RunConfig.from_dict({"data": {"eval_splits": []}})

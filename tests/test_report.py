@@ -60,6 +60,12 @@ def test_report_writes_html_and_markdown_with_every_part(two_runs, tmp_path):
     assert page.count("data:image/png;base64,") == len(figures)  # self-contained
 
 
+def test_report_output_name_with_a_dot(two_runs, tmp_path):
+    assert main(["report", str(two_runs[0]), "--output", str(tmp_path / "obqa.v2"), "--resamples", "20"]) == 0
+    assert (tmp_path / "obqa.v2.html").is_file() and (tmp_path / "obqa.v2.md").is_file()
+    assert "](<obqa.v2_files/figure_1.png>)" in (tmp_path / "obqa.v2.md").read_text()
+
+
 def test_report_needs_predictions(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2

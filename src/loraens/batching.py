@@ -41,6 +41,10 @@ class Batch:
     choice_mask: torch.Tensor
     targets: torch.Tensor
 
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch on `device` (a no-op when it is already there)."""
+        return Batch(**{f.name: None if (v := getattr(self, f.name)) is None else v.to(device) for f in fields(self)})
+
     @property
     def num_rows(self) -> int:
         return self.input_ids.shape[0]

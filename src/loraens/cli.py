@@ -16,7 +16,8 @@ from enum import Enum as Enum_
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, section_fields
+from .config import ConfigError, RunConfig, read_yaml, section_fields
+from .model import ModelError
 
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/demo",
@@ -62,7 +63,8 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None)
     """Defaults, then `base`, then the YAML file, then the flags."""
     raw: dict[str, Any] = _merge({}, base or {})
     if getattr(args, "config", None):
-        raw = _merge(raw, RunConfig.load(args.config).to_dict())
+        # Only the keys the file sets: a file that sets the rank must not reset the demo's epochs.
+        raw = _merge(raw, read_yaml(args.config))
     flags = {k: v for k, v in vars(args).items() if "." in k or k == "output_dir"}
     for key, value in flags.items():
         node = raw
@@ -138,11 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return _report(args)
         return _evaluate(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, ModelError) as err:
         print(f"loraens {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nInterrupted; the run folder keeps the members of every finished epoch.", file=sys.stderr)
+        kept = " the run folder keeps the members of every finished epoch." if args.command in ("train", "demo") else ""
+        print(f"\nInterrupted;{kept}" if kept else "\nInterrupted.", file=sys.stderr)
         return 130
 
 
@@ -189,6 +192,8 @@ def _report(args: argparse.Namespace) -> int:
     if args.resamples < 10:
         raise ValueError(f"--resamples must be at least 10, but got {args.resamples}.")
     output = Path(args.output) if args.output else Path(args.runs[0]) / "report"
+    if output.suffix in (".html", ".md"):
+        output = output.with_suffix("")
     html_path, md_path = build_report(args.runs, output, n_resamples=args.resamples, seed=args.seed)
     print(f"Wrote {html_path} and {md_path}")
     return 0
@@ -200,6 +205,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if not Path(args.run).is_dir():
         raise FileNotFoundError(f"RUN {args.run!r} is not a folder; give a run folder such as runs/demo.")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive number of questions, but got {args.limit}.")
     out = evaluate_run(args.run, args.dataset, args.split, args.limit, args.ood, args.ood_split,
                        progress=not args.quiet)
     print(format_table(out["metrics"], title=f"{out['key']}: every member, mean member, ensemble"))
@@ -209,11 +216,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-OOD_COLUMNS = ("1-max_prob", "predictive_entropy_norm", "mutual_information_norm", "member_disagreement")
-
-
 def format_ood(in_key: str, ood: dict[str, dict[str, dict[str, float]]]) -> str:
     """AUROC of the main uncertainty scores for every OOD set (in-distribution: `in_key`)."""
+    from .uncertainty import DETECTION_SCORES as OOD_COLUMNS
+
     head = f"{'OOD set (vs ' + in_key + ')':<34}" + "".join(f"{c:>26}" for c in OOD_COLUMNS)
     lines = ["OOD detection AUROC (higher is better; 0.5 = chance)", head, "-" * len(head)]
     for key, table in ood.items():

@@ -67,6 +67,8 @@ class DataConfig:
             _check(value is None or value > 0, f"data.{name}", "must be a positive integer", value)
         if isinstance(self.eval_splits, str):
             self.eval_splits = [s for s in self.eval_splits.split(",") if s]
+        _check(len(self.eval_splits) > 0, "data.eval_splits", "must name at least one split to evaluate",
+               self.eval_splits)
 
 
 @dataclass
@@ -77,8 +79,9 @@ class ModelConfig:
     gguf_file: str | None = None  # file name inside `name` when `name` is a folder or hub id with GGUF files
     dtype: DType = DType.BFLOAT16  # compute dtype of the frozen base; LoRA weights stay float32
     trust_remote_code: bool = False
-    # "eager" is the fastest on CPU for our short packed sequences with a block mask; "sdpa" or
-    # "flash_attention_2" may be better on a GPU.
+    # "eager" is the fastest on CPU for our short packed sequences with a block mask; "sdpa" may be
+    # better on a GPU. (The packed choice-likelihood rows need a 4-D mask, which rules out
+    # flash_attention_2.)
     attn_implementation: str = "eager"
 
     def __post_init__(self) -> None:
@@ -191,13 +194,22 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {str(path)!r} does not exist.")
+        return cls.from_dict(read_yaml(path))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file, exactly as written (checked by `RunConfig.from_dict`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {str(path)!r} does not exist.")
+    try:
         raw = yaml.safe_load(path.read_text())
-        if raw is not None and not isinstance(raw, dict):
-            raise ConfigError(f"Config file {str(path)!r} must hold a mapping, but holds {type(raw).__name__}.")
-        return cls.from_dict(raw or {})
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"Config file {str(path)!r} must hold a mapping, but holds {type(raw).__name__}.")
+    RunConfig.from_dict(raw or {})  # fail early, naming the bad key or value
+    return raw or {}
 
 
 def _enum(kind: type[enum.Enum], value: Any, flag: str) -> Any:

@@ -53,13 +53,13 @@ class MemberLoraLinear(nn.Module):
         m = self.num_members
         if x.shape[0] % m:
             raise ValueError(f"MemberLoraLinear expects M*B rows with M={m}, but got a batch of {x.shape[0]} rows.")
-        xm = x.reshape(m, -1, x.shape[-1])  # [M, B*T, in]
+        # The low-rank update runs in float32 (as PEFT does with float32 adapter weights), so
+        # the members' gradients are not formed in bfloat16; it is a small share of the FLOPs.
+        xm = x.reshape(m, -1, x.shape[-1]).float()  # [M, B*T, in]
         if self.training and self.dropout > 0:
             xm = F.dropout(xm, self.dropout)
-        a = self.lora_A.to(x.dtype).transpose(1, 2)  # [M, in, r]
-        b = self.lora_B.to(x.dtype).transpose(1, 2)  # [M, r, out]
-        delta = torch.bmm(torch.bmm(xm, a), b) * self.scaling  # [M, B*T, out]
-        return out + delta.reshape(out.shape)
+        delta = torch.bmm(torch.bmm(xm, self.lora_A.transpose(1, 2)), self.lora_B.transpose(1, 2))  # [M, B*T, out]
+        return out + (delta * self.scaling).to(out.dtype).reshape(out.shape)
 
     def extra_repr(self) -> str:
         return f"members={self.num_members}, rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout}"

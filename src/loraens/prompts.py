@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,6 +55,7 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.config = config
         self.letter_ids: tuple[int, ...] = ()
+        self._was_cut = False
         if config.scoring is Scoring.LETTER:
             self.letter_ids = letter_token_ids(tokenizer, len(LETTERS))
 
@@ -61,7 +63,8 @@ class PromptEncoder:
         n = len(example.choices)
         if self.config.scoring is Scoring.LETTER:
             if n > len(LETTERS):
-                raise PromptError(f"Letter scoring supports at most {len(LETTERS)} choices, but a question has {n}.")
+                raise PromptError(f"Letter scoring supports at most {len(LETTERS)} choices, but this question has "
+                                  f"{n}; use --prompt.scoring choice-likelihood.")
             lines = "\n".join(self.config.choice_template.format(letter=LETTERS[i], choice=c)
                               for i, c in enumerate(example.choices))
             text = self.config.letter_template.format(question=example.question, choices=lines)
@@ -78,7 +81,21 @@ class PromptEncoder:
         return EncodedQuestion(self._cut(prompt, sum(map(len, conts))), conts, n, example.answer)
 
     def encode_all(self, examples: list) -> list[EncodedQuestion]:
-        return [self.encode(e) for e in examples]
+        """Encode every example; warns once with the number of prompts cut to `max_length`."""
+        out, cut = [], []
+        for e in examples:
+            try:
+                q = self.encode(e)
+            except PromptError as err:
+                raise PromptError(f"Question {getattr(e, 'id', '?')!r}: {err}") from None
+            if self._was_cut:
+                cut.append(getattr(e, "id", "?"))
+            out.append(q)
+        if cut:
+            warnings.warn(f"{len(cut)} of {len(examples)} prompts were longer than --prompt.max_length "
+                          f"{self.config.max_length} and lost their beginning (first ids: {cut[:3]}); "
+                          "raise --prompt.max_length if the questions need it.", stacklevel=2)
+        return out
 
     def _tokens(self, text: str, special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -87,6 +104,7 @@ class PromptEncoder:
         # Keep the end of an over-long prompt: the answer position and the question's last
         # words matter more than its beginning.
         budget = max(self.config.max_length - extra, 1)
+        self._was_cut = len(ids) > budget
         return tuple(ids[-budget:])
 
 

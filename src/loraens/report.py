@@ -17,16 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
-from .bootstrap import bootstrap_ci, format_ci, metric_cis, metric_resamples, paired_bootstrap
+from .bootstrap import _ci, _paired, bootstrap_ci, format_ci, metric_cis, metric_resamples, paired_bootstrap
 from .ensemble_size import ensemble_size_curve
 from .metrics import adaptive_ece, compute_metrics, ece, ensemble_probs, mce, nll
 from .ood import ood_metrics, roc_points
 from .predict import Predictions
 from .selective import accuracy_at_coverage, accuracy_coverage_curve, aurc
-from .uncertainty import uncertainty_scores
+from .uncertainty import DETECTION_SCORES, uncertainty_scores
 
 MAIN_METRICS = ("accuracy", "nll", "ece", "brier")
-OOD_SCORES = ("1-max_prob", "predictive_entropy_norm", "mutual_information_norm", "member_disagreement")
 
 
 @dataclass
@@ -95,7 +94,7 @@ def _split_section(run: str, key: str, preds: Predictions, n_resamples: int, see
                  for fn in (aurc, _acc_at(0.8), _acc_at(0.9))]
         rows.append([name, *cells])
     sec.table(["uncertainty score", "AURC (lower is better)", "acc @ 80% coverage", "acc @ 90% coverage"], rows)
-    curves = {f"ensemble, {s}": accuracy_coverage_curve(correct_e, scores[s]) for s in OOD_SCORES}
+    curves = {f"ensemble, {s}": accuracy_coverage_curve(correct_e, scores[s]) for s in DETECTION_SCORES}
     curves["single member, 1-max_prob"] = accuracy_coverage_curve(correct_s, 1 - single.max(-1))
     sec.figures.append(("Accuracy-coverage curves", plots.accuracy_coverage(curves)))
 
@@ -107,16 +106,14 @@ def _split_section(run: str, key: str, preds: Predictions, n_resamples: int, see
     return sec
 
 
-def _ci_text(point: float, values: np.ndarray, digits: int = 3) -> str:
-    low, high = np.quantile(values, [0.025, 0.975])
-    return f"{point:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+def _ci_text(point: float, values: np.ndarray) -> str:
+    return format_ci(_ci(point, values, 0.05))
 
 
 def _diff_text(point: float, diffs: np.ndarray) -> str:
     """Difference with its paired 95% interval and two-sided bootstrap p-value."""
-    low, high = np.quantile(diffs, [0.025, 0.975])
-    p = min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean()))
-    return f"{point:+.3f} [{low:+.3f}, {high:+.3f}] p={p:.3f}"
+    d = _paired(point, diffs, 0.05)
+    return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] p={d['p_value']:.3f}"
 
 
 def _acc_at(coverage: float):
@@ -139,12 +136,12 @@ def _ood_section(run: str, in_key: str, ood_keys: list[str], preds: dict[str, Pr
         p = preds[key]
         s_out = uncertainty_scores(p.member_probs.double().numpy(), p.choice_mask.numpy())
         outs[key] = s_out
-        for score in OOD_SCORES:
+        for score in DETECTION_SCORES:
             m = ood_metrics(s_in[score], s_out[score])
             low, high = _auroc_interval(s_in[score], s_out[score], n_resamples, rng)
             rows.append([key, score, f"{m['auroc']:.3f} [{low:.3f}, {high:.3f}]", f"{m['aupr']:.3f}",
                          f"{m['fpr95']:.3f}"])
-        roc = {s: (*roc_points(s_in[s], s_out[s]), ood_metrics(s_in[s], s_out[s])["auroc"]) for s in OOD_SCORES}
+        roc = {s: (*roc_points(s_in[s], s_out[s]), ood_metrics(s_in[s], s_out[s])["auroc"]) for s in DETECTION_SCORES}
         sec.figures.append((f"ROC curves: {key} vs {in_key}", plots.roc_curves(roc, f"OOD: {key}")))
     sec.table(["OOD set", "score", "AUROC [95% interval]", "AUPR", "FPR @ 95% TPR"], rows)
     for score in ("predictive_entropy_norm", "mutual_information_norm"):
@@ -230,11 +227,11 @@ def _write(sections: list[Section], output: Path, names: list[str], n_resamples:
         for caption, png in sec.figures:
             count += 1
             (fig_dir / f"figure_{count}.png").write_bytes(png)
-            md += [f"![{caption}]({fig_dir.name}/figure_{count}.png)", ""]
+            md += [f"![{caption}](<{fig_dir.name}/figure_{count}.png>)", ""]
             data = base64.b64encode(png).decode()
             body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    html_path, md_path = output.with_suffix(".html"), output.with_suffix(".md")
+    html_path, md_path = output.parent / f"{output.name}.html", output.parent / f"{output.name}.md"
     html_path.write_text(_PAGE.format(title=html.escape(title), intro=html.escape(intro), body="\n".join(body)))
     md_path.write_text("\n".join(md))
     return html_path, md_path

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Sequence
@@ -58,7 +60,7 @@ class RunResult:
 
 def split_key(dataset: str, split: str) -> str:
     """Name of an evaluated split in results.json and predictions/: '<dataset>_<split>'."""
-    stem = Path(dataset).stem if dataset.endswith((".jsonl", ".csv")) else dataset
+    stem = Path(dataset).stem.replace("{split}", "").strip("_-.") if dataset.endswith((".jsonl", ".csv")) else dataset
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{stem}_{split}")
 
 
@@ -70,9 +72,24 @@ def build_ensemble(config: RunConfig) -> LoadedEnsemble:
 
 
 def load_examples(config: RunConfig, split: str, limit: int | None, dataset: str | None = None) -> list:
+    """Questions of `split`; a user file path may hold "{split}" (e.g. data/mine_{split}.jsonl)."""
     d = config.data
-    return load_mcqa(dataset or d.dataset, split, source=d.source, data_dir=d.data_dir, limit=limit,
+    name = dataset or d.dataset
+    if "{split}" in name:
+        name = name.replace("{split}", split)
+    return load_mcqa(name, split, source=d.source, data_dir=d.data_dir, limit=limit,
                      seed=d.seed, skip_invalid=d.skip_invalid)
+
+
+def _warn_if_evaluating_on_training_file(config: RunConfig) -> None:
+    name = config.data.dataset
+    if name.endswith((".jsonl", ".csv")) and "{split}" not in name:
+        warnings.warn(
+            f"--data.dataset {name!r} is one file, so training and evaluation read the same questions and the "
+            "'validation' metrics are training metrics. Put the splits in files named like "
+            "mine_train.jsonl / mine_validation.jsonl and pass --data.dataset 'mine_{split}.jsonl'.",
+            stacklevel=2,
+        )
 
 
 def _evaluate(ens: LoadedEnsemble, run_dir: Path, key: str, examples: list, progress: bool) -> dict[str, Any]:
@@ -96,6 +113,16 @@ def _update_results(run_dir: Path, key: str, metrics: dict[str, Any], extra: dic
     return results
 
 
+def _clear_previous_run(run_dir: Path) -> None:
+    """Remove what an earlier run wrote to this folder, so old results never mix with new ones."""
+    stale = [p for p in (run_dir / "members", run_dir / "predictions") if p.is_dir()]
+    stale += [p for p in (run_dir / "results.json", run_dir / "metrics.jsonl") if p.is_file()]
+    if stale:
+        print(f"loraens: replacing the previous run in {run_dir} ({', '.join(p.name for p in stale)})")
+    for p in stale:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def export_members(ens: LoadedEnsemble, run_dir: Path) -> list[Path]:
     return [
         export_member(ens.model, k, run_dir / "members" / f"member_{k}", ens.config.ensemble, ens.config.model.name)
@@ -110,15 +137,16 @@ def train_run(config: RunConfig, progress: bool = True) -> RunResult:
     """
     run_dir = Path(config.output_dir)
     started = time.time()
+    _warn_if_evaluating_on_training_file(config)
     train_examples = load_examples(config, config.data.train_split, config.data.train_limit)
     eval_sets = {split_key(config.data.dataset, s): load_examples(config, s, config.data.eval_limit)
                  for s in config.data.eval_splits}
     ens = build_ensemble(config)
     train_q = ens.encoder.encode_all(train_examples)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _clear_previous_run(run_dir)
     config.save(run_dir / "config.yaml")
     metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
     last: dict[str, Any] = {}
 
     def on_epoch_end(summary: EpochSummary) -> None:

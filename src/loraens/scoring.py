@@ -28,7 +28,9 @@ def _head_logits(model: nn.Module, hidden: torch.Tensor, rows: torch.Tensor | No
     bias = getattr(head, "bias", None)
     if bias is not None and rows is not None:
         bias = bias[rows]
-    logits = F.linear(hidden, weight, bias).float()
+    # float32 logits: bf16 would round them in steps of up to ~0.1 and blur NLL and ECE; the head
+    # runs only at the scored positions, so this costs little.
+    logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:  # Gemma-style soft-capping of the final logits
         logits = torch.tanh(logits / cap) * cap
@@ -48,6 +50,7 @@ def member_log_probs(
     `batch` holds M*B member-major rows (see `Batch.repeat_members`), so row k*B + i is question
     i as seen by member k. Gradients flow to the members' LoRA weights.
     """
+    batch = batch.to(next(model.parameters()).device)
     rows = batch.num_rows
     if rows % num_members:
         raise ValueError(f"A batch of {rows} rows cannot be split among {num_members} members.")
@@ -56,8 +59,8 @@ def member_log_probs(
         # An additive float mask works with every attention implementation; with "eager"
         # attention it is also much faster on CPU than SDPA's masked flash kernel (whose
         # backward dominated a training step in our profile).
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+        dtype = model.dtype
+        mask = torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
     hidden = decoder_of(model)(
         input_ids=batch.input_ids,
         attention_mask=mask,
@@ -67,7 +70,7 @@ def member_log_probs(
     if scoring is Scoring.LETTER:
         c = batch.choice_mask.shape[1]
         at_answer = hidden[torch.arange(rows), batch.answer_pos]  # [R, H]
-        scores = _head_logits(model, at_answer, torch.tensor(letter_ids[:c]))  # [R, C]
+        scores = _head_logits(model, at_answer, torch.tensor(letter_ids[:c], device=hidden.device))  # [R, C]
     else:
         scores = _choice_scores(model, hidden, batch, normalization)  # [R, C]
     scores = scores.masked_fill(~batch.choice_mask, float("-inf"))
@@ -83,7 +86,7 @@ def _choice_scores(model: nn.Module, hidden: torch.Tensor, batch: Batch, normali
     mask = batch.score_mask.view(r, c * length)
     logits = _head_logits(model, gathered[mask])  # [K, V]: real choice tokens only
     token_lp = logits.log_softmax(-1).gather(1, batch.score_tokens.view(r, c * length)[mask][:, None]).squeeze(1)
-    per_token = torch.zeros(r, c * length, dtype=token_lp.dtype, device=token_lp.device)
+    per_token = torch.zeros(r, c * length, dtype=token_lp.dtype, device=token_lp.device)  # float32
     per_token = per_token.masked_scatter(mask, token_lp).view(r, c, length)
     total = per_token.sum(-1)  # [R, C]
     if normalization is Normalization.MEAN:

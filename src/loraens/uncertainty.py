@@ -42,6 +42,12 @@ SCORE_NAMES: tuple[str, ...] = (
     "mutual_information_norm",
 )
 
+# The scores shown in OOD tables and plots: one confidence score, one total-uncertainty score and
+# one epistemic score normalised for the number of choices, and member disagreement.
+DETECTION_SCORES: tuple[str, ...] = (
+    "1-max_prob", "predictive_entropy_norm", "mutual_information_norm", "member_disagreement",
+)
+
 
 def _as_member_probs(member_probs: ArrayLike) -> torch.Tensor:
     mp = _as_float(member_probs, "member_probs")
