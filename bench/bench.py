@@ -373,8 +373,10 @@ def run_memory(args, configs: list[tuple[str, str, int, int]]) -> list[dict]:
             continue
         res = json.loads(lines[-1][len("MEMJSON "):])
         results.append(res)
+        # (process_peak_mb, the child's ru_maxrss, is not used: Linux carries the parent's peak
+        # over fork/exec, so it shows this process's peak, not the child's.)
         log(f"memory {side:8s} {scoring:17s} M={m:2d} B={b:2d}: step peak {res['step_peak_mb']:.0f} MB "
-            f"(RSS before {res['rss_before_mb']:.0f} MB, process peak {res['process_peak_mb']:.0f} MB), "
+            f"(RSS loaded {res['rss_before_mb']:.0f} MB), "
             f"subprocess {time.perf_counter() - t0:.1f} s")
     return results
 
