@@ -97,15 +97,14 @@ def attach_members(model: nn.Module, config: EnsembleConfig) -> dict[str, Member
 
 
 @torch.no_grad()
-def init_members(layers: dict[str, MemberLoraLinear], config: EnsembleConfig,
-                 members: list[int] | None = None) -> None:
+def init_members(layers: dict[str, MemberLoraLinear], config: EnsembleConfig) -> None:
     """Draw each member's A from its own seed, B = 0 (so every member starts as the base model).
 
     A follows PEFT's default (kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)))
     times `config.init_scale`: a larger scale makes members more different, as LoRA-Ensemble
     found. Member k's draw depends only on (seed, k), not on the number of members.
     """
-    for k in members if members is not None else range(config.num_members):
+    for k in range(config.num_members):
         gen = torch.Generator().manual_seed(member_seed(config.seed, k))
         for layer in layers.values():
             bound = config.init_scale / math.sqrt(layer.lora_A.shape[-1])
