@@ -12,6 +12,7 @@ share no code with `loraens.scoring` / `loraens.batching` beyond the token ids.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 
@@ -183,3 +184,23 @@ def randomize_lora_B(layers, std: float = 0.1, seed: int = 1) -> None:
 @pytest.fixture(scope="session")
 def randomize_B() -> Callable[..., None]:
     return randomize_lora_B
+
+
+def _arc_row(q, i: int) -> dict:
+    labels = "ABCDE"[: len(q.choices)]
+    return {"id": f"q{i}", "question": q.question, "choices": {"text": list(q.choices), "label": list(labels)},
+            "answerKey": labels[q.answer]}
+
+
+@pytest.fixture
+def tiny_setup(tmp_path, make_base, tokenizer):
+    """A saved tiny model folder and a local mirror with arc_easy train/validation/test in the hub schema."""
+    model_dir = tmp_path / "tiny-model"
+    make_base().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    mirror = tmp_path / "mirror" / "arc_easy"
+    mirror.mkdir(parents=True)
+    for split, n, seed in (("train", 12, 0), ("validation", 7, 1), ("test", 9, 2)):
+        rows = [_arc_row(q, i) for i, q in enumerate(make_questions(n, seed=seed))]
+        (mirror / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model_dir, mirror.parent

@@ -17,25 +17,6 @@ from loraens.run import load_run
 from .conftest import make_questions
 
 
-def _arc_row(q, i: int) -> dict:
-    labels = "ABCDE"[: len(q.choices)]
-    return {"id": f"q{i}", "question": q.question, "choices": {"text": list(q.choices), "label": list(labels)},
-            "answerKey": labels[q.answer]}
-
-
-@pytest.fixture
-def tiny_setup(tmp_path, make_base, tokenizer):
-    """A saved tiny model folder and a local mirror with arc_easy train/validation in the hub schema."""
-    model_dir = tmp_path / "tiny-model"
-    make_base().save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    mirror = tmp_path / "mirror" / "arc_easy"
-    mirror.mkdir(parents=True)
-    for split, n, seed in (("train", 12, 0), ("validation", 7, 1)):
-        rows = [_arc_row(q, i) for i, q in enumerate(make_questions(n, seed=seed))]
-        (mirror / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return model_dir, mirror.parent
-
 
 def _train_args(run, model_dir, mirror, *extra: str) -> list[str]:
     return ["train", "--output_dir", str(run), "--model.name", str(model_dir), "--model.dtype", "float32",

@@ -125,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--output", metavar="PATH", help="output path without suffix (default: <first run>/report)")
     rep.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
     rep.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+
+    sw = sub.add_parser(
+        "sweep", help="run a grid of datasets x variants x seeds (resumable) and aggregate it",
+        description="Train every cell of a sweep file (datasets x training variants x seeds) as a run folder, "
+                    "derive the methods (single LoRA, ensemble, temperature scaling, checkpoint ensemble, "
+                    "weight averaging, MC dropout, early stopping) and write summary.md/summary.html with the "
+                    "paper's tables and figures. Finished cells are skipped, so after an interruption the same "
+                    "command resumes. Presets: paper-small (this model, CPU, ~1 h), paper (7B model, GPU).")
+    sw.add_argument("sweep", metavar="SWEEP", help="sweep YAML file, or a preset name: paper-small, paper")
+    sw.add_argument("--output_dir", metavar="DIR", help="where the cells and summary go (default: the file's output_dir)")
+    sw.add_argument("--dry-run", action="store_true", help="list the cells and whether each is complete; train nothing")
+    sw.add_argument("--report-only", action="store_true",
+                    help="rebuild summary.md/html from the complete cells without training")
+    sw.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -139,12 +153,16 @@ def main(argv: list[str] | None = None) -> int:
             return _train(config, progress=not args.quiet, demo=args.command == "demo")
         if args.command == "report":
             return _report(args)
+        if args.command == "sweep":
+            return _sweep(args)
         return _evaluate(args)
     except (ConfigError, FileNotFoundError, ValueError, ModelError) as err:
         print(f"loraens {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         kept = " the run folder keeps the members of every finished epoch." if args.command in ("train", "demo") else ""
+        if args.command == "sweep":
+            kept = " finished cells are kept; rerun the same command to resume (only the interrupted cell is redone)."
         print(f"\nInterrupted;{kept}" if kept else "\nInterrupted.", file=sys.stderr)
         return 130
 
@@ -196,6 +214,23 @@ def _report(args: argparse.Namespace) -> int:
         output = output.with_suffix("")
     html_path, md_path = build_report(args.runs, output, n_resamples=args.resamples, seed=args.seed)
     print(f"Wrote {html_path} and {md_path}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import cells, collect, is_complete, load_sweep, run_sweep, write_summary
+
+    spec = load_sweep(args.sweep, args.output_dir)
+    if args.dry_run:
+        grid = cells(spec)
+        for i, cell in enumerate(grid, 1):
+            print(f"[{i}/{len(grid)}] {'complete' if is_complete(cell) else 'to run  '}  {cell.title}  -> {cell.folder}")
+        return 0
+    if args.report_only:
+        html_path, md_path = write_summary(spec, collect(spec))
+        print(f"Wrote {md_path} and {html_path}")
+        return 0
+    run_sweep(spec, progress=not args.quiet, log=lambda line: print(line, flush=True))
     return 0
 
 

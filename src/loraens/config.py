@@ -59,6 +59,12 @@ class DataConfig:
     eval_limit: int | None = None  # seeded subsample of each evaluation split
     seed: int = 0  # seed of the subsamples
     skip_invalid: bool = False  # skip bad rows (and report how many) instead of failing
+    # Hold out this many training questions (seeded, disjoint from the training subsample) as an
+    # evaluation split named "holdout": a validation set for datasets whose test labels are hidden.
+    holdout: int = 0
+    # The split that fits temperatures and picks the early-stopping epoch; must be one of eval_splits.
+    # Default: "validation" if evaluated, else "holdout" if evaluated, else none (those methods are off).
+    val_split: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.source in ("auto", "hub", "local"), "data.source", "must be auto, hub or local", self.source)
@@ -69,6 +75,19 @@ class DataConfig:
             self.eval_splits = [s for s in self.eval_splits.split(",") if s]
         _check(len(self.eval_splits) > 0, "data.eval_splits", "must name at least one split to evaluate",
                self.eval_splits)
+        _check(self.holdout >= 0, "data.holdout", "must be a non-negative number of questions", self.holdout)
+        _check(self.holdout > 0 or "holdout" not in self.eval_splits, "data.eval_splits",
+               "names the split 'holdout', which needs --data.holdout N (questions held out of the training split)",
+               self.eval_splits)
+        _check(self.val_split is None or self.val_split in self.eval_splits, "data.val_split",
+               f"must be one of --data.eval_splits {self.eval_splits}", self.val_split)
+
+    @property
+    def selection_split(self) -> str | None:
+        """The split used for temperature fitting and early stopping (see `val_split`)."""
+        if self.val_split is not None:
+            return self.val_split
+        return next((s for s in ("validation", "holdout") if s in self.eval_splits), None)
 
 
 @dataclass
@@ -124,6 +143,10 @@ class EnsembleConfig:
     init_scale: float = 4.0  # multiplies PEFT's kaiming-uniform init of A; larger = more diverse members
     seed: int = 0  # member k's LoRA init is drawn from a seed derived from (seed, k)
     member_data_order: bool = True  # each member sees the training questions in its own order
+    member_init: bool = True  # each member draws its own LoRA init; false = all share member 0's init
+    # LoRA only in the top K decoder layers (null = all layers). The frozen layers below need no
+    # backward pass, so training is cheaper; PEFT calls this layers_to_transform.
+    top_layers: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.num_members >= 1, "ensemble.num_members", "must be at least 1", self.num_members)
@@ -131,6 +154,8 @@ class EnsembleConfig:
         _check(self.alpha > 0, "ensemble.alpha", "must be positive", self.alpha)
         _check(0.0 <= self.dropout < 1.0, "ensemble.dropout", "must be in [0, 1)", self.dropout)
         _check(self.init_scale > 0, "ensemble.init_scale", "must be positive", self.init_scale)
+        _check(self.top_layers is None or self.top_layers >= 1, "ensemble.top_layers",
+               "must be at least 1 (or null for every layer)", self.top_layers)
         if isinstance(self.target_modules, str):
             self.target_modules = [s for s in self.target_modules.split(",") if s]
         _check(len(self.target_modules) > 0, "ensemble.target_modules", "must name at least one module",
@@ -152,6 +177,14 @@ class TrainConfig:
     bucket_window: int = 8  # sort by length within windows of this many batches (less padding); 1 = off
     eval_batch_size: int = 16  # questions per forward pass in evaluation
     eval_every_epoch: bool = True
+    # Regularisers (all off at 0). kl_coef: weight of KL(member || frozen base) between the
+    # distributions over the choices of each training question. delta_l2: weight of the squared
+    # Frobenius norm of every layer's update Delta W = scaling * B A (summed over layers, per member).
+    kl_coef: float = 0.0
+    delta_l2: float = 0.0
+    # Stop when the ensemble's NLL on --data.val_split has not improved for this many epochs, and
+    # keep the members of the best epoch. Null = train all epochs.
+    early_stopping_patience: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be at least 1", self.epochs)
@@ -167,6 +200,11 @@ class TrainConfig:
                "must be positive (or null to disable clipping)", self.max_grad_norm)
         _check(self.bucket_window >= 1, "train.bucket_window", "must be at least 1", self.bucket_window)
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1", self.eval_batch_size)
+        _check(self.kl_coef >= 0, "train.kl_coef", "must be non-negative", self.kl_coef)
+        _check(self.delta_l2 >= 0, "train.delta_l2", "must be non-negative", self.delta_l2)
+        _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+               "train.early_stopping_patience", "must be at least 1 (or null to disable)",
+               self.early_stopping_patience)
 
 
 @dataclass
@@ -179,6 +217,16 @@ class RunConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.early_stopping_patience is not None and not self.train.eval_every_epoch:
+            raise ConfigError("`--train.early_stopping_patience` watches the validation NLL after every epoch, "
+                              "so it needs --train.eval_every_epoch true, but it is false.")
+        if self.train.early_stopping_patience is not None and self.data.selection_split is None:
+            raise ConfigError(
+                "`--train.early_stopping_patience` needs a validation split to watch: add 'validation' (or "
+                "'holdout' with --data.holdout N) to --data.eval_splits, or set --data.val_split, "
+                f"but --data.eval_splits is {self.data.eval_splits}.")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe dict (enums become their values)."""

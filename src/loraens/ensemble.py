@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -46,18 +49,23 @@ class MemberLoraLinear(nn.Module):
         self.dropout = dropout
         self.lora_A = nn.Parameter(torch.zeros(num_members, rank, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(num_members, base.out_features, rank))
+        self.enabled = True  # False: the frozen base alone (see `lora_disabled`)
+        self.force_dropout = False  # True: dropout also in eval mode (MC dropout, see `mc_dropout`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M*B, ..., in_features] with member-major rows -> [M*B, ..., out_features]."""
         out = self.base(x)
+        if not self.enabled:
+            return out
         m = self.num_members
         if x.shape[0] % m:
             raise ValueError(f"MemberLoraLinear expects M*B rows with M={m}, but got a batch of {x.shape[0]} rows.")
         # The low-rank update runs in float32 (as PEFT does with float32 adapter weights), so
         # the members' gradients are not formed in bfloat16; it is a small share of the FLOPs.
         xm = x.reshape(m, -1, x.shape[-1]).float()  # [M, B*T, in]
-        if self.training and self.dropout > 0:
-            xm = F.dropout(xm, self.dropout)
+        if (self.training or self.force_dropout) and self.dropout > 0:
+            # One mask per row, so every member (or MC-dropout pass) draws its own masks.
+            xm = F.dropout(xm, self.dropout, training=True)
         delta = torch.bmm(torch.bmm(xm, self.lora_A.transpose(1, 2)), self.lora_B.transpose(1, 2))  # [M, B*T, out]
         return out + (delta * self.scaling).to(out.dtype).reshape(out.shape)
 
@@ -84,9 +92,12 @@ def attach_members(model: nn.Module, config: EnsembleConfig) -> dict[str, Member
         names = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise ValueError(f"--ensemble.target_modules {sorted(missing)} match no linear layer of this model; "
                          f"its linear layers are named {names}.")
+    allowed = _top_layer_indices(model, config.top_layers)
     found: dict[str, MemberLoraLinear] = {}
     for name, module in list(model.named_modules()):
         if name.rsplit(".", 1)[-1] not in targets or not isinstance(module, nn.Linear):
+            continue
+        if allowed is not None and layer_index(name) not in allowed:
             continue
         parent_name, _, child = name.rpartition(".")
         layer = MemberLoraLinear(module, config.num_members, config.rank, config.alpha, config.dropout)
@@ -96,16 +107,39 @@ def attach_members(model: nn.Module, config: EnsembleConfig) -> dict[str, Member
     return found
 
 
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_index(module_name: str) -> int | None:
+    """The decoder-layer index in a module name ("model.layers.12.self_attn.q_proj" -> 12)."""
+    match = _LAYER_INDEX.search(f".{module_name}.")
+    return int(match.group(1)) if match else None
+
+
+def _top_layer_indices(model: nn.Module, top: int | None) -> list[int] | None:
+    if top is None:
+        return None
+    total = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if total is None:
+        raise ValueError("--ensemble.top_layers needs a model whose config has num_hidden_layers.")
+    if top > total:
+        raise ValueError(f"--ensemble.top_layers {top} is more than the model's {total} layers.")
+    return list(range(total - top, total))
+
+
 @torch.no_grad()
 def init_members(layers: dict[str, MemberLoraLinear], config: EnsembleConfig) -> None:
     """Draw each member's A from its own seed, B = 0 (so every member starts as the base model).
+
+    With `config.member_init` false all members get member 0's A (identical initialisations).
 
     A follows PEFT's default (kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)))
     times `config.init_scale`: a larger scale makes members more different, as LoRA-Ensemble
     found. Member k's draw depends only on (seed, k), not on the number of members.
     """
     for k in range(config.num_members):
-        gen = torch.Generator().manual_seed(member_seed(config.seed, k))
+        # member_init=False: every member starts from member 0's draw (the data-order-only ablation).
+        gen = torch.Generator().manual_seed(member_seed(config.seed, k if config.member_init else 0))
         for layer in layers.values():
             bound = config.init_scale / math.sqrt(layer.lora_A.shape[-1])
             a = torch.rand(layer.lora_A.shape[1:], generator=gen, dtype=torch.float32) * 2 * bound - bound
@@ -164,9 +198,11 @@ def export_member(model: nn.Module, member: int, folder: str | Path, config: Ens
         tensors[_peft_key(name, "B")] = layer.lora_B[member].detach().float().contiguous().clone()
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
+    indices = sorted({i for i in map(layer_index, layers) if i is not None})
     LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
         target_modules=sorted(set(config.target_modules)), bias="none", task_type="CAUSAL_LM",
+        layers_to_transform=indices if config.top_layers is not None else None,
         base_model_name_or_path=base_model_name,
     ).save_pretrained(str(folder))
     return folder
@@ -204,3 +240,97 @@ def import_member(model: nn.Module, member: int, folder: str | Path) -> None:
         rescale = (cfg.get("lora_alpha", layer.scaling * layer.rank) / cfg.get("r", layer.rank)) / layer.scaling
         layer.lora_A[member].copy_(a.float())
         layer.lora_B[member].copy_(b.float() * rescale)
+
+
+def delta_sq_norms(model: nn.Module) -> torch.Tensor:
+    """Each member's squared Frobenius norm of its weight updates, summed over layers; shape [M].
+
+    ||scaling * B A||_F^2 = scaling^2 * sum((B^T B) * (A A^T)): two [r, r] Gram matrices per
+    member instead of the [out, in] update itself. Differentiable (the `delta_l2` regulariser).
+    """
+    layers = list(member_layers(model).values())
+    if not layers:
+        raise ValueError("The model has no LoRA member layers; call attach_members first.")
+    terms = []
+    for layer in layers:
+        gram_b = torch.bmm(layer.lora_B.transpose(1, 2), layer.lora_B)  # [M, r, r]
+        gram_a = torch.bmm(layer.lora_A, layer.lora_A.transpose(1, 2))  # [M, r, r]
+        terms.append(layer.scaling ** 2 * (gram_b * gram_a).sum((1, 2)))
+    return torch.stack(terms).sum(0)
+
+
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside the block the model is the frozen base (every member's update is skipped)."""
+    layers = list(member_layers(model).values())
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
+
+
+@contextmanager
+def _swapped(model: nn.Module, make: Callable[[MemberLoraLinear], tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Temporarily replace every layer's (lora_A, lora_B) by `make(layer)`; restored on exit."""
+    saved = {}
+    for name, layer in member_layers(model).items():
+        saved[name] = (layer.lora_A, layer.lora_B, layer.num_members, layer.rank)
+        a, b = make(layer)
+        layer.lora_A, layer.lora_B = nn.Parameter(a, requires_grad=False), nn.Parameter(b, requires_grad=False)
+        layer.num_members, layer.rank = a.shape[0], a.shape[1]
+    try:
+        yield
+    finally:
+        for name, layer in member_layers(model).items():
+            layer.lora_A, layer.lora_B, layer.num_members, layer.rank = saved[name]
+
+
+@contextmanager
+def weight_averaged(model: nn.Module, members: list[int] | None = None) -> Iterator[None]:
+    """Inside the block the model has ONE member whose update is the members' mean update.
+
+    mean_k(scaling * B_k A_k) = scaling * [B_1 .. B_M] / M @ [A_1; ..; A_M]: exact, as one
+    adapter of rank M*r (A stacked along the rank axis, B concatenated and divided by M).
+    This averages weights, not predictions (the "weight ensemble" baseline).
+    """
+    def make(layer: MemberLoraLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        ks = list(range(layer.num_members)) if members is None else members
+        a = torch.cat([layer.lora_A[k] for k in ks], 0)[None]  # [1, M*r, in]
+        b = (torch.cat([layer.lora_B[k] for k in ks], 1) / len(ks))[None]  # [1, out, M*r]
+        return a.detach().clone(), b.detach().clone()
+
+    with _swapped(model, make):
+        yield
+
+
+@contextmanager
+def mc_dropout(model: nn.Module, member: int, passes: int, p: float) -> Iterator[None]:
+    """Inside the block the model has `passes` copies of `member`, with LoRA dropout `p` kept on.
+
+    The passes run vectorised like members (one forward with `passes` x batch rows); each pass
+    draws its own dropout masks, so averaging their predictions is Monte-Carlo dropout.
+    """
+    if not 0 < p < 1:
+        raise ValueError(f"MC dropout needs a dropout rate in (0, 1), but got {p}; train with --ensemble.dropout > 0.")
+    if passes < 2:
+        raise ValueError(f"MC dropout needs at least 2 passes, but got {passes}.")
+    layers = list(member_layers(model).values())
+    if not 0 <= member < layers[0].num_members:
+        raise ValueError(f"member {member} does not exist: the model has {layers[0].num_members} members.")
+    saved = [(layer.dropout, layer.force_dropout) for layer in layers]
+
+    def make(layer: MemberLoraLinear) -> tuple[torch.Tensor, torch.Tensor]:
+        return (layer.lora_A[member].detach().expand(passes, -1, -1).clone(),
+                layer.lora_B[member].detach().expand(passes, -1, -1).clone())
+
+    with _swapped(model, make):
+        for layer in layers:
+            layer.dropout, layer.force_dropout = p, True
+        try:
+            yield
+        finally:
+            for layer, (d, f) in zip(layers, saved):
+                layer.dropout, layer.force_dropout = d, f

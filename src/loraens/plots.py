@@ -100,3 +100,81 @@ def ensemble_size(rows: Sequence[Mapping], metrics: Sequence[str] = ("accuracy",
         ax.set_xticks(m)
     np.atleast_1d(axes)[0].legend(fontsize=8)
     return _png(fig)
+
+
+# --- Sweep report (datasets x variants x seeds) -------------------------------------------------
+
+Band = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x, mean, low, high (low/high: min/max over seeds)
+
+
+def _band(ax: plt.Axes, band: Band, label: str) -> None:
+    """One line (mean) with a shaded low..high band in the same colour."""
+    x, mean, low, high = band
+    (line,) = ax.plot(x, mean, marker="o", label=label)
+    ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+
+
+def metric_vs_epoch(panels: Mapping[str, Mapping[str, Mapping[str, Band]]], metrics: Sequence[str]) -> bytes:
+    """Metric vs training epoch: one row per metric, one column per dataset, one line per model.
+
+    panels: dataset -> model (e.g. "single", "ensemble") -> metric -> (epochs, mean, low, high).
+    `metrics` are the keys drawn, in row order; they are also the y-axis labels.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(len(metrics), max(len(panels), 1), figsize=(3.8 * max(len(panels), 1), 2.7 * len(metrics)),
+                             squeeze=False)
+    for col, (dataset, models) in enumerate(panels.items()):
+        for row, metric in enumerate(metrics):
+            ax = axes[row, col]
+            for model, curves in models.items():
+                if metric in curves:
+                    _band(ax, curves[metric], model)
+            ax.set(xlabel="epoch", ylabel=metric)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if row == 0:
+                ax.set_title(dataset)
+    axes[0, 0].legend(fontsize=8)
+    return _png(fig)
+
+
+def grouped_bars(labels: Sequence[str], panels: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]
+                 ) -> bytes:
+    """Grouped bar charts, one subplot per panel (metric): one group per label, one bar per series.
+
+    panels: metric -> series -> (mean, low, high), three arrays aligned with `labels`; whiskers go from
+    low to high; a NaN mean draws no bar.
+    """
+    width_in = max(4.0, 0.9 * len(labels) + 1.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width_in * len(panels), 4.0), squeeze=False)
+    x = np.arange(len(labels))
+    for ax, (metric, series) in zip(axes[0], panels.items()):
+        width = 0.8 / max(len(series), 1)
+        for k, (name, (mean, low, high)) in enumerate(series.items()):
+            mean, low, high = (np.asarray(a, dtype=float) for a in (mean, low, high))
+            ok = np.isfinite(mean)
+            pos = x[ok] - 0.4 + width * (k + 0.5)
+            ax.bar(pos, mean[ok], width, label=name,
+                   yerr=np.stack([mean[ok] - low[ok], high[ok] - mean[ok]]), capsize=3)
+        ax.set_xticks(x, labels, rotation=30, ha="right")
+        ax.set(ylabel=metric, title=metric)
+    axes[0, 0].legend(fontsize=8)
+    return _png(fig)
+
+
+def ensemble_size_by_dataset(curves: Mapping[str, Mapping[str, Band]], metrics: Sequence[str]) -> bytes:
+    """Metric vs number of members m: one subplot per metric, one line (mean, shaded band) per dataset.
+
+    curves: dataset -> metric -> (m, mean, low, high).
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for dataset, by_metric in curves.items():
+            if metric in by_metric:
+                _band(ax, by_metric[metric], dataset)
+        ax.set(xlabel="members in the ensemble (m, first m)", ylabel=metric, title=f"{metric} vs ensemble size")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0, 0].legend(fontsize=8)
+    return _png(fig)

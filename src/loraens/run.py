@@ -7,19 +7,24 @@ Run folder layout::
       members/member_<k>/                PEFT adapter folders (rewritten after every epoch)
       metrics.jsonl                      one line per (epoch, split) evaluation
       predictions/<dataset>_<split>.safetensors   member_probs [N, M, C], targets, choice_mask, ids
+      predictions/epochs/epoch_<e>/<dataset>_<split>.safetensors   the same after every epoch
       results.json                       final metrics per split: each member, mean member, ensemble
+
+With early stopping (`train.early_stopping_patience`), members/ and the final predictions are
+those of the epoch with the best ensemble NLL on the validation split.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -56,6 +61,7 @@ class RunResult:
     run_dir: Path
     results: dict[str, Any]  # split key -> evaluate_ensemble(...) output
     epochs: list[EpochSummary] = field(default_factory=list)
+    ensemble: LoadedEnsemble | None = None  # the trained members, still in memory
 
 
 def split_key(dataset: str, split: str) -> str:
@@ -72,13 +78,37 @@ def build_ensemble(config: RunConfig) -> LoadedEnsemble:
 
 
 def load_examples(config: RunConfig, split: str, limit: int | None, dataset: str | None = None) -> list:
-    """Questions of `split`; a user file path may hold "{split}" (e.g. data/mine_{split}.jsonl)."""
+    """Questions of `split`; a user file path may hold "{split}" (e.g. data/mine_{split}.jsonl).
+
+    With `data.holdout = H` > 0, a seeded set of H training questions becomes the split
+    "holdout" and is removed from the training split (before its `train_limit` subsample), so the
+    two never share a question.
+    """
     d = config.data
     name = dataset or d.dataset
+    own_training_data = dataset is None or dataset == d.dataset
+    if d.holdout and own_training_data and split in ("holdout", d.train_split):
+        return _holdout_split(config, split, limit, name)
     if "{split}" in name:
         name = name.replace("{split}", split)
     return load_mcqa(name, split, source=d.source, data_dir=d.data_dir, limit=limit,
                      seed=d.seed, skip_invalid=d.skip_invalid)
+
+
+def _holdout_split(config: RunConfig, split: str, limit: int | None, name: str) -> list:
+    d = config.data
+    file_name = name.replace("{split}", d.train_split)
+    every = load_mcqa(file_name, d.train_split, source=d.source, data_dir=d.data_dir, seed=d.seed,
+                      skip_invalid=d.skip_invalid)
+    if d.holdout >= len(every):
+        raise ValueError(f"--data.holdout {d.holdout} leaves no training questions: the {d.train_split!r} split of "
+                         f"{name!r} has {len(every)}. Use a smaller --data.holdout.")
+    order = list(range(len(every)))
+    random.Random(f"holdout-{d.seed}").shuffle(order)
+    picked = order[: d.holdout] if split == "holdout" else order[d.holdout:]
+    if limit is not None and limit < len(picked):
+        picked = random.Random(d.seed).sample(picked, limit)
+    return [every[i] for i in sorted(picked)]  # file order, as load_mcqa keeps it
 
 
 def _warn_if_evaluating_on_training_file(config: RunConfig) -> None:
@@ -92,11 +122,21 @@ def _warn_if_evaluating_on_training_file(config: RunConfig) -> None:
         )
 
 
-def _evaluate(ens: LoadedEnsemble, run_dir: Path, key: str, examples: list, progress: bool) -> dict[str, Any]:
+def _evaluate(ens: LoadedEnsemble, run_dir: Path, key: str, examples: list, progress: bool,
+              epoch: int | None = None) -> dict[str, Any]:
     preds = ens.predict(examples, progress=progress, desc=f"eval {key}")
     (run_dir / "predictions").mkdir(parents=True, exist_ok=True)
     preds.save(run_dir / "predictions" / f"{key}.safetensors")
+    if epoch is not None:
+        folder = epoch_predictions_dir(run_dir, epoch)
+        folder.mkdir(parents=True, exist_ok=True)
+        preds.save(folder / f"{key}.safetensors")
     return evaluate_ensemble(preds.member_probs, preds.targets)
+
+
+def epoch_predictions_dir(run_dir: str | Path, epoch: int) -> Path:
+    """Where the predictions made after `epoch` (1-based) are kept."""
+    return Path(run_dir) / "predictions" / "epochs" / f"epoch_{epoch}"
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -148,31 +188,59 @@ def train_run(config: RunConfig, progress: bool = True) -> RunResult:
     config.save(run_dir / "config.yaml")
     metrics_path = run_dir / "metrics.jsonl"
     last: dict[str, Any] = {}
+    patience = config.train.early_stopping_patience
+    watch = split_key(config.data.dataset, config.data.selection_split or "") if patience else None
+    best: dict[str, Any] = {"nll": float("inf"), "epoch": None, "metrics": {}, "bad": 0}
+    eval_seconds = 0.0
 
-    def on_epoch_end(summary: EpochSummary) -> None:
-        export_members(ens, run_dir)
+    def on_epoch_end(summary: EpochSummary) -> bool:
+        nonlocal eval_seconds
         final = summary.epoch == config.train.epochs or summary.step == config.train.max_steps
+        if patience is None:
+            export_members(ens, run_dir)
         if not (config.train.eval_every_epoch or final):
-            return
+            return False
+        t0 = time.perf_counter()
         for key, examples in eval_sets.items():
-            metrics = _evaluate(ens, run_dir, key, examples, progress)
+            metrics = _evaluate(ens, run_dir, key, examples, progress, epoch=summary.epoch)
             last[key] = metrics
             _append_jsonl(metrics_path, {
                 "epoch": summary.epoch, "step": summary.step, "split": key, "train_loss": summary.train_loss,
                 "epoch_seconds": round(summary.seconds, 2), **metrics,
             })
+        eval_seconds += time.perf_counter() - t0
+        if patience is None:
+            return False
+        nll = last[watch]["ensemble"]["nll"]
+        if nll < best["nll"]:
+            best.update(nll=nll, epoch=summary.epoch, metrics=dict(last), bad=0)
+            export_members(ens, run_dir)  # members/ always holds the best epoch so far
+            return False
+        best["bad"] += 1
+        return best["bad"] >= patience
 
     epochs = train_members(ens.model, train_q, config.train, config.ensemble, config.prompt.scoring,
                            ens.encoder.letter_ids, config.prompt.normalization, on_epoch_end, progress)
+    if best["epoch"] is not None and best["epoch"] != epochs[-1].epoch:
+        # Early stopping: the final predictions and metrics are those of the best epoch.
+        for path in epoch_predictions_dir(run_dir, best["epoch"]).glob("*.safetensors"):
+            shutil.copyfile(path, run_dir / "predictions" / path.name)
+        last = best["metrics"]
+        for k in range(config.ensemble.num_members):  # the in-memory members too
+            import_member(ens.model, k, run_dir / "members" / f"member_{k}")
     if not epochs or not last:  # e.g. max_steps ended training before an evaluation ran
+        export_members(ens, run_dir)
         for key, examples in eval_sets.items():
             last[key] = _evaluate(ens, run_dir, key, examples, progress)
     results: dict[str, Any] = {}
     info = {"num_train_questions": len(train_examples), "train_seconds": round(time.time() - started, 1),
-            "num_members": config.ensemble.num_members}
+            "eval_seconds": round(eval_seconds, 1), "num_members": config.ensemble.num_members,
+            "epochs_trained": epochs[-1].epoch if epochs else 0}
+    if patience is not None:
+        info["best_epoch"] = best["epoch"]
     for key, metrics in last.items():
         results = _update_results(run_dir, key, metrics, info)
-    return RunResult(run_dir, results.get("splits", {}), epochs)
+    return RunResult(run_dir, results.get("splits", {}), epochs, ens)
 
 
 def load_run(run_dir: str | Path) -> LoadedEnsemble:

@@ -4,6 +4,10 @@ Optimizer semantics are per member. AdamW and weight decay act elementwise, so a
 stacked over the member axis behaves exactly like M separate parameters. The loss is the SUM of
 each member's mean loss, so member k's gradient is the one it would get training alone, and
 gradient-norm clipping is computed per member (`clip_grad_norm_per_member`).
+
+Regularisers are per member too, so they keep that equivalence: `train.kl_coef` adds
+KL(member || frozen base) over each training question's choices (the base distribution is computed
+once, before training), and `train.delta_l2` adds the squared norm of the member's weight update.
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ from tqdm.auto import tqdm
 
 from .batching import collate
 from .config import EnsembleConfig, Normalization, Scoring, TrainConfig
-from .ensemble import clip_grad_norm_per_member, lora_parameters
+from .ensemble import (
+    clip_grad_norm_per_member,
+    delta_sq_norms,
+    lora_disabled,
+    lora_parameters,
+)
 from .prompts import EncodedQuestion
 from .scoring import member_log_probs
 
@@ -92,13 +101,14 @@ def train_members(
     scoring: Scoring,
     letter_ids: tuple[int, ...] = (),
     normalization: Normalization = Normalization.MEAN,
-    on_epoch_end: Callable[[EpochSummary], None] | None = None,
+    on_epoch_end: Callable[[EpochSummary], bool | None] | None = None,
     progress: bool = True,
 ) -> list[EpochSummary]:
     """Fine-tune every member of `model` on `questions`; returns one summary per epoch.
 
     Each optimizer step takes `train.batch_size` questions per member (a different set per
     member when `ensemble.member_data_order`), split into `train.grad_accum` micro-batches.
+    `on_epoch_end` may return True to stop training (early stopping).
     """
     m, b = ensemble.num_members, train.batch_size
     n = len(questions)
@@ -110,6 +120,10 @@ def train_members(
     total = steps_per_epoch * train.epochs
     if train.max_steps is not None:
         total = min(total, train.max_steps)
+    base_lp = None
+    if train.kl_coef > 0:
+        base_lp = base_log_probs(model, questions, scoring, letter_ids, normalization, train.eval_batch_size,
+                                 progress)  # [N, C]
     params = lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -131,7 +145,7 @@ def train_members(
                 break
             # chunk: [M, b] question indices, member k's in row k; the last batch may be shorter
             losses += train_step(model, questions, chunk, train.grad_accum, m, c, scoring, letter_ids,
-                                 normalization) * chunk.shape[1]
+                                 normalization, train.kl_coef, base_lp, train.delta_l2) * chunk.shape[1]
             seen += chunk.shape[1]
             if train.max_grad_norm is not None:
                 clip_grad_norm_per_member(params, train.max_grad_norm)
@@ -144,8 +158,10 @@ def train_members(
         summary = EpochSummary(epoch, step, (losses / max(seen, 1)).tolist(), time.perf_counter() - start)
         summaries.append(summary)
         if on_epoch_end is not None:
-            on_epoch_end(summary)
+            stop = on_epoch_end(summary)
             model.train()
+            if stop:
+                break
     bar.close()
     model.eval()
     return summaries
@@ -161,10 +177,15 @@ def train_step(
     scoring: Scoring,
     letter_ids: tuple[int, ...],
     normalization: Normalization,
+    kl_coef: float = 0.0,
+    base_lp: torch.Tensor | None = None,
+    delta_l2: float = 0.0,
 ) -> torch.Tensor:
     """Accumulate gradients for one optimizer step; returns each member's mean loss, [M].
 
-    `chunk` [M, b] holds question indices, member k's in row k.
+    `chunk` [M, b] holds question indices, member k's in row k. The loss of member k is its mean
+    cross-entropy, plus `kl_coef` * mean KL(member || base) over its questions (`base_lp` [N, C]
+    holds the frozen base's log-probabilities), plus `delta_l2` * its squared update norm.
     """
     b = chunk.shape[1]
     total = torch.zeros(num_members)
@@ -174,7 +195,42 @@ def train_step(
         lp = member_log_probs(model, batch, num_members, scoring, letter_ids, normalization)  # [M, mb, C]
         targets = batch.targets.view(num_members, -1, 1)
         per_member = -lp.gather(-1, targets).squeeze(-1).mean(1)  # [M]
+        if kl_coef > 0:
+            if base_lp is None:
+                raise ValueError("kl_coef > 0 needs the base model's log-probabilities (base_lp).")
+            ref = base_lp[torch.as_tensor(idx)][..., : lp.shape[-1]].to(lp.device)  # [M, mb, C]
+            per_member = per_member + kl_coef * choice_kl(lp, ref).mean(1)
         # Sum over members (each gets its own gradient), weight micro-batches by their size.
         (per_member.sum() * (len(micro) / b)).backward()
         total += per_member.detach().float() * (len(micro) / b)
+    if delta_l2 > 0:
+        # Once per step (not per micro-batch): the penalty is on the weights, not on the data.
+        penalty = delta_l2 * delta_sq_norms(model)  # [M]
+        penalty.sum().backward()
+        total += penalty.detach().float().cpu()
     return total
+
+
+def choice_kl(lp: torch.Tensor, ref_lp: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the choices, from log-probabilities [..., C] (masked choices at -inf); [...]."""
+    real = torch.isfinite(lp) & torch.isfinite(ref_lp)
+    # Masked choices have p = q = 0: their terms are 0. Zero the -inf entries BEFORE subtracting,
+    # since a nan in the unused branch of torch.where would still poison the gradient.
+    lp0, ref0 = lp.masked_fill(~real, 0.0), ref_lp.masked_fill(~real, 0.0)
+    return (lp0.exp() * (lp0 - ref0)).masked_fill(~real, 0.0).sum(-1)
+
+
+@torch.no_grad()
+def base_log_probs(model: nn.Module, questions: list[EncodedQuestion], scoring: Scoring,
+                   letter_ids: tuple[int, ...] = (), normalization: Normalization = Normalization.MEAN,
+                   batch_size: int = 16,
+                   progress: bool = True) -> torch.Tensor:
+    """The frozen base model's log-distribution over each question's choices, [N, C] (-inf if masked)."""
+    from .predict import predict
+
+    with lora_disabled(model):
+        preds = predict(model, questions, [str(i) for i in range(len(questions))], 1, scoring, letter_ids,
+                        normalization, batch_size, progress, desc="base model (KL reference)")
+    probs = preds.member_probs[:, 0]
+    # A real choice never gets log 0 (which would make the KL infinite); padded choices stay -inf.
+    return torch.where(preds.choice_mask, probs.clamp_min(1e-30).log(), torch.tensor(float("-inf")))

@@ -1,0 +1,442 @@
+"""`loraens sweep SWEEP.yaml`: a grid of datasets x variants x seeds, resumable, aggregated.
+
+A sweep file names the datasets, the training *variants* (a regulariser, a randomness
+ablation, ...) and the seeds. Every cell of the grid is trained as a normal run folder::
+
+    <output_dir>/
+      sweep.yaml                                   the resolved sweep, as run
+      cells/<dataset>/<variant>/seed_<s>/          a run folder (config.yaml, members/, predictions/, ...)
+                                      cell.json    written LAST: the cell's methods, costs, curves
+      summary.md, summary.html, summary_files/     the aggregated tables and figures
+
+A cell counts as complete when its `cell.json` exists and holds the same configuration, so a
+rerun of the same command skips finished cells and redoes only the one that was interrupted.
+
+Each cell derives several *methods* from its one training run (the members are trained
+independently, so member k of the vectorised run is exactly a single LoRA trained with seed k):
+
+- ``single``: one LoRA (MAP); its metrics are the mean over the M members' metrics.
+- ``ensemble``: the M members' averaged probabilities.
+- ``single+ts`` / ``ensemble+ts``: temperature scaling fitted on the validation split.
+- ``checkpoint_ensemble``: one member's checkpoints after every epoch, averaged (mean over members).
+- ``weight_average``: the members' mean weight update (one adapter), not their mean prediction.
+- ``mc_dropout``: member 0 with LoRA dropout kept on, `mc_dropout_passes` passes averaged.
+- ``early_stop_single`` / ``early_stop_ensemble``: the epoch with the lowest validation NLL.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from .config import ConfigError, RunConfig
+from .ensemble import lora_parameters, mc_dropout, weight_averaged
+from .ensemble_size import ensemble_size_curve
+from .methods import (
+    best_epoch,
+    checkpoint_ensemble,
+    ensemble_temperature_scaled,
+    temperature_scaled,
+)
+from .metrics import compute_metrics, ensemble_probs, evaluate_ensemble
+from .predict import Predictions, predict
+from .run import LoadedEnsemble, epoch_predictions_dir, split_key, train_run
+from .uncertainty import uncertainty_scores
+
+METHODS = ("single", "ensemble", "single+ts", "ensemble+ts", "checkpoint_ensemble", "weight_average",
+           "mc_dropout", "early_stop_single", "early_stop_ensemble")
+NEEDS_VALIDATION = ("single+ts", "ensemble+ts", "early_stop_single", "early_stop_ensemble")
+GROUPS = ("base", "regulariser", "randomness")
+PRESETS = ("paper-small", "paper")
+_METRICS = ("accuracy", "nll", "ece", "brier")
+
+
+@dataclass
+class DatasetSpec:
+    name: str  # as --data.dataset takes it
+    label: str = ""
+    test_split: str = "test"
+    val_split: str = "validation"
+    config: dict[str, Any] = field(default_factory=dict)  # RunConfig overrides for this dataset
+
+
+@dataclass
+class VariantSpec:
+    name: str
+    label: str = ""
+    group: str = "regulariser"  # base | regulariser | randomness
+    config: dict[str, Any] = field(default_factory=dict)  # RunConfig overrides for this variant
+    methods: list[str] = field(default_factory=lambda: ["single", "ensemble"])
+    datasets: list[str] | None = None  # only these datasets (default: all)
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    output_dir: str
+    datasets: list[DatasetSpec]
+    variants: list[VariantSpec]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    base: dict[str, Any] = field(default_factory=dict)  # RunConfig overrides for every cell
+    mc_dropout_passes: int = 8
+
+
+@dataclass
+class Cell:
+    dataset: DatasetSpec
+    variant: VariantSpec
+    seed: int
+    config: RunConfig
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.config.output_dir)
+
+    @property
+    def title(self) -> str:
+        return f"{self.dataset.name} / {self.variant.name} / seed {self.seed}"
+
+
+# --------------------------------------------------------------------------- the sweep file
+
+def _fields(cls: type, raw: Any, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, but got {raw!r}.")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"Unknown key(s) {unknown} in {where}; valid keys are {sorted(names)}.")
+    return raw
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of a built-in preset (`paper-small`, `paper`)."""
+    if name not in PRESETS:
+        raise ConfigError(f"Unknown preset {name!r}; the presets are {', '.join(PRESETS)}.")
+    return Path(str(resources.files("loraens") / "presets" / f"{name}.yaml"))
+
+
+def load_sweep(source: str | Path, output_dir: str | None = None) -> SweepSpec:
+    """Read and check a sweep file (or a preset name); every cell's RunConfig is validated here."""
+    path = Path(source)
+    if not path.is_file():
+        if str(source) in PRESETS:
+            path = preset_path(str(source))
+        else:
+            raise ConfigError(f"Sweep file {str(source)!r} does not exist (and is not a preset: "
+                              f"{', '.join(PRESETS)}).")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Sweep file {str(path)!r} is not valid YAML: {err}") from None
+    raw = dict(_fields(SweepSpec, raw, f"sweep file {str(path)!r}"))
+    for key in ("name", "datasets", "variants"):
+        if key not in raw:
+            raise ConfigError(f"Sweep file {str(path)!r} needs a {key!r} entry.")
+    raw.setdefault("output_dir", f"sweeps/{raw['name']}")
+    if output_dir:
+        raw["output_dir"] = output_dir
+    datasets = [DatasetSpec(**_fields(DatasetSpec, {"name": d} if isinstance(d, str) else d, f"datasets[{i}]"))
+                for i, d in enumerate(raw.pop("datasets") or [])]
+    variants = [VariantSpec(**_fields(VariantSpec, v, f"variants[{i}]")) for i, v in enumerate(raw.pop("variants") or [])]
+    spec = SweepSpec(datasets=datasets, variants=variants, **raw)
+    _check_spec(spec)
+    return spec
+
+
+def _check_spec(spec: SweepSpec) -> None:
+    if not spec.datasets or not spec.variants or not spec.seeds:
+        raise ConfigError("A sweep needs at least one dataset, one variant and one seed.")
+    if spec.mc_dropout_passes < 2:
+        raise ConfigError(f"mc_dropout_passes must be at least 2, but got {spec.mc_dropout_passes}.")
+    names = [d.name for d in spec.datasets]
+    for what, items in (("dataset", names), ("variant", [v.name for v in spec.variants])):
+        dupes = sorted({n for n in items if items.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"The sweep lists the {what}(s) {dupes} twice.")
+    for v in spec.variants:
+        if v.group not in GROUPS:
+            raise ConfigError(f"variant {v.name!r}: group must be one of {GROUPS}, but got {v.group!r}.")
+        bad = [m for m in v.methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"variant {v.name!r}: unknown method(s) {bad}; the methods are {', '.join(METHODS)}.")
+        missing = sorted(set(v.datasets or []) - set(names))
+        if missing:
+            raise ConfigError(f"variant {v.name!r} lists dataset(s) {missing} that the sweep does not have ({names}).")
+    for cell in cells(spec):  # builds (and so validates) every RunConfig
+        if "mc_dropout" in cell.variant.methods and cell.config.ensemble.dropout <= 0:
+            raise ConfigError(f"variant {cell.variant.name!r} asks for mc_dropout but trains without dropout; "
+                              "set ensemble.dropout > 0 in its config.")
+        if "weight_average" in cell.variant.methods and cell.config.ensemble.num_members < 2:
+            raise ConfigError(f"variant {cell.variant.name!r}: weight_average needs at least 2 members.")
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(a)
+    for k, v in (b or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def cells(spec: SweepSpec) -> list[Cell]:
+    """Every cell of the grid, in run order: dataset-major, then variant, then seed."""
+    out = []
+    for d in spec.datasets:
+        for v in spec.variants:
+            if v.datasets is not None and d.name not in v.datasets:
+                continue
+            for seed in spec.seeds:
+                raw = _merge(_merge(_merge(spec.base, d.config), v.config), {
+                    "output_dir": str(Path(spec.output_dir) / "cells" / _slug(d.name) / _slug(v.name) / f"seed_{seed}"),
+                    "data": {"dataset": d.name,
+                             "eval_splits": list(dict.fromkeys([d.val_split, d.test_split])),
+                             "val_split": d.val_split},
+                    "ensemble": {"seed": int(seed)},
+                })
+                try:
+                    config = RunConfig.from_dict(raw)
+                except ConfigError as err:
+                    raise ConfigError(f"cell {d.name} / {v.name} / seed {seed}: {err}") from None
+                needs_val = [m for m in v.methods if m in NEEDS_VALIDATION]
+                if needs_val and d.val_split == d.test_split:
+                    raise ConfigError(f"dataset {d.name!r}: {needs_val} fit on the validation split, which must "
+                                      f"differ from the test split ({d.test_split!r}).")
+                out.append(Cell(d, v, int(seed), config))
+    return out
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
+# --------------------------------------------------------------------------- running
+
+def is_complete(cell: Cell) -> bool:
+    path = cell.folder / "cell.json"
+    if not path.is_file():
+        return False
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    if record.get("status") != "complete" or record.get("methods_requested") != cell.variant.methods:
+        return False
+    try:  # re-read through RunConfig, so a setting added later with its default does not void old cells
+        stored = RunConfig.from_dict(record.get("config") or {}).to_dict()
+    except ConfigError:
+        return False
+    return stored == cell.config.to_dict()
+
+
+def run_sweep(spec: SweepSpec, progress: bool = True, log=print) -> list[dict[str, Any]]:
+    """Run every incomplete cell, then write the summary; returns the cell records."""
+    out = Path(spec.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
+    grid = cells(spec)
+    done = sum(is_complete(c) for c in grid)
+    log(f"loraens sweep {spec.name}: {len(grid)} cells, {done} already complete -> {out}")
+    for i, cell in enumerate(grid, 1):
+        if is_complete(cell):
+            continue
+        log(f"[{i}/{len(grid)}] {cell.title}")
+        started = time.time()
+        run_cell(cell, spec.mc_dropout_passes, progress)
+        log(f"[{i}/{len(grid)}] {cell.title}: done in {time.time() - started:.0f} s")
+    records = collect(spec)
+    html, md = write_summary(spec, records)
+    log(f"Wrote {md} and {html}")
+    return records
+
+
+def collect(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The records of the complete cells (in grid order)."""
+    return [json.loads((c.folder / "cell.json").read_text()) for c in cells(spec) if is_complete(c)]
+
+
+def write_summary(spec: SweepSpec, records: list[dict[str, Any]]) -> tuple[Path, Path]:
+    from .sweep_report import build_sweep_report
+
+    if not records:
+        raise ValueError(f"No complete cells in {spec.output_dir} yet; run `loraens sweep` first.")
+    return build_sweep_report(records, Path(spec.output_dir) / "summary", title=f"loraens sweep: {spec.name}")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak of the whole process
+
+
+def run_cell(cell: Cell, mc_passes: int = 8, progress: bool = True) -> dict[str, Any]:
+    """Train one cell, derive its methods, and write its cell.json (last, atomically)."""
+    marker = cell.folder / "cell.json"
+    if marker.exists():
+        marker.unlink()  # an incomplete or outdated record must not survive a rerun
+    exact_peak = _reset_peak_rss()
+    started = time.time()
+    result = train_run(cell.config, progress=progress)
+    assert result.ensemble is not None
+    info = json.loads((cell.folder / "results.json").read_text())
+    d = cell.config.data
+    test_key, val_key = split_key(d.dataset, cell.dataset.test_split), split_key(d.dataset, cell.dataset.val_split)
+    methods = derive_methods(result.ensemble, cell, test_key, val_key, mc_passes)
+    members = cell.config.ensemble.num_members
+    per_member = sum(p.numel() for p in lora_parameters(result.ensemble.model)) // members
+    record = {
+        "dataset": cell.dataset.name, "dataset_label": cell.dataset.label or cell.dataset.name,
+        "variant": cell.variant.name, "variant_label": cell.variant.label or cell.variant.name,
+        "variant_group": cell.variant.group, "seed": cell.seed, "num_members": members,
+        "test_key": test_key, "val_key": val_key,
+        "cost": {
+            "train_seconds": round(info["train_seconds"] - info.get("eval_seconds", 0.0), 1),
+            "eval_seconds": info.get("eval_seconds", 0.0),
+            "wall_seconds": round(time.time() - started, 1),
+            "peak_rss_mb": round(_peak_rss_mb(), 1), "peak_rss_exact": exact_peak,
+            "trainable_params_per_member": int(per_member),
+        },
+        "methods": methods,
+        "epochs": epoch_curve(cell.folder, test_key),
+        "ensemble_size": [{"m": r["m"], **{k: r["first"][k] for k in _METRICS}}
+                          for r in ensemble_size_curve(_load(cell.folder, test_key).member_probs,
+                                                       _load(cell.folder, test_key).targets)],
+        "diversity": _diversity(_load(cell.folder, test_key)),
+        "epochs_trained": info.get("epochs_trained"),
+        "methods_requested": list(cell.variant.methods),
+        "config": cell.config.to_dict(),
+        "status": "complete",
+    }
+    tmp = marker.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, marker)
+    return record
+
+
+def _load(run_dir: Path, key: str, epoch: int | None = None) -> Predictions:
+    folder = run_dir / "predictions" if epoch is None else epoch_predictions_dir(run_dir, epoch)
+    return Predictions.load(folder / f"{key}.safetensors")
+
+
+def _epochs(run_dir: Path) -> list[int]:
+    folder = run_dir / "predictions" / "epochs"
+    return sorted(int(p.name.split("_")[1]) for p in folder.glob("epoch_*")) if folder.is_dir() else []
+
+
+def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows])) for k in _METRICS}
+
+
+def _entry(test: dict[str, float], members: int, params: int, val: dict[str, float] | None = None,
+           extra: float = 0.0, **more: Any) -> dict[str, Any]:
+    out = {"test": test, "members": members, "trainable_params": int(params), "extra_seconds": round(extra, 2)}
+    if val is not None:
+        out["val"] = val
+    out.update(more)
+    return out
+
+
+def derive_methods(ens: LoadedEnsemble, cell: Cell, test_key: str, val_key: str, mc_passes: int) -> dict[str, Any]:
+    """Every requested method's metrics on the test (and validation) split of a trained cell."""
+    folder, cfg, wanted = cell.folder, ens.config, cell.variant.methods
+    m = cfg.ensemble.num_members
+    per_member = sum(p.numel() for p in lora_parameters(ens.model)) // m
+    test, val = _load(folder, test_key), _load(folder, val_key)
+    ev_test, ev_val = evaluate_ensemble(test.member_probs, test.targets), evaluate_ensemble(val.member_probs, val.targets)
+    out: dict[str, Any] = {}
+    if "single" in wanted:
+        out["single"] = _entry(ev_test["mean_member"], 1, per_member, ev_val["mean_member"])
+    if "ensemble" in wanted:
+        out["ensemble"] = _entry(ev_test["ensemble"], m, m * per_member, ev_val["ensemble"])
+    if "single+ts" in wanted:
+        _, scaled, temps = temperature_scaled(val, test)
+        out["single+ts"] = _entry(evaluate_ensemble(scaled.member_probs, test.targets)["mean_member"], 1, per_member,
+                                  temperatures=[round(t, 4) for t in temps[:-1]])
+    if "ensemble+ts" in wanted:
+        probs, t = ensemble_temperature_scaled(val, test)
+        out["ensemble+ts"] = _entry(compute_metrics(probs, test.targets), m, m * per_member, temperature=round(t, 4))
+    epochs = _epochs(folder)
+    if "checkpoint_ensemble" in wanted and epochs:
+        per_epoch = [_load(folder, test_key, e) for e in epochs]
+        rows = [compute_metrics(ensemble_probs(checkpoint_ensemble(per_epoch, k).member_probs), test.targets)
+                for k in range(m)]
+        out["checkpoint_ensemble"] = _entry(_mean_metrics(rows), len(epochs), per_member, epochs=epochs)
+    if ("early_stop_single" in wanted or "early_stop_ensemble" in wanted) and epochs:
+        val_e = [evaluate_ensemble(_load(folder, val_key, e).member_probs, val.targets) for e in epochs]
+        test_e = [evaluate_ensemble(_load(folder, test_key, e).member_probs, test.targets) for e in epochs]
+        if "early_stop_single" in wanted:
+            picks = [best_epoch([v["members"][k]["nll"] for v in val_e]) for k in range(m)]
+            rows = [test_e[p - 1]["members"][k] for k, p in enumerate(picks)]
+            out["early_stop_single"] = _entry(_mean_metrics(rows), 1, per_member, best_epochs=picks)
+        if "early_stop_ensemble" in wanted:
+            pick = best_epoch([v["ensemble"]["nll"] for v in val_e])
+            out["early_stop_ensemble"] = _entry(test_e[pick - 1]["ensemble"], m, m * per_member, best_epoch=pick)
+    questions = {key: ens.encoder.encode_all(_examples(cfg, key, test_key, cell)) for key in (test_key,)}
+    run = lambda members, desc: predict(
+        ens.model, questions[test_key], test.ids, members, cfg.prompt.scoring, ens.encoder.letter_ids,
+        cfg.prompt.normalization, cfg.train.eval_batch_size, progress=False, desc=desc)
+    if "weight_average" in wanted:
+        t0 = time.perf_counter()
+        with weight_averaged(ens.model):
+            wa = run(1, "weight average")
+        out["weight_average"] = _entry(compute_metrics(wa.member_probs[:, 0], test.targets), 1, per_member,
+                                       extra=time.perf_counter() - t0)
+    if "mc_dropout" in wanted:
+        t0 = time.perf_counter()
+        torch.manual_seed(cell.seed)  # the passes' dropout masks are reproducible
+        with mc_dropout(ens.model, 0, mc_passes, cfg.ensemble.dropout):
+            mc = run(mc_passes, "MC dropout")
+        out["mc_dropout"] = _entry(compute_metrics(ensemble_probs(mc.member_probs), test.targets), mc_passes,
+                                   per_member, extra=time.perf_counter() - t0,
+                                   pass_disagreement=float(_diversity(mc)["disagreement"]))
+    return out
+
+
+def _examples(cfg: RunConfig, key: str, test_key: str, cell: Cell) -> list:
+    from .run import load_examples
+
+    examples = load_examples(cfg, cell.dataset.test_split, cfg.data.eval_limit)
+    ids = _load(cell.folder, test_key).ids
+    if [e.id for e in examples] != ids:
+        raise RuntimeError(f"{cell.title}: the test questions changed since the run's evaluation.")
+    return examples
+
+
+def epoch_curve(run_dir: Path, key: str) -> list[dict[str, Any]]:
+    """Mean-member and ensemble metrics on `key` after every epoch (from the epoch predictions)."""
+    rows = []
+    for e in _epochs(run_dir):
+        p = _load(run_dir, key, e)
+        ev = evaluate_ensemble(p.member_probs, p.targets)
+        rows.append({"epoch": e, "single": ev["mean_member"], "ensemble": ev["ensemble"]})
+    return rows
+
+
+def _diversity(p: Predictions) -> dict[str, float]:
+    s = uncertainty_scores(p.member_probs, p.choice_mask)
+    return {"disagreement": float(np.mean(s["member_disagreement"])),
+            "mutual_information": float(np.mean(s["mutual_information"]))}

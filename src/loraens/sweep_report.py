@@ -1,0 +1,447 @@
+"""The report of an experiment sweep: datasets x variants x seeds of training runs ("cells").
+
+It follows the study of LoRA ensembles in Wang, Aitchison & Rudolph (2023): a main table of
+accuracy / ECE / NLL per method and dataset, metrics vs training epoch, regularisers combined
+with ensembling, an ablation of the sources of randomness, ensemble size, and compute cost.
+
+Every cell is one training run (one dataset, one variant, one seed) summarised by its `cell.json`
+(see `build_sweep_report`). Numbers are aggregated over seeds: each entry is "mean [min, max]"
+over the seeds, i.e. the spread over independent runs, not an interval over questions.
+Where a number is averaged over datasets as well, each seed's datasets are averaged first and the
+entry is mean [min, max] of those per-seed averages.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from pathlib import Path
+
+import numpy as np
+
+from . import plots
+from .report import _PAGE, Section
+
+METHOD_LABELS = {
+    "single": "single LoRA",
+    "ensemble": "LoRA ensemble",
+    "single+ts": "single + temperature",
+    "ensemble+ts": "ensemble + temperature",
+    "checkpoint_ensemble": "checkpoint ensemble",
+    "weight_average": "weight-averaged LoRA",
+    "mc_dropout": "MC dropout",
+    "early_stop_single": "early stopping (single)",
+    "early_stop_ensemble": "early stopping (ensemble)",
+}
+GROUP_ORDER = ("base", "regulariser", "randomness")  # any other group comes after these
+METRIC_LABELS = {"accuracy": "ACC", "ece": "ECE", "nll": "NLL", "brier": "Brier"}
+LOWER_IS_BETTER = {"ece", "nll", "brier"}
+EPOCH_MODELS = {"single": "single (mean member)", "ensemble": "ensemble"}  # keys of a cell's "epochs" entries
+DASH = "—"
+
+Stat = tuple[float, float, float, int]  # mean, min, max, number of values
+
+
+def build_sweep_report(cells: list[dict], output: str | Path, title: str = "loraens sweep") -> tuple[Path, Path]:
+    """Write `<output>.html` (self-contained, plots embedded) and `<output>.md` (+ `<output>_files/figure_N.png`).
+
+    `cells` are the parsed `cell.json` dicts of a sweep, one per (dataset, variant, seed). Only cells
+    whose status is "complete" are used; of two cells with the same (dataset, variant, seed) the later
+    one wins. Sections whose data are absent (no randomness variants, no per-epoch metrics, ...) are
+    left out. Returns (html_path, md_path).
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    sweep = _Sweep(cells)
+    builders = (_main_section, _epoch_section, _regulariser_section, _randomness_section, _size_section,
+                _cost_section)
+    sections = [sec for build in builders if (sec := build(sweep)) is not None]
+    return _write(sections, output, title, _intro(sweep))
+
+
+class _Sweep:
+    """The complete cells, indexed by (dataset, variant) and seed, with display labels and orders."""
+
+    def __init__(self, cells: Iterable[dict]) -> None:
+        self.runs: dict[tuple[str, str], dict[int, dict]] = {}
+        self.dataset_labels: dict[str, str] = {}
+        self.variant_labels: dict[str, str] = {}
+        self.groups: dict[str, str] = {}
+        self.skipped = 0
+        for cell in cells:
+            if cell.get("status", "complete") != "complete":
+                self.skipped += 1
+                continue
+            dataset, variant = str(cell["dataset"]), str(cell["variant"])
+            self.dataset_labels.setdefault(dataset, str(cell.get("dataset_label") or dataset))
+            self.variant_labels.setdefault(variant, str(cell.get("variant_label") or variant))
+            self.groups.setdefault(variant, str(cell.get("variant_group") or "other"))
+            self.runs.setdefault((dataset, variant), {})[int(cell.get("seed", 0))] = cell
+        self.datasets = list(self.dataset_labels)
+        rank = {g: i for i, g in enumerate(GROUP_ORDER)}
+        self.variants = sorted(self.variant_labels, key=lambda v: rank.get(self.groups[v], len(GROUP_ORDER)))
+        bases = self.in_groups("base")
+        self.base: str | None = bases[0] if bases else None
+
+    def in_groups(self, *groups: str) -> list[str]:
+        """Variants of the given groups, in report order."""
+        return [v for v in self.variants if self.groups[v] in groups]
+
+    def seeds(self, dataset: str, variant: str) -> dict[int, dict]:
+        """seed -> cell of one (dataset, variant); empty when that pair was not run."""
+        return self.runs.get((dataset, variant), {})
+
+    def all_cells(self, variant: str) -> list[dict]:
+        """Every cell of `variant`, all datasets and seeds."""
+        return [c for d in self.datasets for c in self.seeds(d, variant).values()]
+
+    def methods(self, variant: str) -> list[str]:
+        """Methods present in any cell of `variant`: the known ones in METHOD_LABELS order, then others."""
+        present = {m for c in self.all_cells(variant) for m in c.get("methods") or {}}
+        return [m for m in METHOD_LABELS if m in present] + sorted(present - set(METHOD_LABELS))
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(method, variant) pairs of the main table, in report order."""
+        return [(m, v) for v in self.variants for m in self.methods(v)]
+
+    def label(self, method: str, variant: str) -> str:
+        """Row label: "LoRA ensemble" for the base variant, "LoRA ensemble · KL 0.1" for the others."""
+        name = METHOD_LABELS.get(method, method)
+        return name if variant == self.base else f"{name} · {self.variant_labels[variant]}"
+
+    def values(self, dataset: str, variant: str, *path: str) -> dict[int, float]:
+        """seed -> number at `path` inside the cell (e.g. "methods", "ensemble", "test", "nll"), where present."""
+        out = {}
+        for seed, cell in self.seeds(dataset, variant).items():
+            value = _get(cell, *path)
+            if isinstance(value, (int, float)) and not np.isnan(value):
+                out[seed] = float(value)
+        return out
+
+    def by_dataset(self, variant: str, *path: str) -> dict[str, dict[int, float]]:
+        """dataset -> seed -> number at `path`, for one variant."""
+        return {d: self.values(d, variant, *path) for d in self.datasets}
+
+
+def _get(obj: object, *path: str) -> object:
+    """obj[path[0]][path[1]]...; None where a key is missing or a level is not a mapping."""
+    for key in path:
+        if not isinstance(obj, Mapping) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+# --- Aggregation and formatting -----------------------------------------------------------------
+
+def _stat(values: Iterable[float]) -> Stat | None:
+    """mean, min, max and count of the values; None when there are none."""
+    a = np.asarray(list(values), dtype=float)
+    return (float(a.mean()), float(a.min()), float(a.max()), len(a)) if len(a) else None
+
+
+def _over_seeds(per_dataset: Mapping[str, Mapping[int, float]]) -> Stat | None:
+    """Average each seed's datasets (those it has), then mean [min, max] over seeds."""
+    seeds = sorted({s for v in per_dataset.values() for s in v})
+    return _stat(np.mean([v[s] for v in per_dataset.values() if s in v]) for s in seeds)
+
+
+def _axis_label(metric: str) -> str:
+    return "ACC (%)" if metric == "accuracy" else METRIC_LABELS[metric]
+
+
+def _scale(metric: str) -> float:
+    return 100.0 if metric == "accuracy" else 1.0
+
+
+def _fmt(stat: Stat | None, metric: str, signed: bool = False) -> str:
+    """"mean [min, max]": accuracy in percent with 1 decimal, everything else with 3 decimals."""
+    if stat is None:
+        return DASH
+    spec = ("+" if signed else "") + (".1f" if metric == "accuracy" else ".3f")
+    mean, low, high = (format(x * _scale(metric), spec) for x in stat[:3])
+    return f"{mean} [{low}, {high}]"
+
+
+def _fmt_mean(stat: Stat | None, metric: str) -> str:
+    return DASH if stat is None else format(stat[0] * _scale(metric), ".1f" if metric == "accuracy" else ".3f")
+
+
+def _count_range(counts: Sequence[int]) -> str:
+    if not counts:
+        return "0"
+    return str(min(counts)) if min(counts) == max(counts) else f"{min(counts)}–{max(counts)}"
+
+
+def _int_range(values: Iterable[float]) -> str:
+    v = sorted({round(x) for x in values})
+    if not v:
+        return DASH
+    return f"{v[0]:,}" if len(v) == 1 else f"{v[0]:,}–{v[-1]:,}"
+
+
+def _band(points: Mapping[float, list[float]], scale: float = 1.0) -> plots.Band:
+    """x -> values over seeds  ->  (x, mean, min, max) arrays sorted by x."""
+    x = np.array(sorted(points), dtype=float)
+    vals = [np.asarray(points[k], dtype=float) * scale for k in sorted(points)]
+    return x, np.array([v.mean() for v in vals]), np.array([v.min() for v in vals]), np.array([v.max() for v in vals])
+
+
+def _table(sec: Section, header: list[str], rows: list[list[str]], bold: AbstractSet[tuple[int, int]] = frozenset()
+           ) -> None:
+    """Like `Section.table`, with the (row, column) entries in `bold` set in bold."""
+    def md(text: str, strong: bool) -> str:
+        text = text.replace("|", "\\|")
+        return f"**{text}**" if strong else text
+
+    def cell(text: str, strong: bool) -> str:
+        text = html.escape(text)
+        return f"<td><strong>{text}</strong></td>" if strong else f"<td>{text}</td>"
+
+    sec.markdown += ["| " + " | ".join(md(h, False) for h in header) + " |", "|" + "---|" * len(header)]
+    sec.markdown += ["| " + " | ".join(md(c, (i, j) in bold) for j, c in enumerate(r)) + " |"
+                     for i, r in enumerate(rows)]
+    sec.markdown.append("")
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(c, (i, j) in bold) for j, c in enumerate(r)) + "</tr>"
+                   for i, r in enumerate(rows))
+    sec.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+def _best(column: Sequence[Stat | None], metric: str) -> set[int]:
+    """Rows holding the best displayed mean of a column (ties all count); none if fewer than two values."""
+    shown = {i: round(s[0] * _scale(metric), 1 if metric == "accuracy" else 3) for i, s in enumerate(column)
+             if s is not None}
+    if len(shown) < 2:
+        return set()
+    best = min(shown.values()) if metric in LOWER_IS_BETTER else max(shown.values())
+    return {i for i, v in shown.items() if v == best}
+
+
+# --- Sections -----------------------------------------------------------------------------------
+
+def _main_section(sweep: _Sweep) -> Section | None:
+    """The paper's table: ACC / ECE / NLL on the test split per (method, variant) and dataset."""
+    rows = sweep.rows()
+    if not rows:
+        return None
+    sec = Section("Main table: test accuracy, calibration and NLL")
+    sec.text("Test split of each dataset; every entry is mean [min, max] over seeds. ACC in percent (higher is "
+             "better); ECE and NLL: lower is better. The best mean of each column is in bold.")
+    metrics = ("accuracy", "ece", "nll")
+    header = ["method"] + [f"{sweep.dataset_labels[d]} {METRIC_LABELS[k]}" for d in sweep.datasets for k in metrics]
+    stats = [[_stat(sweep.values(d, v, "methods", m, "test", k).values()) for d in sweep.datasets for k in metrics]
+             for m, v in rows]
+    seeds = [_count_range([len(sweep.values(d, v, "methods", m, "test", "accuracy")) for d in sweep.datasets
+                           if sweep.seeds(d, v)]) for m, v in rows]
+    table = [[sweep.label(m, v), *(_fmt(s, metrics[j % 3]) for j, s in enumerate(r)), n]
+             for (m, v), r, n in zip(rows, stats, seeds)]
+    bold = {(i, j + 1) for j in range(len(header) - 1)
+            for i in _best([r[j] for r in stats], metrics[j % 3])}
+    _table(sec, header + ["n seeds"], table, bold)
+    return sec
+
+
+def _epoch_section(sweep: _Sweep) -> Section | None:
+    """Metrics after every epoch for the base variant: mean member vs ensemble."""
+    if sweep.base is None:
+        return None
+    metrics = ("accuracy", "ece", "nll")
+    panels: dict[str, dict[str, dict[str, plots.Band]]] = {}
+    ece_means: dict[str, dict[int, dict[str, float]]] = {}  # dataset -> epoch -> model -> mean ECE
+    for d in sweep.datasets:
+        points: dict[str, dict[str, dict[float, list[float]]]] = {}  # model -> metric -> epoch -> values
+        for cell in sweep.seeds(d, sweep.base).values():
+            for entry in cell.get("epochs") or []:
+                for model in EPOCH_MODELS:
+                    for k in metrics:
+                        value = _get(entry, model, k)
+                        if isinstance(value, (int, float)) and "epoch" in entry:
+                            points.setdefault(model, {}).setdefault(k, {}).setdefault(entry["epoch"], []).append(value)
+        if not points:
+            continue
+        label = sweep.dataset_labels[d]
+        panels[label] = {EPOCH_MODELS[model]: {_axis_label(k): _band(p, _scale(k)) for k, p in by_metric.items()}
+                         for model, by_metric in points.items()}
+        for model, by_metric in points.items():
+            for epoch, values in by_metric.get("ece", {}).items():
+                ece_means.setdefault(d, {}).setdefault(int(epoch), {})[model] = float(np.mean(values))
+    if not panels:
+        return None
+    sec = Section(f"Metrics vs training epoch ({sweep.variant_labels[sweep.base]})")
+    caption = ("Test ACC, ECE and NLL after every epoch: single LoRA (mean over members' metrics) vs the LoRA "
+               "ensemble; lines are means over seeds, the shaded band spans min to max. In the paper, single members "
+               "become overconfident as training goes on, so their ECE (and NLL) grows with the epochs, while the "
+               "ensemble's grows much less.")
+    sec.figures.append((caption, plots.metric_vs_epoch(panels, [_axis_label(k) for k in metrics])))
+    datasets = [d for d in sweep.datasets if d in ece_means]
+    epochs = sorted({e for d in datasets for e in ece_means[d]})
+
+    def pair(d: str, e: int) -> str:
+        m = ece_means[d].get(e, {})
+        return " / ".join(f"{m[k]:.3f}" if k in m else DASH for k in ("single", "ensemble"))
+
+    _table(sec, ["epoch"] + [f"{sweep.dataset_labels[d]} ECE single / ensemble" for d in datasets],
+           [[str(e)] + [pair(d, e) for d in datasets] for e in epochs])
+    sec.text("ECE on the test split, mean over seeds; single = mean over the members' ECE.")
+    return sec
+
+
+def _regulariser_section(sweep: _Sweep) -> Section | None:
+    """Single vs ensemble for the base run and every regulariser, averaged over datasets."""
+    if not sweep.in_groups("regulariser"):
+        return None
+    variants = sweep.in_groups("base", "regulariser")
+    labels = [sweep.variant_labels[v] for v in variants]
+    metrics = ("ece", "nll", "accuracy")
+    stats = {(k, m): [_over_seeds(sweep.by_dataset(v, "methods", m, "test", k)) for v in variants]
+             for k in metrics for m in ("single", "ensemble")}
+    sec = Section("Regularisers combined with ensembling")
+
+    def arrays(column: list[Stat | None], k: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a = np.array([s[:3] if s else (np.nan,) * 3 for s in column], dtype=float) * _scale(k)
+        return a[:, 0], a[:, 1], a[:, 2]
+
+    panels = {_axis_label(k): {METHOD_LABELS[m]: arrays(stats[k, m], k) for m in ("single", "ensemble")}
+              for k in metrics}
+    caption = ("Test ECE, NLL and ACC of a single LoRA and the LoRA ensemble, for each regulariser; bars are the "
+               "mean over datasets and seeds, whiskers the min and max over seeds of the dataset mean.")
+    sec.figures.append((caption, plots.grouped_bars(labels, panels)))
+    header = ["variant"] + [f"{METRIC_LABELS[k]} {m}" for k in metrics for m in ("single", "ensemble")]
+    rows = [[labels[i]] + [_fmt(stats[k, m][i], k) for k in metrics for m in ("single", "ensemble")]
+            for i in range(len(variants))]
+    _table(sec, header, rows)
+    sec.text("Test split; mean [min, max] over seeds of the mean over datasets. Lower is better for ECE and NLL.")
+    return sec
+
+
+def _randomness_section(sweep: _Sweep) -> Section | None:
+    """Which source of randomness makes the ensemble better than its members."""
+    randomness = sweep.in_groups("randomness")
+    if not randomness:
+        return None
+    variants = ([sweep.base] if sweep.base else []) + randomness
+    sec = Section("Randomness ablation: where the members' diversity comes from")
+    rows = []
+    for v in variants:
+        diffs = {k: {d: _diff(sweep, d, v, k) for d in sweep.datasets} for k in ("nll", "ece")}
+        rows.append([sweep.variant_labels[v], _fmt(_over_seeds(diffs["nll"]), "nll", signed=True),
+                     _fmt(_over_seeds(diffs["ece"]), "ece", signed=True),
+                     _fmt(_over_seeds(sweep.by_dataset(v, "methods", "ensemble", "test", "accuracy")), "accuracy"),
+                     _fmt(_over_seeds(sweep.by_dataset(v, "diversity", "disagreement")), "disagreement"),
+                     _fmt(_over_seeds(sweep.by_dataset(v, "diversity", "mutual_information")), "mutual_information")])
+    _table(sec, ["variant", "ensemble minus single NLL", "ensemble minus single ECE", "ensemble ACC",
+                 "disagreement", "mutual information"], rows)
+    sec.text("Test split; mean [min, max] over seeds of the mean over datasets. A more negative difference means "
+             "ensembling helps more; disagreement is the share of questions on which members' top choices differ "
+             "(as recorded by the run), mutual information the ensemble's epistemic uncertainty.")
+    return sec
+
+
+def _diff(sweep: _Sweep, dataset: str, variant: str, metric: str) -> dict[int, float]:
+    """seed -> ensemble minus single on the test split, for seeds that have both."""
+    ens = sweep.values(dataset, variant, "methods", "ensemble", "test", metric)
+    single = sweep.values(dataset, variant, "methods", "single", "test", metric)
+    return {s: ens[s] - single[s] for s in ens if s in single}
+
+
+def _size_section(sweep: _Sweep) -> Section | None:
+    """NLL and ECE of the first m members, for the base variant."""
+    if sweep.base is None:
+        return None
+    metrics = ("nll", "ece")
+    points: dict[str, dict[str, dict[float, list[float]]]] = {}  # dataset -> metric -> m -> values
+    for d in sweep.datasets:
+        for cell in sweep.seeds(d, sweep.base).values():
+            for entry in cell.get("ensemble_size") or []:
+                for k in metrics:
+                    if isinstance(entry.get(k), (int, float)) and "m" in entry:
+                        points.setdefault(d, {}).setdefault(k, {}).setdefault(entry["m"], []).append(entry[k])
+    if not points:
+        return None
+    sec = Section(f"Ensemble size ({sweep.variant_labels[sweep.base]})")
+    curves = {sweep.dataset_labels[d]: {METRIC_LABELS[k]: _band(p) for k, p in by_metric.items()}
+              for d, by_metric in points.items()}
+    caption = ("Test NLL and ECE of the ensemble of the first m members, one line per dataset (mean over seeds, "
+               "shaded min to max).")
+    sec.figures.append((caption, plots.ensemble_size_by_dataset(curves, ["NLL", "ECE"])))
+    datasets = [d for d in sweep.datasets if d in points]
+    sizes = sorted({int(m) for d in datasets for by_m in points[d].values() for m in by_m})
+
+    def entry(d: str, k: str, m: int) -> str:
+        return _fmt(_stat(points[d].get(k, {}).get(m, [])), k)
+
+    _table(sec, ["m"] + [f"{sweep.dataset_labels[d]} {METRIC_LABELS[k]}" for d in datasets for k in metrics],
+           [[str(m)] + [entry(d, k, m) for d in datasets for k in metrics] for m in sizes])
+    sec.text("Test split; mean [min, max] over seeds.")
+    return sec
+
+
+def _cost_section(sweep: _Sweep) -> Section | None:
+    """Parameters, time and memory per (method, variant), averaged over datasets and seeds."""
+    rows = []
+    for m, v in sweep.rows():
+        cells = sweep.all_cells(v)
+        method = [c["methods"][m] for c in cells if m in c.get("methods", {})]
+        rss = _nums(cells, "cost", "peak_rss_mb")
+        rows.append([sweep.label(m, v), _int_range(_nums(method, "trainable_params")),
+                     _seconds(_nums(cells, "cost", "train_seconds")), _seconds(_nums(method, "extra_seconds")),
+                     DASH if not rss else f"{np.mean(rss):,.0f}", _int_range(_nums(method, "members"))])
+    if not rows:
+        return None
+    sec = Section("Compute cost")
+    _table(sec, ["method", "trainable parameters", "training time per run (s)", "added inference time (s)",
+                 "peak memory (MB)", "predictions averaged"], rows)
+    sec.text("Means over all runs of the variant, datasets and seeds together (times: mean [min, max] over those "
+             "runs). Training time is per run (all members): the single-model methods are read from the members of "
+             "the same vectorised run, so their training time is the whole run's. Added inference time is what a "
+             "method needs beyond the run's own evaluation (e.g. fitting a temperature, extra forward passes). "
+             "Peak memory is the process's peak resident set size.")
+    return sec
+
+
+def _nums(objs: Iterable[Mapping], *path: str) -> list[float]:
+    """The numbers found at `path` in each object (objects without one are skipped)."""
+    return [float(x) for o in objs if isinstance(x := _get(o, *path), (int, float))]
+
+
+def _seconds(values: list[float]) -> str:
+    return DASH if not values else f"{np.mean(values):.1f} [{min(values):.1f}, {max(values):.1f}]"
+
+
+# --- Writing ------------------------------------------------------------------------------------
+
+def _intro(sweep: _Sweep) -> str:
+    seeds = sorted({s for runs in sweep.runs.values() for s in runs})
+    n_cells = sum(len(r) for r in sweep.runs.values())
+    text = (f"{n_cells} complete runs: {len(sweep.datasets)} dataset(s) x {len(sweep.variants)} variant(s) x "
+            f"seeds {', '.join(map(str, seeds)) or 'none'}. Intervals are over seeds: every entry is "
+            "\"mean [min, max] over n seeds\" (independent training runs), not a confidence interval over "
+            "questions. ACC in percent, higher is better; NLL, ECE, Brier: lower is better.")
+    if sweep.skipped:
+        text += f" {sweep.skipped} run(s) whose status is not \"complete\" are left out."
+    return text
+
+
+def _write(sections: list[Section], output: Path, title: str, intro: str) -> tuple[Path, Path]:
+    """Same layout as `report._write`: `<output>.html`, `<output>.md` and `<output>_files/figure_N.png`."""
+    md, body = [f"# {title}", "", intro, ""], []
+    fig_dir = output.parent / f"{output.name}_files"
+    fig_dir.mkdir(exist_ok=True)
+    count = 0
+    for sec in sections:
+        md += [f"## {sec.title}", "", *sec.markdown]
+        body.append(f"<h2>{html.escape(sec.title)}</h2>" + "".join(sec.html))
+        for caption, png in sec.figures:
+            count += 1
+            (fig_dir / f"figure_{count}.png").write_bytes(png)
+            md += [f"![{caption}](<{fig_dir.name}/figure_{count}.png>)", ""]
+            data = base64.b64encode(png).decode()
+            body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    html_path, md_path = output.parent / f"{output.name}.html", output.parent / f"{output.name}.md"
+    html_path.write_text(_PAGE.format(title=html.escape(title), intro=html.escape(intro), body="\n".join(body)))
+    md_path.write_text("\n".join(md))
+    return html_path, md_path

@@ -1,0 +1,148 @@
+"""Sweep report: aggregation over seeds checked by hand, row order and labels, files, absent sections."""
+
+from __future__ import annotations
+
+import re
+
+from loraens.sweep_report import build_sweep_report
+
+DATASETS = {"arc_easy": "ARC-Easy", "obqa": "OpenBookQA"}
+VARIANTS = {  # name -> (label, group, methods)
+    "plain": ("no regulariser", "base", ("single", "ensemble", "single+ts", "ensemble+ts")),
+    "kl": ("KL 0.1", "regulariser", ("single", "ensemble")),
+    "init_only": ("random init only", "randomness", ("single", "ensemble")),
+}
+
+
+def _metrics(acc: float, nll: float, ece: float) -> dict:
+    return {"accuracy": acc, "nll": nll, "ece": ece, "brier": 1.0 - acc}
+
+
+def _cell(dataset: str, variant: str, seed: int, history: bool = True) -> dict:
+    """Ensemble test accuracy 0.60 + 0.04 seed on ARC-Easy (0.50 + ... on OBQA), NLL 0.9 + 0.1 seed (+0.2 OBQA).
+
+    Single LoRA: 5 points less accurate, NLL higher by 0.2 + 0.1 seed (+0.1 on OBQA), ECE higher by 0.05.
+    """
+    obqa = dataset == "obqa"
+    shift = {"plain": 0.0, "kl": 0.01, "init_only": -0.02}[variant]
+    acc = (0.50 if obqa else 0.60) + 0.04 * seed + shift
+    nll = 0.9 + 0.1 * seed + (0.2 if obqa else 0.0)
+    ece = 0.05 + 0.01 * seed
+    values = {"ensemble": _metrics(acc, nll, ece),
+              "single": _metrics(acc - 0.05, nll + 0.2 + 0.1 * seed + (0.1 if obqa else 0.0), ece + 0.05),
+              "single+ts": _metrics(acc - 0.05, nll + 0.1, ece),
+              "ensemble+ts": _metrics(acc, nll - 0.05, ece - 0.02)}
+    label, group, methods = VARIANTS[variant]
+    cell = {
+        "dataset": dataset, "dataset_label": DATASETS[dataset], "variant": variant, "variant_label": label,
+        "variant_group": group, "seed": seed, "status": "complete", "num_members": 4,
+        "test_key": f"{dataset}_test", "val_key": f"{dataset}_holdout",
+        "cost": {"train_seconds": 80.0 + 20 * seed, "eval_seconds": 30.0, "wall_seconds": 115.0,
+                 "peak_rss_mb": 1500.0, "trainable_params_per_member": 307200},
+        "methods": {m: {"test": values[m], "val": values[m], "extra_seconds": 1.0 if "ts" in m else 0.0,
+                        "trainable_params": 1228800 if "ensemble" in m else 307200,
+                        "members": 4 if "ensemble" in m else 1} for m in methods},
+    }
+    if history:
+        cell["epochs"] = [{"epoch": e, "single": _metrics(acc - 0.05, nll + 0.1 * e, ece + 0.02 * e),
+                           "ensemble": _metrics(acc, nll, ece + 0.005 * e)} for e in (1, 2, 3)]
+        cell["ensemble_size"] = [{"m": m, "accuracy": acc, "nll": nll + 0.1 / m, "ece": ece + 0.02 / m}
+                                 for m in (1, 2, 3, 4)]
+        cell["diversity"] = {"disagreement": 0.1 + 0.02 * seed, "mutual_information": 0.03}
+    return cell
+
+
+def _cells(variants=tuple(VARIANTS), history: bool = True) -> list[dict]:
+    # Randomness variant first in the input: the report still orders base, regulariser, randomness.
+    return [_cell(d, v, s, history) for v in reversed(variants) for d in DATASETS for s in (0, 1)]
+
+
+def _section(md: str, title_start: str) -> str:
+    parts = [p for p in md.split("\n## ") if p.startswith(title_start)]
+    assert len(parts) == 1, f"no single section starting with {title_start!r}"
+    return parts[0]
+
+
+def _titles(md: str) -> list[str]:
+    """First word of every section title."""
+    return [t.split(" ")[0] for t in re.findall(r"^## (.+)$", md, flags=re.MULTILINE)]
+
+
+def _rows(section: str) -> list[list[str]]:
+    """Cells of the first table of a section (header and separator dropped), bold markers removed."""
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    end = next((i for i in range(2, len(lines)) if lines[i].startswith("|---")), len(lines))
+    return [[c.strip().strip("*") for c in line.strip("|").split(" | ")] for line in lines[2:end]]
+
+
+def test_main_table_values_order_and_labels(tmp_path):
+    _, md_path = build_sweep_report(_cells(), tmp_path / "sweep")
+    md = md_path.read_text()
+    main = _section(md, "Main table")
+    header = next(line for line in main.splitlines() if line.startswith("|"))
+    assert header == ("| method | ARC-Easy ACC | ARC-Easy ECE | ARC-Easy NLL | OpenBookQA ACC | OpenBookQA ECE "
+                      "| OpenBookQA NLL | n seeds |")
+    rows = _rows(main)
+    assert [r[0] for r in rows] == [
+        "single LoRA", "LoRA ensemble", "single + temperature", "ensemble + temperature",
+        "single LoRA · KL 0.1", "LoRA ensemble · KL 0.1",  # kl has no temperature-scaled methods: no rows
+        "single LoRA · random init only", "LoRA ensemble · random init only",
+    ]
+    ensemble = rows[1]
+    # ARC-Easy, seeds 0 and 1: accuracy 0.60 / 0.64, ECE 0.05 / 0.06, NLL 0.9 / 1.0.
+    assert ensemble[1:4] == ["62.0 [60.0, 64.0]", "0.055 [0.050, 0.060]", "0.950 [0.900, 1.000]"]
+    # OpenBookQA NLL: 1.1 / 1.2; 2 seeds everywhere.
+    assert ensemble[6] == "1.150 [1.100, 1.200]" and ensemble[7] == "2"
+    # Best ARC-Easy ACC (KL ensemble, 0.61 / 0.65) and best ARC-Easy NLL (ensemble + temperature) are bold.
+    assert "| **63.0 [61.0, 65.0]** |" in main and "| **0.900 [0.850, 0.950]** |" in main
+
+
+def test_randomness_regulariser_and_cost_numbers(tmp_path):
+    _, md_path = build_sweep_report(_cells(), tmp_path / "sweep")
+    md = md_path.read_text()
+    rand = {r[0]: r for r in _rows(_section(md, "Randomness ablation"))}
+    assert list(rand) == ["no regulariser", "random init only"]
+    # ensemble minus single NLL: seed 0: ARC -0.2, OBQA -0.3 -> -0.25; seed 1: -0.3, -0.4 -> -0.35.
+    assert rand["random init only"][1:3] == ["-0.300 [-0.350, -0.250]", "-0.050 [-0.050, -0.050]"]
+    # ensemble ACC: seed 0 (0.58 + 0.48) / 2 = 0.53, seed 1 0.57; disagreement 0.10 / 0.12.
+    assert rand["random init only"][3:5] == ["55.0 [53.0, 57.0]", "0.110 [0.100, 0.120]"]
+    reg = {r[0]: r for r in _rows(_section(md, "Regularisers"))}
+    assert list(reg) == ["no regulariser", "KL 0.1"]
+    # ACC ensemble for KL: seed 0 (0.61 + 0.51) / 2 = 0.56, seed 1 0.60.
+    assert reg["KL 0.1"][6] == "58.0 [56.0, 60.0]"
+    cost = {r[0]: r for r in _rows(_section(md, "Compute cost"))}
+    assert cost["LoRA ensemble"][1:] == ["1,228,800", "90.0 [80.0, 100.0]", "0.0 [0.0, 0.0]", "1,500", "4"]
+    assert cost["single + temperature"][3] == "1.0 [1.0, 1.0]"
+    assert "training time is per run (all members)" in md.lower()
+
+
+def test_files_and_embedded_images(tmp_path):
+    html_path, md_path = build_sweep_report(_cells(), tmp_path / "out" / "sweep", title="test sweep")
+    assert html_path == tmp_path / "out" / "sweep.html" and md_path == tmp_path / "out" / "sweep.md"
+    md, page = md_path.read_text(), html_path.read_text()
+    images = re.findall(r"!\[[^\]]*\]\(<([^>]+)>\)", md)
+    assert len(images) == 3  # epochs, regularisers, ensemble size
+    for rel in images:
+        png = md_path.parent / rel
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.count('src="data:image/png;base64,') == len(images)
+    assert "<h1>test sweep</h1>" in page and "mean [min, max] over n seeds" in page
+    assert _titles(md) == ["Main", "Metrics", "Regularisers", "Randomness", "Ensemble", "Compute"]
+
+
+def test_absent_data_skip_sections(tmp_path):
+    cells = _cells(variants=("plain", "kl"), history=False)
+    cells.append({**_cell("arc_easy", "plain", 2), "status": "failed"})  # left out
+    html_path, md_path = build_sweep_report(cells, tmp_path / "sweep")
+    md = md_path.read_text()
+    assert _titles(md) == ["Main", "Regularisers", "Compute"]
+    assert "1 run(s) whose status is not \"complete\"" in md
+    assert _rows(_section(md, "Main table"))[1][-1] == "2"
+    assert html_path.read_text().count("<img") == len(re.findall(r"!\[", md)) == 1
+
+    only_base = [_cell(d, "plain", 0) for d in DATASETS]
+    _, md_path = build_sweep_report(only_base, tmp_path / "base")
+    assert _titles(md_path.read_text()) == ["Main", "Metrics", "Ensemble", "Compute"]
+
+    _, md_path = build_sweep_report([], tmp_path / "empty")
+    assert "0 complete runs" in md_path.read_text()
