@@ -349,3 +349,29 @@ def test_regularised_gradient_of_a_member_does_not_depend_on_the_others(make_bas
         grads.append([p.grad[0].clone() for layer in layers.values() for p in (layer.lora_A, layer.lora_B)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_temperature_with_a_real_choice_at_probability_zero_needs_the_mask():
+    probs, targets = _overconfident(200)
+    probs = probs.clone()
+    probs[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # underflowed real choices
+    targets[0] = 1
+    mask = torch.ones_like(probs, dtype=torch.bool)
+    t = fit_temperature(probs, targets, mask)
+    assert 2.0 < t < 10.0  # finite NLL: not pushed to the bound (54.6) by one infinite term
+    assert apply_temperature(probs, t, mask)[0, 1] > 0
+
+
+def test_best_epoch_never_picks_a_diverged_epoch():
+    assert best_epoch([float("nan"), 0.9, 0.8]) == 3
+    assert best_epoch([0.7, float("nan")]) == 1
+
+
+def test_weight_averaged_checks_the_member_list(make_base):
+    model = make_base()
+    attach_members(model, ens_config())
+    for bad in ([], [3], [-1]):
+        with pytest.raises(ValueError, match="members must be"):
+            with weight_averaged(model, bad):
+                pass
+    assert all(layer.num_members == 3 for layer in member_layers(model).values())

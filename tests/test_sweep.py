@@ -187,3 +187,25 @@ def test_sweep_dry_run_lists_the_cells(tmp_path, tiny_setup, capsys):
     assert main(["sweep", write_sweep(tmp_path, model_dir, mirror), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "to run" in out and "arc_easy / dropout / seed 0" in out
+
+
+def test_report_only_with_notes_writes_to_the_given_path(tmp_path, tiny_setup):
+    model_dir, mirror = tiny_setup
+    path = write_sweep(tmp_path, model_dir, mirror, variants=[{"name": "plain", "group": "base"}])
+    assert main(["sweep", path, "--report-only"]) == 2  # nothing complete yet: a clear error
+    assert main(["sweep", path, "--quiet"]) == 0
+    notes = tmp_path / "reading.md"
+    notes.write_text("## Reading\n\nWritten by hand.")
+    out = tmp_path / "docs" / "EXPERIMENTS"
+    assert main(["sweep", path, "--report-only", "--report-to", str(out), "--notes", str(notes)]) == 0
+    text = (tmp_path / "docs" / "EXPERIMENTS.md").read_text()
+    assert "Written by hand." in text and "EXPERIMENTS_files/figure_1.png" in text
+    assert (tmp_path / "docs" / "EXPERIMENTS_files" / "figure_1.png").is_file()
+
+
+def test_per_epoch_methods_need_per_epoch_evaluation(tmp_path, tiny_setup):
+    model_dir, mirror = tiny_setup
+    path = write_sweep(tmp_path, model_dir, mirror, variants=[
+        {"name": "x", "config": {"train": {"eval_every_epoch": False}}, "methods": ["checkpoint_ensemble"]}])
+    with pytest.raises(ConfigError, match="eval_every_epoch: true"):
+        load_sweep(path)

@@ -84,9 +84,9 @@ def test_main_table_values_order_and_labels(tmp_path):
                       "| OpenBookQA NLL | n seeds |")
     rows = _rows(main)
     assert [r[0] for r in rows] == [
-        "single LoRA", "LoRA ensemble", "single + temperature", "ensemble + temperature",
-        "single LoRA · KL 0.1", "LoRA ensemble · KL 0.1",  # kl has no temperature-scaled methods: no rows
-        "single LoRA · random init only", "LoRA ensemble · random init only",
+        "single LoRA (mean of members)", "LoRA ensemble", "single + temperature", "ensemble + temperature",
+        "single LoRA (mean of members) · KL 0.1", "LoRA ensemble · KL 0.1",  # kl has no temperature-scaled methods: no rows
+        "single LoRA (mean of members) · random init only", "LoRA ensemble · random init only",
     ]
     ensemble = rows[1]
     # ARC-Easy, seeds 0 and 1: accuracy 0.60 / 0.64, ECE 0.05 / 0.06, NLL 0.9 / 1.0.
@@ -146,3 +146,14 @@ def test_absent_data_skip_sections(tmp_path):
 
     _, md_path = build_sweep_report([], tmp_path / "empty")
     assert "0 complete runs" in md_path.read_text()
+
+
+def test_a_variant_on_fewer_datasets_is_compared_on_those_datasets_only(tmp_path):
+    cells = [c for c in _cells() if not (c["variant"] in ("init_only", "kl") and c["dataset"] == "obqa")]
+    _, md_path = build_sweep_report(cells, tmp_path / "sweep")
+    md = md_path.read_text()
+    regs = [r[0] for r in _rows(_section(md, "Regularisers"))]
+    assert regs[0] == "no regulariser"  # the base on every dataset (no full-coverage regulariser here)
+    assert "no regulariser (on ARC-Easy)" in regs and "KL 0.1 (on ARC-Easy)" in regs
+    rand = [r[0] for r in _rows(_section(md, "Randomness"))]
+    assert rand == ["no regulariser (on ARC-Easy)", "random init only (on ARC-Easy)"]

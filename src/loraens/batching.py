@@ -29,6 +29,7 @@ class Batch:
     score_mask:      [R, C, L] bool, which (choice, token) slots are real (cloze).
     choice_mask:     [R, C] bool, which choices exist (questions may have 3, 4 or 5).
     targets:         [R] long, index of the correct choice.
+    lengths:         [R] long, number of real (non-padding) tokens of each row.
     """
 
     input_ids: torch.Tensor
@@ -40,6 +41,7 @@ class Batch:
     score_mask: torch.Tensor | None
     choice_mask: torch.Tensor
     targets: torch.Tensor
+    lengths: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch on `device` (a no-op when it is already there)."""
@@ -70,6 +72,7 @@ def collate(questions: list[EncodedQuestion], num_choices: int | None = None) ->
     answer_pos = torch.zeros(r, dtype=torch.long)
     choice_mask = torch.zeros(r, c, dtype=torch.bool)
     targets = torch.tensor([q.answer for q in questions], dtype=torch.long)
+    lengths = torch.tensor([q.num_tokens for q in questions], dtype=torch.long)
     for i, q in enumerate(questions):
         choice_mask[i, : q.num_choices] = True
     if not cloze:
@@ -78,7 +81,7 @@ def collate(questions: list[EncodedQuestion], num_choices: int | None = None) ->
             input_ids[i, :n] = torch.tensor(q.prompt_ids)
             answer_pos[i] = n - 1
         position_ids[:] = torch.arange(t)
-        return Batch(input_ids, position_ids, None, answer_pos, None, None, None, choice_mask, targets)
+        return Batch(input_ids, position_ids, None, answer_pos, None, None, None, choice_mask, targets, lengths)
 
     longest = max(len(cont) for q in questions for cont in q.continuations)
     score_pos = torch.zeros(r, c, longest, dtype=torch.long)
@@ -113,7 +116,7 @@ def collate(questions: list[EncodedQuestion], num_choices: int | None = None) ->
     # return NaN, which would leak into gradients even though the row is never scored.
     allowed |= torch.eye(t, dtype=torch.bool)[None] & (seg_q == -2)
     return Batch(input_ids, position_ids, allowed[:, None], answer_pos, score_pos, score_tokens, score_mask,
-                 choice_mask, targets)
+                 choice_mask, targets, lengths)
 
 
 def length_sorted_batches(questions: list[EncodedQuestion], batch_size: int) -> list[list[int]]:

@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--dry-run", action="store_true", help="list the cells and whether each is complete; train nothing")
     sw.add_argument("--report-only", action="store_true",
                     help="rebuild summary.md/html from the complete cells without training")
+    sw.add_argument("--report-to", metavar="PATH",
+                    help="write the summary as PATH.md / PATH.html / PATH_files/ (default: <output_dir>/summary)")
+    sw.add_argument("--notes", metavar="FILE", help="Markdown file inserted at the top of the summary (e.g. a reading)")
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -224,13 +227,18 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         grid = cells(spec)
         for i, cell in enumerate(grid, 1):
-            print(f"[{i}/{len(grid)}] {'complete' if is_complete(cell) else 'to run  '}  {cell.title}  -> {cell.folder}")
+            print(f"[{i}/{len(grid)}] {'complete' if is_complete(cell, spec.mc_dropout_passes) else 'to run  '}  {cell.title}  -> {cell.folder}")
         return 0
-    if args.report_only:
-        html_path, md_path = write_summary(spec, collect(spec))
+    notes = ""
+    if args.notes:
+        if not Path(args.notes).is_file():
+            raise FileNotFoundError(f"--notes {args.notes!r} does not exist.")
+        notes = Path(args.notes).read_text()
+    if not args.report_only:  # run_sweep also writes <output_dir>/summary.md/html
+        run_sweep(spec, progress=not args.quiet, log=lambda line: print(line, flush=True))
+    if args.report_only or args.report_to or notes:
+        html_path, md_path = write_summary(spec, collect(spec), args.report_to, notes)
         print(f"Wrote {md_path} and {html_path}")
-        return 0
-    run_sweep(spec, progress=not args.quiet, log=lambda line: print(line, flush=True))
     return 0
 
 

@@ -147,6 +147,9 @@ class EnsembleConfig:
     # LoRA only in the top K decoder layers (null = all layers). The frozen layers below need no
     # backward pass, so training is cheaper; PEFT calls this layers_to_transform.
     top_layers: int | None = None
+    # With top_layers: compute the frozen layers below once per question and reuse them for every
+    # member and epoch (the frozen-prefix cache). Same results up to bf16 rounding, much faster.
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         _check(self.num_members >= 1, "ensemble.num_members", "must be at least 1", self.num_members)

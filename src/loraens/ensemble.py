@@ -104,6 +104,10 @@ def attach_members(model: nn.Module, config: EnsembleConfig) -> dict[str, Member
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         found[name] = layer
     init_members(found, config)
+    if allowed is not None and config.prefix_cache:
+        from .prefix import enable_prefix_cache
+
+        enable_prefix_cache(model, min(allowed))
     return found
 
 
@@ -275,17 +279,18 @@ def lora_disabled(model: nn.Module) -> Iterator[None]:
 @contextmanager
 def _swapped(model: nn.Module, make: Callable[[MemberLoraLinear], tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
     """Temporarily replace every layer's (lora_A, lora_B) by `make(layer)`; restored on exit."""
-    saved = {}
-    for name, layer in member_layers(model).items():
-        saved[name] = (layer.lora_A, layer.lora_B, layer.num_members, layer.rank)
-        a, b = make(layer)
-        layer.lora_A, layer.lora_B = nn.Parameter(a, requires_grad=False), nn.Parameter(b, requires_grad=False)
-        layer.num_members, layer.rank = a.shape[0], a.shape[1]
+    layers = member_layers(model)
+    saved: dict[str, tuple] = {}
     try:
+        for name, layer in layers.items():
+            a, b = make(layer)
+            saved[name] = (layer.lora_A, layer.lora_B, layer.num_members, layer.rank)
+            layer.lora_A, layer.lora_B = nn.Parameter(a, requires_grad=False), nn.Parameter(b, requires_grad=False)
+            layer.num_members, layer.rank = a.shape[0], a.shape[1]
         yield
-    finally:
-        for name, layer in member_layers(model).items():
-            layer.lora_A, layer.lora_B, layer.num_members, layer.rank = saved[name]
+    finally:  # restores exactly the layers already swapped, even if a later one failed
+        for name, (a, b, m, r) in saved.items():
+            layers[name].lora_A, layers[name].lora_B, layers[name].num_members, layers[name].rank = a, b, m, r
 
 
 @contextmanager
@@ -296,6 +301,11 @@ def weight_averaged(model: nn.Module, members: list[int] | None = None) -> Itera
     adapter of rank M*r (A stacked along the rank axis, B concatenated and divided by M).
     This averages weights, not predictions (the "weight ensemble" baseline).
     """
+    total = next(iter(member_layers(model).values())).num_members
+    if members is not None and (not members or any(not 0 <= k < total for k in members)):
+        raise ValueError(f"weight_averaged: members must be a non-empty list of indices in [0, {total}), "
+                         f"but got {members}.")
+
     def make(layer: MemberLoraLinear) -> tuple[torch.Tensor, torch.Tensor]:
         ks = list(range(layer.num_members)) if members is None else members
         a = torch.cat([layer.lora_A[k] for k in ks], 0)[None]  # [1, M*r, in]

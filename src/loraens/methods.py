@@ -24,19 +24,24 @@ from .predict import Predictions
 LOG_T_BOUNDS = (-4.0, 4.0)
 
 
-def _log(probs: torch.Tensor) -> torch.Tensor:
-    """log p, with padded choices (p == 0) at -inf and real choices never below log(1e-30)."""
-    return torch.where(probs > 0, probs.clamp_min(1e-30).log(), torch.tensor(float("-inf")))
+def _log(probs: torch.Tensor, choice_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log p, with padded choices at -inf and real choices never below log(1e-30).
+
+    Padded choices are those outside `choice_mask` [..., C]; without a mask, those with p == 0
+    (a real choice whose probability underflowed to 0 then counts as padding: pass the mask).
+    """
+    real = probs > 0 if choice_mask is None else torch.as_tensor(choice_mask, dtype=torch.bool).expand_as(probs)
+    return torch.where(real, probs.clamp_min(1e-30).log(), torch.tensor(float("-inf")))
 
 
-def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+def apply_temperature(probs: torch.Tensor, temperature: float, choice_mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(log p / T) over the last axis; T > 1 softens, T < 1 sharpens; argmax unchanged.
 
-    probs: [..., C]. Returns the same shape.
+    probs: [..., C]; choice_mask: optional bool [..., C] of the real choices. Returns probs' shape.
     """
     if not temperature > 0:
         raise ValueError(f"A temperature must be positive, but got {temperature}.")
-    return torch.softmax(_log(torch.as_tensor(probs, dtype=torch.float32)) / temperature, dim=-1)
+    return torch.softmax(_log(torch.as_tensor(probs, dtype=torch.float32), choice_mask) / temperature, dim=-1)
 
 
 def _nll_at(log_p: torch.Tensor, targets: torch.Tensor, temperature: float) -> float:
@@ -44,7 +49,7 @@ def _nll_at(log_p: torch.Tensor, targets: torch.Tensor, temperature: float) -> f
     return float(-lp.gather(1, targets[:, None]).mean())
 
 
-def fit_temperature(probs: torch.Tensor, targets: torch.Tensor) -> float:
+def fit_temperature(probs: torch.Tensor, targets: torch.Tensor, choice_mask: torch.Tensor | None = None) -> float:
     """The temperature T minimising the NLL of softmax(log p / T) on (probs [N, C], targets [N]).
 
     A bounded 1-D search over log T (`LOG_T_BOUNDS`); T = 1 is kept when no T does better, so
@@ -55,7 +60,7 @@ def fit_temperature(probs: torch.Tensor, targets: torch.Tensor) -> float:
     if probs.ndim != 2 or probs.shape[0] != targets.shape[0] or probs.shape[0] == 0:
         raise ValueError(f"fit_temperature needs probs [N, C] and targets [N] with N > 0, "
                          f"but got {tuple(probs.shape)} and {tuple(targets.shape)}.")
-    log_p = _log(probs)
+    log_p = _log(probs, choice_mask)
     res = minimize_scalar(lambda u: _nll_at(log_p, targets, math.exp(u)), bounds=LOG_T_BOUNDS,
                           method="bounded", options={"xatol": 1e-4})
     t = math.exp(float(res.x))
@@ -81,8 +86,8 @@ def ensemble_temperature_scaled(val: Predictions, test: Predictions) -> tuple[to
     Returns (probs [N, C], T). The temperature acts on the averaged distribution (the ensemble is
     treated as one model), which is what a user deploying the ensemble would calibrate.
     """
-    t = fit_temperature(ensemble_probs(val.member_probs), val.targets)
-    return apply_temperature(ensemble_probs(test.member_probs), t), t
+    t = fit_temperature(ensemble_probs(val.member_probs), val.targets, val.choice_mask)
+    return apply_temperature(ensemble_probs(test.member_probs), t, test.choice_mask), t
 
 
 def checkpoint_ensemble(epochs: Sequence[Predictions], member: int = 0) -> Predictions:
@@ -102,9 +107,11 @@ def checkpoint_ensemble(epochs: Sequence[Predictions], member: int = 0) -> Predi
 
 def best_epoch(val_nll_by_epoch: Sequence[float]) -> int:
     """Early stopping on validation NLL: the 1-based epoch with the lowest NLL (first one on ties)."""
-    if not len(val_nll_by_epoch):
+    values = np.asarray(val_nll_by_epoch, dtype=float)
+    if not len(values):
         raise ValueError("best_epoch needs at least one epoch's validation NLL.")
-    return int(np.argmin(np.asarray(val_nll_by_epoch, dtype=float))) + 1
+    values = np.where(np.isnan(values), np.inf, values)  # a diverged epoch is never the best
+    return int(np.argmin(values)) + 1
 
 
 def _with_probs(p: Predictions, member_probs: torch.Tensor) -> Predictions:

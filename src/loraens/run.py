@@ -212,8 +212,8 @@ def train_run(config: RunConfig, progress: bool = True) -> RunResult:
         if patience is None:
             return False
         nll = last[watch]["ensemble"]["nll"]
-        if nll < best["nll"]:
-            best.update(nll=nll, epoch=summary.epoch, metrics=dict(last), bad=0)
+        if best["epoch"] is None or nll < best["nll"]:  # the first epoch is always kept: members/ is never empty
+            best.update(nll=nll if nll == nll else float("inf"), epoch=summary.epoch, metrics=dict(last), bad=0)
             export_members(ens, run_dir)  # members/ always holds the best epoch so far
             return False
         best["bad"] += 1

@@ -14,6 +14,7 @@ from torch import nn
 
 from .batching import Batch
 from .config import Normalization, Scoring
+from .prefix import cached_hidden, prefix_cache_of
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -61,12 +62,16 @@ def member_log_probs(
         # backward dominated a training step in our profile).
         dtype = model.dtype
         mask = torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
-    hidden = decoder_of(model)(
-        input_ids=batch.input_ids,
-        attention_mask=mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    ).last_hidden_state  # [R, T, H]
+    cache = prefix_cache_of(model)
+    if cache is not None and batch.lengths is not None:  # frozen bottom layers from the prefix cache
+        hidden = cached_hidden(decoder_of(model), cache, batch.input_ids, mask, batch.position_ids, batch.lengths)
+    else:
+        hidden = decoder_of(model)(
+            input_ids=batch.input_ids,
+            attention_mask=mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state  # [R, T, H]
     if scoring is Scoring.LETTER:
         c = batch.choice_mask.shape[1]
         at_answer = hidden[torch.arange(rows), batch.answer_pos]  # [R, H]

@@ -57,6 +57,7 @@ from .uncertainty import uncertainty_scores
 
 METHODS = ("single", "ensemble", "single+ts", "ensemble+ts", "checkpoint_ensemble", "weight_average",
            "mc_dropout", "early_stop_single", "early_stop_ensemble")
+PER_EPOCH = ("checkpoint_ensemble", "early_stop_single", "early_stop_ensemble")
 NEEDS_VALIDATION = ("single+ts", "ensemble+ts", "early_stop_single", "early_stop_ensemble")
 GROUPS = ("base", "regulariser", "randomness")
 PRESETS = ("paper-small", "paper")
@@ -179,6 +180,12 @@ def _check_spec(spec: SweepSpec) -> None:
         if "mc_dropout" in cell.variant.methods and cell.config.ensemble.dropout <= 0:
             raise ConfigError(f"variant {cell.variant.name!r} asks for mc_dropout but trains without dropout; "
                               "set ensemble.dropout > 0 in its config.")
+        per_epoch = [m for m in cell.variant.methods if m in PER_EPOCH]
+        if per_epoch and not cell.config.train.eval_every_epoch:
+            raise ConfigError(f"variant {cell.variant.name!r}: {per_epoch} need the predictions of every epoch; "
+                              "set train.eval_every_epoch: true in its config.")
+        if per_epoch and cell.config.train.epochs < 2:
+            raise ConfigError(f"variant {cell.variant.name!r}: {per_epoch} need at least 2 epochs.")
         if "weight_average" in cell.variant.methods and cell.config.ensemble.num_members < 2:
             raise ConfigError(f"variant {cell.variant.name!r}: weight_average needs at least 2 members.")
 
@@ -223,7 +230,7 @@ def _slug(name: str) -> str:
 
 # --------------------------------------------------------------------------- running
 
-def is_complete(cell: Cell) -> bool:
+def is_complete(cell: Cell, mc_passes: int | None = None) -> bool:
     path = cell.folder / "cell.json"
     if not path.is_file():
         return False
@@ -233,11 +240,15 @@ def is_complete(cell: Cell) -> bool:
         return False
     if record.get("status") != "complete" or record.get("methods_requested") != cell.variant.methods:
         return False
+    if mc_passes is not None and "mc_dropout" in cell.variant.methods and record.get("mc_dropout_passes") != mc_passes:
+        return False
     try:  # re-read through RunConfig, so a setting added later with its default does not void old cells
         stored = RunConfig.from_dict(record.get("config") or {}).to_dict()
     except ConfigError:
         return False
-    return stored == cell.config.to_dict()
+    current = cell.config.to_dict()
+    stored.pop("output_dir", None), current.pop("output_dir", None)  # a moved sweep folder is still complete
+    return stored == current
 
 
 def run_sweep(spec: SweepSpec, progress: bool = True, log=print) -> list[dict[str, Any]]:
@@ -246,10 +257,10 @@ def run_sweep(spec: SweepSpec, progress: bool = True, log=print) -> list[dict[st
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
     grid = cells(spec)
-    done = sum(is_complete(c) for c in grid)
+    done = sum(is_complete(c, spec.mc_dropout_passes) for c in grid)
     log(f"loraens sweep {spec.name}: {len(grid)} cells, {done} already complete -> {out}")
     for i, cell in enumerate(grid, 1):
-        if is_complete(cell):
+        if is_complete(cell, spec.mc_dropout_passes):
             continue
         log(f"[{i}/{len(grid)}] {cell.title}")
         started = time.time()
@@ -263,15 +274,20 @@ def run_sweep(spec: SweepSpec, progress: bool = True, log=print) -> list[dict[st
 
 def collect(spec: SweepSpec) -> list[dict[str, Any]]:
     """The records of the complete cells (in grid order)."""
-    return [json.loads((c.folder / "cell.json").read_text()) for c in cells(spec) if is_complete(c)]
+    return [json.loads((c.folder / "cell.json").read_text()) for c in cells(spec)
+            if is_complete(c, spec.mc_dropout_passes)]
 
 
-def write_summary(spec: SweepSpec, records: list[dict[str, Any]]) -> tuple[Path, Path]:
+def write_summary(spec: SweepSpec, records: list[dict[str, Any]], output: str | Path | None = None,
+                  notes: str = "") -> tuple[Path, Path]:
+    """summary.md/html (or `<output>.md/html`) from the complete cells' records."""
     from .sweep_report import build_sweep_report
 
     if not records:
         raise ValueError(f"No complete cells in {spec.output_dir} yet; run `loraens sweep` first.")
-    return build_sweep_report(records, Path(spec.output_dir) / "summary", title=f"loraens sweep: {spec.name}")
+    output = Path(output) if output else Path(spec.output_dir) / "summary"
+    return build_sweep_report(records, output.with_suffix("") if output.suffix in (".md", ".html") else output,
+                              title=f"loraens sweep: {spec.name}", notes=notes)
 
 
 def _reset_peak_rss() -> bool:
@@ -328,6 +344,7 @@ def run_cell(cell: Cell, mc_passes: int = 8, progress: bool = True) -> dict[str,
         "diversity": _diversity(_load(cell.folder, test_key)),
         "epochs_trained": info.get("epochs_trained"),
         "methods_requested": list(cell.variant.methods),
+        "mc_dropout_passes": mc_passes,
         "config": cell.config.to_dict(),
         "status": "complete",
     }
@@ -407,9 +424,10 @@ def derive_methods(ens: LoadedEnsemble, cell: Cell, test_key: str, val_key: str,
                                        extra=time.perf_counter() - t0)
     if "mc_dropout" in wanted:
         t0 = time.perf_counter()
-        torch.manual_seed(cell.seed)  # the passes' dropout masks are reproducible
-        with mc_dropout(ens.model, 0, mc_passes, cfg.ensemble.dropout):
-            mc = run(mc_passes, "MC dropout")
+        with torch.random.fork_rng():
+            torch.manual_seed(cell.seed)  # the passes' dropout masks are reproducible
+            with mc_dropout(ens.model, 0, mc_passes, cfg.ensemble.dropout):
+                mc = run(mc_passes, "MC dropout")
         out["mc_dropout"] = _entry(compute_metrics(ensemble_probs(mc.member_probs), test.targets), mc_passes,
                                    per_member, extra=time.perf_counter() - t0,
                                    pass_disagreement=float(_diversity(mc)["disagreement"]))

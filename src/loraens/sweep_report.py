@@ -25,13 +25,13 @@ from . import plots
 from .report import _PAGE, Section
 
 METHOD_LABELS = {
-    "single": "single LoRA",
+    "single": "single LoRA (mean of members)",
     "ensemble": "LoRA ensemble",
     "single+ts": "single + temperature",
     "ensemble+ts": "ensemble + temperature",
     "checkpoint_ensemble": "checkpoint ensemble",
     "weight_average": "weight-averaged LoRA",
-    "mc_dropout": "MC dropout",
+    "mc_dropout": "MC dropout (member 0)",
     "early_stop_single": "early stopping (single)",
     "early_stop_ensemble": "early stopping (ensemble)",
 }
@@ -44,13 +44,15 @@ DASH = "—"
 Stat = tuple[float, float, float, int]  # mean, min, max, number of values
 
 
-def build_sweep_report(cells: list[dict], output: str | Path, title: str = "loraens sweep") -> tuple[Path, Path]:
+def build_sweep_report(cells: list[dict], output: str | Path, title: str = "loraens sweep",
+                       notes: str = "") -> tuple[Path, Path]:
     """Write `<output>.html` (self-contained, plots embedded) and `<output>.md` (+ `<output>_files/figure_N.png`).
 
     `cells` are the parsed `cell.json` dicts of a sweep, one per (dataset, variant, seed). Only cells
     whose status is "complete" are used; of two cells with the same (dataset, variant, seed) the later
     one wins. Sections whose data are absent (no randomness variants, no per-epoch metrics, ...) are
-    left out. Returns (html_path, md_path).
+    left out. `notes` (Markdown) goes right after the introduction, e.g. how to regenerate the
+    report and a reading of its results. Returns (html_path, md_path).
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +60,7 @@ def build_sweep_report(cells: list[dict], output: str | Path, title: str = "lora
     builders = (_main_section, _epoch_section, _regulariser_section, _randomness_section, _size_section,
                 _cost_section)
     sections = [sec for build in builders if (sec := build(sweep)) is not None]
-    return _write(sections, output, title, _intro(sweep))
+    return _write(sections, output, title, _intro(sweep), notes)
 
 
 class _Sweep:
@@ -120,9 +122,37 @@ class _Sweep:
                 out[seed] = float(value)
         return out
 
-    def by_dataset(self, variant: str, *path: str) -> dict[str, dict[int, float]]:
-        """dataset -> seed -> number at `path`, for one variant."""
-        return {d: self.values(d, variant, *path) for d in self.datasets}
+    def by_dataset(self, variant: str, *path: str, only: Sequence[str] | None = None) -> dict[str, dict[int, float]]:
+        """dataset -> seed -> number at `path`, for one variant (on the datasets `only`, if given)."""
+        return {d: self.values(d, variant, *path) for d in (self.datasets if only is None else only)}
+
+    def datasets_of(self, variant: str) -> list[str]:
+        """The datasets on which `variant` has at least one complete cell."""
+        return [d for d in self.datasets if self.seeds(d, variant)]
+
+    def comparisons(self, variants: Sequence[str]) -> list[tuple[list[str], list[str]]]:
+        """Group `variants` by the datasets they cover: [(datasets, [base, variants...]), ...].
+
+        Averages over datasets are only comparable on the same datasets, so every group gets the
+        base variant restricted to the group's datasets as its first row.
+        """
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for v in variants:
+            if v != self.base:
+                groups.setdefault(tuple(self.datasets_of(v)), []).append(v)
+        full = tuple(self.datasets_of(self.base)) if self.base else tuple(self.datasets)
+        order = sorted(groups, key=lambda ds: ds != full)  # the full set first
+        if self.base and full not in groups:
+            order.insert(0, full)
+            groups[full] = []
+        return [(list(ds), ([self.base] if self.base else []) + groups[ds]) for ds in order]
+
+    def subset_label(self, variant: str, datasets: Sequence[str]) -> str:
+        """The variant's label, plus "(on X, Y)" when `datasets` is not every dataset of the sweep."""
+        label = self.variant_labels[variant]
+        if list(datasets) == self.datasets:
+            return label
+        return f"{label} (on {', '.join(self.dataset_labels[d] for d in datasets)})"
 
 
 def _get(obj: object, *path: str) -> object:
@@ -229,7 +259,10 @@ def _main_section(sweep: _Sweep) -> Section | None:
         return None
     sec = Section("Main table: test accuracy, calibration and NLL")
     sec.text("Test split of each dataset; every entry is mean [min, max] over seeds. ACC in percent (higher is "
-             "better); ECE and NLL: lower is better. The best mean of each column is in bold.")
+             "better); ECE and NLL: lower is better. The best mean of each column is in bold. The members of a run "
+             "train independently, so each member is a single LoRA: the single-model rows (single, + temperature, "
+             "checkpoint ensemble, early stopping (single)) are the mean of the members' metrics; MC dropout uses "
+             "member 0; temperatures and early-stopping epochs are chosen on the validation split.")
     metrics = ("accuracy", "ece", "nll")
     header = ["method"] + [f"{sweep.dataset_labels[d]} {METRIC_LABELS[k]}" for d in sweep.datasets for k in metrics]
     stats = [[_stat(sweep.values(d, v, "methods", m, "test", k).values()) for d in sweep.datasets for k in metrics]
@@ -290,30 +323,36 @@ def _epoch_section(sweep: _Sweep) -> Section | None:
 
 
 def _regulariser_section(sweep: _Sweep) -> Section | None:
-    """Single vs ensemble for the base run and every regulariser, averaged over datasets."""
+    """Single vs ensemble for the base run and every regulariser, averaged over the same datasets."""
     if not sweep.in_groups("regulariser"):
         return None
-    variants = sweep.in_groups("base", "regulariser")
-    labels = [sweep.variant_labels[v] for v in variants]
     metrics = ("ece", "nll", "accuracy")
-    stats = {(k, m): [_over_seeds(sweep.by_dataset(v, "methods", m, "test", k)) for v in variants]
-             for k in metrics for m in ("single", "ensemble")}
     sec = Section("Regularisers combined with ensembling")
+    rows, figure_rows = [], []
+    for datasets, variants in sweep.comparisons(sweep.in_groups("base", "regulariser")):
+        for v in variants:
+            stat = {(k, m): _over_seeds(sweep.by_dataset(v, "methods", m, "test", k, only=datasets))
+                    for k in metrics for m in ("single", "ensemble")}
+            rows.append([sweep.subset_label(v, datasets)] + [_fmt(stat[k, m], k) for k in metrics
+                                                              for m in ("single", "ensemble")])
+            if datasets == sweep.datasets:
+                figure_rows.append((sweep.variant_labels[v], stat))
+    if figure_rows:
+        def arrays(k: str, m: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            a = np.array([st[k, m][:3] if st[k, m] else (np.nan,) * 3 for _, st in figure_rows], dtype=float)
+            a = a * _scale(k)
+            return a[:, 0], a[:, 1], a[:, 2]
 
-    def arrays(column: list[Stat | None], k: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        a = np.array([s[:3] if s else (np.nan,) * 3 for s in column], dtype=float) * _scale(k)
-        return a[:, 0], a[:, 1], a[:, 2]
-
-    panels = {_axis_label(k): {METHOD_LABELS[m]: arrays(stats[k, m], k) for m in ("single", "ensemble")}
-              for k in metrics}
-    caption = ("Test ECE, NLL and ACC of a single LoRA and the LoRA ensemble, for each regulariser; bars are the "
-               "mean over datasets and seeds, whiskers the min and max over seeds of the dataset mean.")
-    sec.figures.append((caption, plots.grouped_bars(labels, panels)))
+        panels = {_axis_label(k): {METHOD_LABELS[m]: arrays(k, m) for m in ("single", "ensemble")} for k in metrics}
+        caption = ("Test ECE, NLL and ACC of a single LoRA and the LoRA ensemble, for each regulariser run on every "
+                   "dataset; bars are the mean over datasets and seeds, whiskers the min and max over seeds of the "
+                   "dataset mean.")
+        sec.figures.append((caption, plots.grouped_bars([label for label, _ in figure_rows], panels)))
     header = ["variant"] + [f"{METRIC_LABELS[k]} {m}" for k in metrics for m in ("single", "ensemble")]
-    rows = [[labels[i]] + [_fmt(stats[k, m][i], k) for k in metrics for m in ("single", "ensemble")]
-            for i in range(len(variants))]
     _table(sec, header, rows)
-    sec.text("Test split; mean [min, max] over seeds of the mean over datasets. Lower is better for ECE and NLL.")
+    sec.text("Test split; mean [min, max] over seeds of the mean over the datasets named in the row (every dataset "
+             "unless it says otherwise; a variant run on fewer datasets is compared with the base variant on the "
+             "same datasets). Single = the mean of the members' metrics. Lower is better for ECE and NLL.")
     return sec
 
 
@@ -322,21 +361,27 @@ def _randomness_section(sweep: _Sweep) -> Section | None:
     randomness = sweep.in_groups("randomness")
     if not randomness:
         return None
-    variants = ([sweep.base] if sweep.base else []) + randomness
     sec = Section("Randomness ablation: where the members' diversity comes from")
     rows = []
-    for v in variants:
-        diffs = {k: {d: _diff(sweep, d, v, k) for d in sweep.datasets} for k in ("nll", "ece")}
-        rows.append([sweep.variant_labels[v], _fmt(_over_seeds(diffs["nll"]), "nll", signed=True),
-                     _fmt(_over_seeds(diffs["ece"]), "ece", signed=True),
-                     _fmt(_over_seeds(sweep.by_dataset(v, "methods", "ensemble", "test", "accuracy")), "accuracy"),
-                     _fmt(_over_seeds(sweep.by_dataset(v, "diversity", "disagreement")), "disagreement"),
-                     _fmt(_over_seeds(sweep.by_dataset(v, "diversity", "mutual_information")), "mutual_information")])
+    for datasets, variants in sweep.comparisons(randomness):
+        if variants == [sweep.base]:
+            continue
+        for v in variants:
+            diffs = {k: {d: _diff(sweep, d, v, k) for d in datasets} for k in ("nll", "ece")}
+            rows.append([sweep.subset_label(v, datasets), _fmt(_over_seeds(diffs["nll"]), "nll", signed=True),
+                         _fmt(_over_seeds(diffs["ece"]), "ece", signed=True),
+                         _fmt(_over_seeds(sweep.by_dataset(v, "methods", "ensemble", "test", "accuracy",
+                                                           only=datasets)), "accuracy"),
+                         _fmt(_over_seeds(sweep.by_dataset(v, "diversity", "disagreement", only=datasets)),
+                              "disagreement"),
+                         _fmt(_over_seeds(sweep.by_dataset(v, "diversity", "mutual_information", only=datasets)),
+                              "mutual_information")])
     _table(sec, ["variant", "ensemble minus single NLL", "ensemble minus single ECE", "ensemble ACC",
                  "disagreement", "mutual information"], rows)
-    sec.text("Test split; mean [min, max] over seeds of the mean over datasets. A more negative difference means "
-             "ensembling helps more; disagreement is the share of questions on which members' top choices differ "
-             "(as recorded by the run), mutual information the ensemble's epistemic uncertainty.")
+    sec.text("Test split; mean [min, max] over seeds of the mean over the datasets named in the row; the base "
+             "variant (members differ in both init and data order) is shown on the same datasets. A more negative "
+             "difference means ensembling helps more. Disagreement is the mean share of members whose top choice "
+             "differs from the ensemble's; mutual information is the ensemble's epistemic uncertainty (nats).")
     return sec
 
 
@@ -397,7 +442,9 @@ def _cost_section(sweep: _Sweep) -> Section | None:
     sec.text("Means over all runs of the variant, datasets and seeds together (times: mean [min, max] over those "
              "runs). Training time is per run (all members): the single-model methods are read from the members of "
              "the same vectorised run, so their training time is the whole run's. Added inference time is what a "
-             "method needs beyond the run's own evaluation (e.g. fitting a temperature, extra forward passes). "
+             "method needs beyond the run's own evaluation: the forward passes of weight averaging and MC dropout. "
+             "Fitting a temperature takes milliseconds; a checkpoint ensemble of E epochs costs E forward passes at "
+             "test time (the run's per-epoch evaluation already made them here). "
              "Peak memory is the process's peak resident set size.")
     return sec
 
@@ -425,9 +472,12 @@ def _intro(sweep: _Sweep) -> str:
     return text
 
 
-def _write(sections: list[Section], output: Path, title: str, intro: str) -> tuple[Path, Path]:
+def _write(sections: list[Section], output: Path, title: str, intro: str, notes: str = "") -> tuple[Path, Path]:
     """Same layout as `report._write`: `<output>.html`, `<output>.md` and `<output>_files/figure_N.png`."""
     md, body = [f"# {title}", "", intro, ""], []
+    if notes.strip():
+        md += [notes.strip(), ""]
+        body.append(f'<div style="white-space: pre-wrap">{html.escape(notes.strip())}</div>')
     fig_dir = output.parent / f"{output.name}_files"
     fig_dir.mkdir(exist_ok=True)
     count = 0

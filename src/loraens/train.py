@@ -129,6 +129,9 @@ def train_members(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_schedule(total, int(round(train.warmup_ratio * total)))
     )
+    # Dropout masks come from torch's global generator: seed it from the run seed, so a run (or a
+    # sweep cell resumed in a fresh process) is reproducible from its config alone.
+    torch.manual_seed(ensemble.seed)
     model.train()
     summaries: list[EpochSummary] = []
     step = 0

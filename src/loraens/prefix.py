@@ -1,0 +1,123 @@
+"""Frozen-prefix cache: run the frozen layers below the lowest LoRA layer once per question.
+
+With LoRA only in the top K layers (`--ensemble.top_layers K`), the hidden states that leave the
+frozen bottom layers do not depend on the members, on the epoch, or on dropout: they depend on
+the question's tokens only. `PrefixCache` keeps them per question (keyed by the row's tokens), so
+
+- in evaluation the bottom runs once per question instead of once per member (M x fewer), and
+- in training it runs once per question for the whole run instead of every epoch for every
+  member; only the top K layers run forward and backward.
+
+Padding never reaches a question's real tokens (causal or block mask), so a cached value does not
+depend on which batch first needed it; in bfloat16 the result can still differ from a full-depth
+pass by rounding (matmul blocking depends on the batch shape), which `tests/test_prefix.py` bounds.
+
+Supported: decoder bodies whose forward takes `inputs_embeds` and loops over `.layers` then
+`.norm` without rescaling the embeddings (Llama, Mistral, Qwen2/3). Other architectures fall back
+to the full-depth forward.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_MAX_BYTES = 2 * 1024**3  # stop adding entries beyond this (7B models on big eval sets)
+
+
+class PrefixCache:
+    """Hidden states after layer `split - 1` per question row: row tokens -> [n_tokens, H]."""
+
+    def __init__(self, split: int, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.split = split  # index of the lowest layer that has LoRA
+        self.max_bytes = max_bytes
+        self.store: dict[bytes, torch.Tensor] = {}
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def clear(self) -> None:
+        self.store.clear()
+        self.bytes = self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+
+def enable_prefix_cache(model: nn.Module, split: int, max_bytes: int = DEFAULT_MAX_BYTES) -> PrefixCache | None:
+    """Attach a `PrefixCache` to `model` if its architecture supports it and `split` > 0."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if split <= 0:
+        return None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        warnings.warn(f"The frozen-prefix cache supports {SUPPORTED_MODEL_TYPES}, not {model_type!r}; "
+                      "training and evaluation run the full depth instead (same results, slower).", stacklevel=2)
+        return None
+    cache = PrefixCache(split, max_bytes)
+    model.loraens_prefix_cache = cache
+    return cache
+
+
+def prefix_cache_of(model: nn.Module) -> PrefixCache | None:
+    return getattr(model, "loraens_prefix_cache", None)
+
+
+@contextmanager
+def _layers(decoder: nn.Module, lo: int, hi: int | None, final_norm: bool) -> Iterator[None]:
+    """Inside the block `decoder` runs only layers[lo:hi], with or without its final norm."""
+    full, norm = decoder.layers, decoder.norm
+    decoder.layers = nn.ModuleList(list(full)[lo:hi])
+    if not final_norm:
+        decoder.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = full, norm
+
+
+def cached_hidden(decoder: nn.Module, cache: PrefixCache, input_ids: torch.Tensor, mask: torch.Tensor | None,
+                  position_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Last hidden state [R, T, H] of the decoder, with the frozen bottom read from `cache`.
+
+    input_ids / position_ids [R, T]; mask: additive float [R, 1, T, T] or None (causal);
+    lengths [R]: real tokens per row. Rows missing from the cache are computed (without
+    gradient) in one batch of the distinct questions, and stored.
+    """
+    r, t = input_ids.shape
+    n = lengths.tolist()
+    # The key is the row's tokens AND positions: the positions fix how the choices are packed, and
+    # so (with the tokens) the attention mask too.
+    ids, pos = input_ids.cpu().numpy(), position_ids.cpu().numpy()
+    keys = [ids[i, : n[i]].tobytes() + pos[i, : n[i]].tobytes() for i in range(r)]
+    first: dict[bytes, int] = {}
+    for i, key in enumerate(keys):
+        if key not in cache.store and key not in first:
+            first[key] = i
+    cache.hits += r - len(first)
+    cache.misses += len(first)
+    fresh: dict[bytes, torch.Tensor] = {}
+    if first:
+        rows = torch.tensor(list(first.values()), device=input_ids.device)
+        width = int(lengths[rows].max())
+        sub_mask = None if mask is None else mask[rows][..., :width, :width]
+        with torch.no_grad(), _layers(decoder, 0, cache.split, final_norm=False):
+            bottom = decoder(input_ids=input_ids[rows, :width], attention_mask=sub_mask,
+                             position_ids=position_ids[rows, :width], use_cache=False).last_hidden_state
+        for j, (key, i) in enumerate(first.items()):
+            h = bottom[j, : n[i]].clone()
+            fresh[key] = h
+            if cache.bytes + h.numel() * h.element_size() <= cache.max_bytes:
+                cache.store[key] = h
+                cache.bytes += h.numel() * h.element_size()
+    any_h = next(iter(fresh.values())) if fresh else cache.store[keys[0]]
+    embeds = torch.zeros(r, t, any_h.shape[-1], dtype=any_h.dtype, device=any_h.device)
+    for i, key in enumerate(keys):
+        embeds[i, : n[i]] = fresh[key] if key in fresh else cache.store[key]
+    with _layers(decoder, cache.split, None, final_norm=True):
+        return decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                       use_cache=False).last_hidden_state
