@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,6 +275,34 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
+def gemm_ceiling(model, tokens: int, dtype: torch.dtype = torch.bfloat16, reps: int = 3) -> float:
+    """Best FLOP/s of the frozen base's own GEMMs, bare, at `tokens` rows.
+
+    For every decoder linear weight W [out, in] (embedding excluded, as in `linear_params`): the
+    forward X[T, in] @ W^T and the activation gradient G[T, out] @ W, i.e. exactly the 4 N FLOPs
+    per token that the MFU estimate counts, with nothing else around them (no attention, norms,
+    LoRA, optimizer, Python). This is the ceiling a training step of this model at this many
+    tokens could reach with perfect overheads; it shows how much of the 2048^3 peak is reachable
+    at the model's matrix shapes at all.
+    """
+    shapes = Counter(tuple(p.shape) for n, p in decoder_of(model).named_parameters()
+                     if p.dim() == 2 and "embed" not in n)
+    data = [(torch.randn(tokens, i, dtype=dtype), torch.randn(tokens, o, dtype=dtype),
+             torch.randn(o, i, dtype=dtype), count) for (o, i), count in shapes.items()]
+    flops = sum(4 * tokens * o * i * count for (o, i), count in shapes.items())
+    best = math.inf
+    for r in range(reps + 1):  # the first pass warms the kernels up
+        t0 = time.perf_counter()
+        for x, g, w, count in data:
+            for _ in range(count):
+                F.linear(x, w)
+                torch.mm(g, w)
+        dt = time.perf_counter() - t0
+        if r:
+            best = min(best, dt)
+    return flops / best
+
+
 def linear_params(model) -> int:
     """Weights of the decoder's linear layers (embedding excluded), the N of 2*N FLOPs per token."""
     return sum(p.numel() for n, p in decoder_of(model).named_parameters() if p.dim() == 2 and "embed" not in n)
@@ -483,6 +512,11 @@ def bench_mode(args, scoring: Scoring, tok, base_bf16, base_fp32, peft_base, tra
                                    cfg.vocab_size) for c in timed)
     res.gflops["bf16"] = flops / sum(times[("bf16", m_main)]) / 1e9
     res.gflops["fp32"] = flops / sum(times[("fp32", m_main)]) / 1e9
+    # The bare GEMMs of the base at this step's padded tokens: the reachable ceiling (see (d)).
+    step_tokens = round(res.padded["loraens"] * m_main * b)
+    res.gflops["ceiling_bf16"] = gemm_ceiling(base_bf16, step_tokens, torch.bfloat16) / 1e9
+    res.gflops["ceiling_fp32"] = gemm_ceiling(base_bf16, step_tokens, torch.float32) / 1e9
+    res.gflops["step_tokens"] = step_tokens
 
     # (e) frozen-prefix mode: LoRA in the top K layers with the prefix cache vs full-depth LoRA, bf16,
     # M = m_main, the same batches. Pass 1 meets every timed question for the first time (cache
@@ -813,6 +847,20 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
         out.append(f"| {r.mode} | {r.gflops['bf16']:.0f} | {100 * r.gflops['bf16'] * 1e9 / peaks['bf16']:.0f}% | "
                    f"{r.gflops['fp32']:.0f} | {100 * r.gflops['fp32'] * 1e9 / peaks['fp32']:.0f}% |")
     out.append("")
+    if all("ceiling_bf16" in r.gflops for r in results):
+        out.append("The ceiling at the model's own shapes: the base's decoder GEMMs alone (forward X W^T and "
+                   "activation gradient G W for every linear weight, nothing else), bare `torch` calls at the "
+                   "padded tokens of one M = 5 step, best of 3:\n")
+        out.append("| scoring | tokens per step | bare GEMMs bf16 GFLOP/s | % of bf16 peak | loraens bf16 / bare GEMMs "
+                   "| bare GEMMs fp32 GFLOP/s | % of fp32 peak |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|")
+        for r in results:
+            g = r.gflops
+            out.append(f"| {r.mode} | {g['step_tokens']:.0f} | {g['ceiling_bf16']:.0f} | "
+                       f"{100 * g['ceiling_bf16'] * 1e9 / peaks['bf16']:.0f}% | "
+                       f"{100 * g['bf16'] / g['ceiling_bf16']:.0f}% | {g['ceiling_fp32']:.0f} | "
+                       f"{100 * g['ceiling_fp32'] * 1e9 / peaks['fp32']:.0f}% |")
+        out.append("")
     out.append("Model FLOPs per training step on real (unpadded) tokens: 4 N per token for the frozen base (forward "
                "2 N + activation gradients 2 N; no weight gradients), N = decoder linear weights (embedding excluded); "
                "+ 6 r (in + out) per token per LoRA layer; + 4 H V per scored choice token for the choice-likelihood "
@@ -877,6 +925,11 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
     mfu = [(r.mode, r.gflops["bf16"] * 1e9 / peaks["bf16"]) for r in results]
     out.append("| training step >= 60% of the bf16 matmul peak in model FLOPs | "
                + ", ".join(f"{s} {100 * x:.0f}%" for s, x in mfu) + f" (estimate, see (d)) | {verdict(min(x for _, x in mfu) >= 0.6)} |")
+    ceil = [(r.mode, r.gflops["ceiling_bf16"] * 1e9 / peaks["bf16"]) for r in results if "ceiling_bf16" in r.gflops]
+    if ceil:
+        out.append("| (what is reachable: the model's bare GEMMs at the same tokens) | "
+                   + ", ".join(f"{s} {100 * x:.0f}% of the bf16 peak" for s, x in ceil)
+                   + f" | the 60% target is {'reachable' if max(x for _, x in ceil) >= 0.6 else 'out of reach at these shapes'} |")
     if pre:
         ratios = [(r.mode, r.prefix["warm"] / r.prefix["full"], r.prefix["cold"] / r.prefix["full"]) for r in pre]
         out.append(f"| frozen-prefix mode at K = {args.prefix_fraction:.0%} >= 3x full depth, with quality cost | "

@@ -2,7 +2,8 @@
 
 MC dropout's passes differ; the KL term is zero at initialisation; weight averaging identical
 members equals one member; temperature scaling keeps accuracy and lowers validation NLL; the
-L2 penalty is the Frobenius norm of the update; the randomness switches change what differs.
+L2 penalty is the Frobenius norm of the update; weight decay shrinks A and B; the randomness
+switches (init, data order, dropout masks) change what differs between members.
 """
 
 from __future__ import annotations
@@ -280,6 +281,47 @@ def test_delta_l2_penalty_shrinks_the_update(make_base, letter_encoder, question
                       letter_encoder.letter_ids, progress=False)
         norms.append(delta_sq_norms(model).detach())
     assert (norms[1] < 0.8 * norms[0]).all()
+
+
+def lora_sq_norms(model) -> torch.Tensor:
+    """Sum of squares of every member's A and B over all layers, [M]."""
+    return sum((layer.lora_A.detach() ** 2).sum((1, 2)) + (layer.lora_B.detach() ** 2).sum((1, 2))
+               for layer in member_layers(model).values())
+
+
+def test_weight_decay_shrinks_the_lora_weights(make_base, letter_encoder, questions, randomize_B):
+    """Decoupled decay multiplies every step by (1 - lr * wd): the same run with wd = 5 ends with
+    smaller A and B for every member, and with no gradient at all (lr * wd per step) it is exact."""
+    enc = letter_encoder.encode_all(questions[:8])
+    cfg = ens_config(num_members=2)
+    norms = []
+    for wd in (0.0, 5.0):
+        model = make_base()
+        randomize_B(attach_members(model, cfg), std=0.3)
+        train_members(model, enc, TrainConfig(epochs=2, lr=0.02, batch_size=4, weight_decay=wd), cfg, Scoring.LETTER,
+                      letter_encoder.letter_ids, progress=False)
+        norms.append(lora_sq_norms(model))
+    assert (norms[1] < 0.8 * norms[0]).all()
+
+
+def test_dropout_masks_differ_between_members(make_base, tokenizer, randomize_B):
+    """Randomness ablation (d): members with identical weights and identical input rows still
+    differ in training mode, because each member row draws its own dropout mask."""
+    model = make_base()
+    layers = attach_members(model, ens_config(num_members=2, dropout=0.3, member_init=False))
+    randomize_B(layers, std=0.3)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B[1].copy_(layer.lora_B[0])
+    ids = tokenizer("Which gas do plants take in?", return_tensors="pt").input_ids.repeat(2, 1)  # one row per member
+    model.eval()
+    with torch.no_grad():
+        same = model(ids).logits
+    assert torch.allclose(same[0], same[1])
+    model.train()
+    with torch.no_grad():
+        masked = model(ids).logits
+    assert (masked[0] - masked[1]).abs().max() > 1e-4
 
 
 # --------------------------------------------------------------------------- randomness switches, top layers

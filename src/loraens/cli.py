@@ -150,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*GGUF.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if getattr(args, "quiet", False):
+        # --quiet also silences transformers' own bars (GGUF conversion, "Loading weights").
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     try:
         if args.command in ("train", "demo"):
             config = resolve_config(args, DEMO_DEFAULTS if args.command == "demo" else None)
