@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -303,6 +304,29 @@ def gemm_ceiling(model, tokens: int, dtype: torch.dtype = torch.bfloat16, reps: 
     return flops / best
 
 
+GEMM_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm"}
+CAST_OPS = {"aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous"}
+
+
+def step_time_shares(step: Callable[[], None]) -> dict[str, float]:
+    """Where one training step's time goes: shares of the profiler's self CPU time by op class.
+
+    GEMMs (mm/bmm/addmm), dtype casts and copies, and everything else the ops do (elementwise
+    work, norms, rotary, softmax, reductions, the optimizer's foreach kernels); `seconds` is the
+    total self time. Python overhead between ops is not an op and is not counted.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    totals = {"gemm": 0.0, "casts": 0.0, "other ops": 0.0}
+    for evt in prof.key_averages():
+        kind = "gemm" if evt.key in GEMM_OPS else "casts" if evt.key in CAST_OPS else "other ops"
+        totals[kind] += evt.self_cpu_time_total / 1e6
+    total = sum(totals.values())
+    return {**{k: v / total for k, v in totals.items()}, "seconds": total}
+
+
 def linear_params(model) -> int:
     """Weights of the decoder's linear layers (embedding excluded), the N of 2*N FLOPs per token."""
     return sum(p.numel() for n, p in decoder_of(model).named_parameters() if p.dim() == 2 and "embed" not in n)
@@ -443,6 +467,7 @@ class ModeResult:
     eval_qps: dict[str, float] = field(default_factory=dict)
     eval_check: dict[str, float] = field(default_factory=dict)
     prefix: dict[str, float] = field(default_factory=dict)  # frozen-prefix mode vs full depth (member-examples/s)
+    shares: dict[str, float] = field(default_factory=dict)  # a bf16 step's self time by op class (profiler)
     seconds: float = 0.0
 
 
@@ -517,6 +542,8 @@ def bench_mode(args, scoring: Scoring, tok, base_bf16, base_fp32, peft_base, tra
     res.gflops["ceiling_bf16"] = gemm_ceiling(base_bf16, step_tokens, torch.bfloat16) / 1e9
     res.gflops["ceiling_fp32"] = gemm_ceiling(base_bf16, step_tokens, torch.float32) / 1e9
     res.gflops["step_tokens"] = step_tokens
+    # One more step of the same batches under the profiler: what the time that is not GEMMs is.
+    res.shares = step_time_shares(lambda: loraens_step(ours[m_main], task, timed[0][:m_main]))
 
     # (e) frozen-prefix mode: LoRA in the top K layers with the prefix cache vs full-depth LoRA, bf16,
     # M = m_main, the same batches. Pass 1 meets every timed question for the first time (cache
@@ -860,6 +887,16 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
                        f"{100 * g['ceiling_bf16'] * 1e9 / peaks['bf16']:.0f}% | "
                        f"{100 * g['bf16'] / g['ceiling_bf16']:.0f}% | {g['ceiling_fp32']:.0f} | "
                        f"{100 * g['ceiling_fp32'] * 1e9 / peaks['fp32']:.0f}% |")
+        out.append("")
+    if all(r.shares for r in results):
+        out.append("Where a loraens bf16 step's time goes (`torch.profiler`, one more M = 5 step on the same "
+                   "batches; shares of the ops' self time):\n")
+        out.append("| scoring | GEMMs (mm, bmm, addmm) | dtype casts and copies | all other ops | profiled step (s) |")
+        out.append("|---|---:|---:|---:|---:|")
+        for r in results:
+            sh = r.shares
+            out.append(f"| {r.mode} | {100 * sh['gemm']:.0f}% | {100 * sh['casts']:.0f}% | "
+                       f"{100 * sh['other ops']:.0f}% | {sh['seconds']:.2f} |")
         out.append("")
     out.append("Model FLOPs per training step on real (unpadded) tokens: 4 N per token for the frozen base (forward "
                "2 N + activation gradients 2 N; no weight gradients), N = decoder linear weights (embedding excluded); "
