@@ -37,6 +37,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 
 from loraens.batching import length_sorted_batches
 from loraens.bootstrap import format_ci, metric_cis, paired_metric_diffs
+from loraens.compiling import compile_decoder_layers
 from loraens.config import (
     DType,
     EnsembleConfig,
@@ -468,6 +470,7 @@ class ModeResult:
     eval_check: dict[str, float] = field(default_factory=dict)
     prefix: dict[str, float] = field(default_factory=dict)  # frozen-prefix mode vs full depth (member-examples/s)
     shares: dict[str, float] = field(default_factory=dict)  # a bf16 step's self time by op class (profiler)
+    compiled: dict[str, float] = field(default_factory=dict)  # torch.compile vs eager (s/step, first step)
     seconds: float = 0.0
 
 
@@ -573,6 +576,30 @@ def bench_mode(args, scoring: Scoring, tok, base_bf16, base_fp32, peft_base, tra
         del full_side, pre_side
         gc.collect()
         ours32 = None
+
+    # (g) torch.compile of the decoder layers (--train.compile) vs eager, bf16, M = m_main, the
+    # same batches: the first compiled step pays for compilation; then interleaved timed steps.
+    if args.compile_steps:
+        eager_side = build_loraens(base_bf16, m_main)
+        comp_side = build_loraens(base_bf16, m_main)
+        compile_decoder_layers(comp_side.model)
+        t0 = time.perf_counter()
+        loraens_step(comp_side, task, chunks[0][:m_main])
+        first = time.perf_counter() - t0
+        loraens_step(eager_side, task, chunks[0][:m_main])
+        ctimes: dict[str, list[float]] = {"eager": [], "compiled": []}
+        for i in range(args.compile_steps):
+            chunk = chunks[(1 + i) % len(chunks)]
+            jobs = [("eager", eager_side), ("compiled", comp_side)]
+            for name, side in (jobs if i % 2 == 0 else jobs[::-1]):
+                t0 = time.perf_counter()
+                loraens_step(side, task, chunk[:m_main])
+                ctimes[name].append(time.perf_counter() - t0)
+        res.compiled = {"first_step_s": first, "eager_s": med(ctimes["eager"]), "compiled_s": med(ctimes["compiled"])}
+        log(f"[{res.mode}] compile: first step {first:.1f} s; eager {res.compiled['eager_s']:.2f} s/step, "
+            f"compiled {res.compiled['compiled_s']:.2f} s/step")
+        del eager_side, comp_side
+        gc.collect()
 
     # (b) evaluation, M = m_main, the same adapter weights on every side.
     if args.eval_questions:
@@ -904,6 +931,24 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
                "head. Attention scores (~2% here) and padding are not counted, so this is a lower bound on the work "
                "done and MFU is conservative.\n")
 
+    comp = [r for r in results if r.compiled]
+    if comp:
+        out.append(f"## (g) `torch.compile` of the decoder layers (`--train.compile`) vs eager (training, bf16, M = {m})\n")
+        out.append("| scoring | eager s/step | compiled s/step | compiled / eager speed | first compiled step (s) "
+                   "| steps to pay back the compilation |")
+        out.append("|---|---:|---:|---:|---:|---:|")
+        for r in comp:
+            c = r.compiled
+            saved = c["eager_s"] - c["compiled_s"]
+            payback = f"{(c['first_step_s'] - c['compiled_s']) / saved:.0f}" if saved > 0 else "never"
+            out.append(f"| {r.mode} | {c['eager_s']:.2f} | {c['compiled_s']:.2f} | **{c['eager_s'] / c['compiled_s']:.2f}x** "
+                       f"| {c['first_step_s']:.0f} | {payback} |")
+        out.append("")
+        out.append(f"Medians over {args.compile_steps} interleaved steps on the same batches (different lengths: "
+                   "`dynamic=True` keeps one graph). The first compiled step includes Inductor's compilation from an empty cache (later runs on the same machine reuse its on-disk cache and start faster); "
+                   "evaluation under `no_grad` compiles a second graph. Off by default in loraens: it pays back "
+                   "only on runs longer than the payback column.\n")
+
     # targets
     pre = [r for r in results if r.prefix]
     if pre:
@@ -984,9 +1029,11 @@ NOT_MEASURED = """## Levers not used, and what these figures are not
   are packed into ONE sequence with a block attention mask (the same saving as reusing the
   question's KV cache for every choice, without a second pass); the head runs only at the choice
   tokens. There is no separate KV-cache path.
-- `torch.compile`, gradient checkpointing and member-axis chunking are not implemented: at the
-  sequence lengths of these tasks (~40-110 tokens) a step's activations are small (see (c)), and
-  compile time would not pay back within a CPU run of a few hundred steps. Not measured.
+- Gradient checkpointing and member-axis chunking are not implemented: at the sequence lengths
+  of these tasks (~40-110 tokens) a step's activations are small and do not grow with M at a fixed
+  number of rows (see (c)), and M = 16 fits. Not measured.
+- `torch.compile` is measured in (g) and available as `--train.compile`, off by default because
+  its compilation costs more than it saves on short runs.
 - MFU is an estimate from counted model FLOPs (see (d)), not a profiler measurement. The bf16
   peak measured here uses the CPU's AMX tiles on a 2048^3 matmul; the model's matmuls are
   [rows x 576] x [576 x 576..1536], far too small and too many (plus attention, norms, the
@@ -1028,6 +1075,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="attention implementation of the PEFT baseline (eager = the same as loraens; sdpa = HF default)")
     p.add_argument("--prefix-fraction", type=float, default=0.25,
                    help="frozen-prefix mode: LoRA in the top K = fraction x layers (0 skips it)")
+    p.add_argument("--compile-steps", type=int, default=4,
+                   help="timed steps of torch.compile vs eager after the compiling first step (0 skips it)")
     p.add_argument("--quality-mode", default="choice-likelihood", help="scoring mode of the quality run")
     p.add_argument("--quality-train", type=int, default=0, help="training questions of the quality run (0 skips it)")
     p.add_argument("--quality-eval", type=int, default=200, help="evaluation questions of the quality run")
@@ -1042,6 +1091,8 @@ def main(argv: list[str] | None = None) -> None:
         args.memory_members = [x for x in args.memory_members if x != 16]
     if args.threads:
         torch.set_num_threads(args.threads)
+    # (g) reports a cold compilation: a fresh Inductor cache, not one warmed by an earlier run.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="loraens-bench-inductor-")
     torch.manual_seed(SEED)
     command = "python bench/bench.py " + " ".join(shlex.quote(a) for a in argv)
     t_start = time.perf_counter()

@@ -188,6 +188,9 @@ class TrainConfig:
     # Stop when the ensemble's NLL on --data.val_split has not improved for this many epochs, and
     # keep the members of the best epoch. Null = train all epochs.
     early_stopping_patience: int | None = None
+    # torch.compile the decoder layers: about a minute of compilation on 2 CPU cores, then faster
+    # steps (BENCHMARKS.md, section (g)); worth it for runs of a few hundred steps or more.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be at least 1", self.epochs)
