@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "derive the methods (single LoRA, ensemble, temperature scaling, checkpoint ensemble, "
                     "weight averaging, MC dropout, early stopping) and write summary.md/summary.html with the "
                     "paper's tables and figures. Finished cells are skipped, so after an interruption the same "
-                    "command resumes. Presets: paper-small (the default model, 2 CPU cores, about 1.5 h), paper (a 7B model, GPU).")
+                    "command resumes. Presets: paper-small (the default model, 2 CPU cores, about 70 min), paper (a 7B model, GPU).")
     sw.add_argument("sweep", metavar="SWEEP", help="sweep YAML file, or a preset name: paper-small, paper")
     sw.add_argument("--output_dir", metavar="DIR", help="where the cells and summary go (default: the file's output_dir)")
     sw.add_argument("--dry-run", action="store_true", help="list the cells and whether each is complete; train nothing")
