@@ -961,7 +961,6 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
                    "evaluation under `no_grad` compiles a second graph. Off by default in loraens: it pays back "
                    "only on runs longer than the payback column.\n")
 
-    # targets
     pre = [r for r in results if r.prefix]
     if pre:
         out.append(f"## (e) Frozen-prefix mode vs full-depth LoRA (training, M = {m}, member-examples/s, median)\n")
