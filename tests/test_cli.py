@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 import yaml
 
-from loraens.cli import main
+from loraens.cli import field_docs, main
 from loraens.config import RunConfig
 from loraens.metrics import evaluate_ensemble
 from loraens.predict import Predictions
@@ -112,3 +113,31 @@ def test_every_verb_has_help(capsys):
         assert done.value.code == 0
     text = capsys.readouterr().out
     assert "--ensemble.num_members" in text and "--train.lr" in text and "RUN" in text
+
+
+@dataclasses.dataclass
+class _Documented:
+    """A dataclass whose comments become --help text."""
+
+    plain: int = 1
+    # One block that documents
+    # the two fields below it.
+    first: int = 2
+    second: float = 3.0
+    own: str = "x"  # its own trailing comment wins
+    # A block cut off by the blank line below.
+
+    after_blank: bool = False
+
+
+def test_flag_help_comes_from_the_config_comments(capsys):
+    assert field_docs(_Documented) == {
+        "first": "One block that documents the two fields below it.",
+        "second": "One block that documents the two fields below it.",
+        "own": "its own trailing comment wins",
+    }
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "M, the LoRA members of the ensemble (default: 4)" in text
+    assert "weight of KL(member || frozen base) over each training question's choices (default: 0.0)" in text

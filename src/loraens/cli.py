@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
+import re
 import sys
 import typing
 import warnings
@@ -41,6 +43,37 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint)).upper()
 
 
+_FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^=#]+=[^#]*(?:#\s*(.*))?$")
+_COMMENT_LINE = re.compile(r"^\s+#\s?(.*)$")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's comment in the dataclass source, for --help.
+
+    A trailing comment documents its own line; a comment block documents the fields right below
+    it (up to a blank line), so one block can explain a pair of related settings.
+    """
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    block: list[str] = []
+    block_open = False
+    for line in lines:
+        if (c := _COMMENT_LINE.match(line)) is not None:
+            block = block + [c.group(1).strip()] if block_open else [c.group(1).strip()]
+            block_open = True
+        elif (f := _FIELD_LINE.match(line)) is not None:
+            text = (f.group(2) or "").strip() or " ".join(block)
+            if text:
+                docs[f.group(1)] = text
+            block_open = False  # the block also documents the next field lines, until a blank line
+        elif not line.strip():
+            block, block_open = [], False
+    return docs
+
+
 def add_config_flags(parser: argparse.ArgumentParser, defaults: RunConfig) -> None:
     """One flag per config field; the default shown in --help is the effective default."""
     parser.add_argument("--config", metavar="FILE", help="YAML file with any of the settings below")
@@ -52,11 +85,14 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: RunConfig) -> No
             continue
         group = parser.add_argument_group(f"{section.name} settings", (cls.__doc__ or "").strip().splitlines()[0])
         current = getattr(defaults, section.name)
+        docs = field_docs(cls)
         for name, hint in section_fields(cls).items():
             value = getattr(current, name)
             shown = value.value if isinstance(value, Enum_) else value
+            # argparse formats help with %: a literal percent sign in a comment must be doubled.
+            text = docs.get(name, "").replace("%", "%%")
             group.add_argument(f"--{section.name}.{name}", dest=f"{section.name}.{name}", default=argparse.SUPPRESS,
-                               metavar=_describe(hint), help=f"(default: {shown})")
+                               metavar=_describe(hint), help=f"{text} (default: {shown})".strip())
 
 
 def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:

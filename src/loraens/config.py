@@ -51,8 +51,8 @@ class DataConfig:
     """Which questions to train and evaluate on."""
 
     dataset: str = "arc_easy"  # built-in name, "mmlu:<subjects or group>", or a .jsonl/.csv path
-    train_split: str = "train"
-    eval_splits: list[str] = field(default_factory=lambda: ["validation"])
+    train_split: str = "train"  # the split the members train on
+    eval_splits: list[str] = field(default_factory=lambda: ["validation"])  # splits scored after training
     data_dir: str | None = None  # local mirror in the hub schema; else $LORAENS_DATA_DIR, else hub
     source: str = "auto"  # auto | hub | local
     train_limit: int | None = None  # seeded subsample of the training questions
@@ -97,7 +97,7 @@ class ModelConfig:
     name: str = "smollm2-135m"  # alias of the embedded default, a hub id, a local folder or a .gguf file
     gguf_file: str | None = None  # file name inside `name` when `name` is a folder or hub id with GGUF files
     dtype: DType = DType.BFLOAT16  # compute dtype of the frozen base; LoRA weights stay float32
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run the model repository's own code (only for models you trust)
     # "eager" is the fastest on CPU for our short packed sequences with a block mask; "sdpa" may be
     # better on a GPU. (The packed choice-likelihood rows need a 4-D mask, which rules out
     # flash_attention_2.)
@@ -111,7 +111,7 @@ class ModelConfig:
 class PromptConfig:
     """How questions are turned into token sequences and scored."""
 
-    scoring: Scoring = Scoring.CHOICE_LIKELIHOOD
+    scoring: Scoring = Scoring.CHOICE_LIKELIHOOD  # answer letter logits, or each choice's token likelihood
     normalization: Normalization = Normalization.MEAN  # choice-likelihood only
     letter_template: str = "Question: {question}\n{choices}\nAnswer:"
     choice_template: str = "{letter}. {choice}"  # one line of {choices} in the letter template
@@ -135,11 +135,11 @@ class PromptConfig:
 class EnsembleConfig:
     """The LoRA members on the frozen base."""
 
-    num_members: int = 4
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    num_members: int = 4  # M, the LoRA members of the ensemble
+    rank: int = 8  # LoRA rank r of every member
+    alpha: float = 16.0  # LoRA scaling is alpha / rank
+    dropout: float = 0.0  # LoRA dropout on the members' input; each member draws its own masks
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # linear layers to adapt
     init_scale: float = 4.0  # multiplies PEFT's kaiming-uniform init of A; larger = more diverse members
     seed: int = 0  # member k's LoRA init is drawn from a seed derived from (seed, k)
     member_data_order: bool = True  # each member sees the training questions in its own order
@@ -169,22 +169,20 @@ class EnsembleConfig:
 class TrainConfig:
     """The optimisation of all members at once."""
 
-    epochs: int = 2
+    epochs: int = 2  # passes over the training questions
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs if reached first)
-    lr: float = 5e-4
-    weight_decay: float = 0.0
+    lr: float = 5e-4  # AdamW peak learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay on A and B
     warmup_ratio: float = 0.1  # share of the steps with linear warmup; then linear decay to 0
     batch_size: int = 8  # questions per member per optimizer step
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size must divide evenly)
     max_grad_norm: float | None = 1.0  # clipped per member, as if each member trained alone
     bucket_window: int = 8  # sort by length within windows of this many batches (less padding); 1 = off
     eval_batch_size: int = 16  # questions per forward pass in evaluation
-    eval_every_epoch: bool = True
-    # Regularisers (all off at 0). kl_coef: weight of KL(member || frozen base) between the
-    # distributions over the choices of each training question. delta_l2: weight of the squared
-    # Frobenius norm of every layer's update Delta W = scaling * B A (summed over layers, per member).
-    kl_coef: float = 0.0
-    delta_l2: float = 0.0
+    eval_every_epoch: bool = True  # score the eval splits after every epoch (else after the last)
+    # Regularisers, off at 0.
+    kl_coef: float = 0.0  # weight of KL(member || frozen base) over each training question's choices
+    delta_l2: float = 0.0  # weight of sum over layers of ||scaling * B A||_F^2, per member
     # Stop when the ensemble's NLL on --data.val_split has not improved for this many epochs, and
     # keep the members of the best epoch. Null = train all epochs.
     early_stopping_patience: int | None = None
