@@ -14,6 +14,7 @@ from torch import nn
 
 from .batching import Batch
 from .config import Normalization, Scoring
+from .head import token_log_probs
 from .prefix import cached_hidden, prefix_cache_of
 
 
@@ -22,16 +23,14 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
-def _head_logits(model: nn.Module, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Output-head logits for `hidden` [..., H]; restricted to vocabulary `rows` [C] if given."""
+def _head_logits(model: nn.Module, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Output-head logits for `hidden` [..., H], restricted to vocabulary `rows` [C]: [..., C]."""
     head = model.get_output_embeddings()
-    weight = head.weight if rows is None else head.weight[rows]
     bias = getattr(head, "bias", None)
-    if bias is not None and rows is not None:
-        bias = bias[rows]
-    # float32 logits: bf16 would round them in steps of up to ~0.1 and blur NLL and ECE; the head
-    # runs only at the scored positions, so this costs little.
-    logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    # float32 logits: bf16 would round them in steps of up to ~0.1 and blur NLL and ECE; with
+    # C rows at one position per question this costs nothing (the full-vocabulary head of
+    # choice-likelihood scoring is in `head.token_log_probs`).
+    logits = F.linear(hidden.float(), head.weight[rows].float(), None if bias is None else bias[rows].float())
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:  # Gemma-style soft-capping of the final logits
         logits = torch.tanh(logits / cap) * cap
@@ -89,8 +88,10 @@ def _choice_scores(model: nn.Module, hidden: torch.Tensor, batch: Batch, normali
     flat_pos = batch.score_pos.view(r, c * length)
     gathered = hidden.gather(1, flat_pos[..., None].expand(-1, -1, hidden.shape[-1]))  # [R, C*L, H]
     mask = batch.score_mask.view(r, c * length)
-    logits = _head_logits(model, gathered[mask])  # [K, V]: real choice tokens only
-    token_lp = logits.log_softmax(-1).gather(1, batch.score_tokens.view(r, c * length)[mask][:, None]).squeeze(1)
+    head = model.get_output_embeddings()
+    # [K]: real choice tokens only, float32 (see `head.token_log_probs` for the bf16 fast path)
+    token_lp = token_log_probs(gathered[mask], head.weight, batch.score_tokens.view(r, c * length)[mask],
+                               getattr(head, "bias", None), getattr(model.config, "final_logit_softcapping", None))
     per_token = torch.zeros(r, c * length, dtype=token_lp.dtype, device=token_lp.device)  # float32
     per_token = per_token.masked_scatter(mask, token_lp).view(r, c, length)
     total = per_token.sum(-1)  # [R, C]
