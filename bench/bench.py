@@ -68,7 +68,7 @@ from loraens.ensemble import (
     member_layers,
 )
 from loraens.metrics import ensemble_probs
-from loraens.model import load_base_model
+from loraens.model import enable_gradient_checkpointing, load_base_model
 from loraens.predict import predict
 from loraens.prompts import EncodedQuestion, PromptEncoder
 from loraens.scoring import decoder_of
@@ -255,9 +255,10 @@ def build_loraens(base, m: int, in_place: bool = False, top_layers: int | None =
     return LoraensSide(model, params, torch.optim.AdamW(params, lr=LR), m)
 
 
-def loraens_step(side: LoraensSide, task: Task, chunk: np.ndarray) -> None:
+def loraens_step(side: LoraensSide, task: Task, chunk: np.ndarray, member_chunk: int | None = None) -> None:
     """What one iteration of `train_members` does (without the LR scheduler and the progress bar)."""
-    train_step(side.model, task.train_q, chunk, 1, side.m, task.num_choices, task.scoring, task.letter_ids, NORM)
+    train_step(side.model, task.train_q, chunk, 1, side.m, task.num_choices, task.scoring, task.letter_ids, NORM,
+               member_chunk=member_chunk)
     clip_grad_norm_per_member(side.params, MAX_GRAD_NORM)
     side.opt.step()
     side.opt.zero_grad(set_to_none=True)
@@ -401,9 +402,11 @@ def memory_child(spec: dict) -> None:
                 peft_member_step(pm, params, opts, k, [task.train_q[i] for i in chunk[k]], task)
     else:
         side = build_loraens(base, m, in_place=True)
+        if spec.get("gc"):
+            enable_gradient_checkpointing(side.model)
 
         def step() -> None:
-            loraens_step(side, task, chunk)
+            loraens_step(side, task, chunk, spec.get("chunk"))
     gc.collect()
     rss_before = _vm("VmRSS")
     reset = True
@@ -421,10 +424,13 @@ def memory_child(spec: dict) -> None:
     print("MEMJSON " + json.dumps(out), flush=True)
 
 
-def run_memory(args, configs: list[tuple[str, str, int, int]]) -> list[dict]:
+def run_memory(args, configs: list[tuple]) -> list[dict]:
+    """One subprocess per (side, scoring, M, B[, member_chunk, gradient checkpointing])."""
     results = []
-    for side, scoring, m, b in configs:
-        spec = {"side": side, "scoring": scoring, "m": m, "b": b, "dtype": "bfloat16", "dataset": args.dataset,
+    for side, scoring, m, b, *lean in configs:
+        chunk, gc_on = lean if lean else (None, False)
+        spec = {"side": side, "scoring": scoring, "m": m, "b": b, "chunk": chunk, "gc": gc_on,
+                "dtype": "bfloat16", "dataset": args.dataset,
                 "data_dir": args.data_dir, "pool": args.train_pool, "threads": args.threads,
                 "baseline_attn": args.baseline_attn, "steps": 2}
         t0 = time.perf_counter()
@@ -439,10 +445,38 @@ def run_memory(args, configs: list[tuple[str, str, int, int]]) -> list[dict]:
         results.append(res)
         # (process_peak_mb, the child's ru_maxrss, is not used: Linux carries the parent's peak
         # over fork/exec, so it shows this process's peak, not the child's.)
-        log(f"memory {side:8s} {scoring:17s} M={m:2d} B={b:2d}: step peak {res['step_peak_mb']:.0f} MB "
+        log(f"memory {side:8s} {scoring:17s} M={m:2d} B={b:2d} chunk={chunk} gc={gc_on}: step peak {res['step_peak_mb']:.0f} MB "
             f"(RSS loaded {res['rss_before_mb']:.0f} MB), "
             f"subprocess {time.perf_counter() - t0:.1f} s")
     return results
+
+
+def render_lean_memory(rows: list[dict]) -> str:
+    """Section (c2): the same M x B step all at once, in member chunks, with gradient checkpointing."""
+    ref = next((r for r in rows if not r.get("chunk") and not r.get("gc") and "error" not in r), None)
+    out = ["### (c2) Bounding activation memory: member-axis chunking and gradient checkpointing\n",
+           "| M | B | members per pass (`--train.member_chunk`) | gradient checkpointing | peak in training (MB) | "
+           "increment (MB) | increment vs all at once | s/step | time vs all at once |",
+           "|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        per_pass = r.get("chunk") or r["m"]
+        gc_on = "yes" if r.get("gc") else "no"
+        if "error" in r:
+            out.append(f"| {r['m']} | {r['b']} | {per_pass} | {gc_on} | failed: {r['error']} | | | | |")
+            continue
+        inc = r["step_peak_mb"] - r["rss_before_mb"]
+        rel = rel_t = "n/a"
+        if ref is not None:
+            rel = fmt(inc / max(1e-9, ref["step_peak_mb"] - ref["rss_before_mb"])) + "x"
+            rel_t = fmt(r["seconds"] / ref["seconds"]) + "x"
+        out.append(f"| {r['m']} | {r['b']} | {per_pass} | {gc_on} | {r['step_peak_mb']:.0f} | {inc:.0f} | {rel} | "
+                   f"{r['seconds']:.1f} | {rel_t} |")
+    out.append("")
+    out.append(f"loraens bf16, {rows[0]['scoring']} scoring, the same {rows[0]['m'] * rows[0]['b']} questions per "
+               "step in every row, measured like (c). A member chunk of c runs c x B rows per forward/backward "
+               "and accumulates the members' gradients (the same gradients, `tests/test_train.py`); "
+               "checkpointing keeps only each decoder layer's input and recomputes the layer in the backward pass.\n")
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------- the measurements
@@ -887,7 +921,8 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
         for r in mem:
             if "error" not in r and r["m"] == 1:
                 ref[(r["side"], r["scoring"])] = r
-        for r in mem:
+        lean = [r for r in mem if r.get("chunk") or r.get("gc") or (r["m"], r["b"]) == tuple(args.memory_lean or ())]
+        for r in [r for r in mem if r not in lean]:
             label = "loraens bf16" if r["side"] == "loraens" else "PEFT-seq fp32"
             if "error" in r:
                 out.append(f"| {label} | {r['scoring']} | {r['m']} | {r['b']} | {r['m'] * r['b']} | | | failed: {r['error']} | | | | |")
@@ -903,6 +938,8 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
                    "counter (`/proc/self/clear_refs`), run two optimizer steps (PEFT: M adapter steps of B questions each), "
                    "read `VmHWM`. The increment is that peak minus the RSS with the model and members loaded. Rows = M x B are the same questions for M = 1 and 5 (same tokens); M = 16 "
                    "(if shown) has B = 1 and so at most as many rows. The loraens base is bf16 (~270 MB), PEFT's fp32.\n")
+        if lean:
+            out.append(render_lean_memory(lean))
 
     out.append("## (d) Model-FLOP utilisation (estimate)\n")
     out.append(f"Matmul peak measured in this run (2048^3 `torch.mm`, best of 5): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
@@ -1086,6 +1123,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="M values of the memory subprocesses (empty for none); PEFT runs for M <= 5")
     p.add_argument("--memory-rows", type=int, default=20, help="rows (M x B) per training step in the memory runs")
     p.add_argument("--memory-modes", default="letter", help="scoring modes of the memory runs")
+    p.add_argument("--memory-lean", type=lambda s: tuple(int(x) for x in s.lower().split("x")) if s else None,
+                   default=(16, 4), help="M x B of the member-chunking / gradient-checkpointing memory rows "
+                   "(chunks of M // 4 members; empty for none)")
     p.add_argument("--dataset", default="arc_easy")
     p.add_argument("--data-dir", default=os.environ.get("LORAENS_DATA_DIR", "/work/shared/data/mcqa"))
     p.add_argument("--eval-split", default="validation")
@@ -1109,6 +1149,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.sweep, args.eval_questions = [], min(args.eval_questions, 16)
         args.memory_members = [x for x in args.memory_members if x != 16]
+        args.memory_lean = None
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
@@ -1146,6 +1187,11 @@ def main(argv: list[str] | None = None) -> None:
                 configs.append(("loraens", s, m, b))
                 if m <= 5:
                     configs.append(("peft", s, m, b))
+        if args.memory_lean:
+            m, b = args.memory_lean
+            s = [x for x in args.memory_modes.split(",") if x][0]
+            configs += [("loraens", s, m, b, chunk, gc_on) for chunk, gc_on in
+                        ((None, False), (max(1, m // 4), False), (None, True), (max(1, m // 4), True))]
         mem = run_memory(args, configs)
 
     quality = None

@@ -77,6 +77,32 @@ def test_train_writes_a_complete_run_folder_and_evaluate_extends_it(tmp_path, ti
     assert Predictions.load(run / "predictions" / "own_validation.safetensors").member_probs.shape[:2] == (5, 2)
 
 
+def test_member_chunk_and_gradient_checkpointing_train_the_same_members(tmp_path, tiny_setup, monkeypatch):
+    """The memory options, from the command line to the run folder, leave the trained members unchanged."""
+    from safetensors.torch import load_file
+
+    import loraens.run
+    import loraens.train
+
+    enabled, groups = [], []
+    real_enable, real_active = loraens.run.enable_gradient_checkpointing, loraens.train.active_members
+    monkeypatch.setattr(loraens.run, "enable_gradient_checkpointing", lambda m: enabled.append(1) or real_enable(m))
+    monkeypatch.setattr(loraens.train, "active_members", lambda m, a, b: groups.append((a, b)) or real_active(m, a, b))
+    model_dir, mirror = tiny_setup
+    runs = {"plain": (), "lean": ("--train.member_chunk", "1", "--train.gradient_checkpointing", "true")}
+    for name, extra in runs.items():
+        assert main(_train_args(tmp_path / name, model_dir, mirror, "--ensemble.dropout", "0", *extra)) == 0
+    lean = RunConfig.load(tmp_path / "lean" / "config.yaml")
+    assert lean.train.member_chunk == 1 and lean.train.gradient_checkpointing
+    assert enabled == [1] and set(groups) == {(0, 1), (1, 2)}  # only the lean run used them
+    for k in range(2):
+        plain_w, lean_w = (load_file(tmp_path / name / "members" / f"member_{k}" / "adapter_model.safetensors")
+                           for name in runs)
+        assert plain_w.keys() == lean_w.keys()
+        for key in plain_w:
+            torch.testing.assert_close(lean_w[key], plain_w[key], atol=1e-5, rtol=1e-4)
+
+
 def test_retraining_replaces_the_previous_run_and_own_files_use_split_placeholder(tmp_path, tiny_setup):
     model_dir, mirror = tiny_setup
     run = tmp_path / "run"

@@ -31,6 +31,8 @@ def test_unknown_key_is_named():
         ({"prompt": {"scoring": "letters"}}, "--prompt.scoring", "'letters'"),
         ({"ensemble": {"dropout": 1.5}}, "--ensemble.dropout", "1.5"),
         ({"train": {"epochs": "two"}}, "--train.epochs", "'two'"),
+        ({"train": {"member_chunk": 0}}, "--train.member_chunk", "0"),
+        ({"train": {"member_chunk": 2, "compile": True}}, "--train.compile", "2"),
     ],
 )
 def test_errors_name_flag_and_value(raw, flag, value):

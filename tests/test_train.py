@@ -20,7 +20,8 @@ import loraens.train as train_mod
 from loraens.batching import collate
 from loraens.config import EnsembleConfig, Normalization, Scoring, TrainConfig
 from loraens.data import MCQAExample
-from loraens.ensemble import attach_members, export_member, lora_parameters, member_layers
+from loraens.ensemble import active_members, attach_members, export_member, lora_parameters, member_layers
+from loraens.model import enable_gradient_checkpointing
 from loraens.predict import predict
 from loraens.scoring import member_log_probs
 from loraens.train import linear_schedule, member_batches, member_orders, train_members, train_step
@@ -355,6 +356,57 @@ def test_train_step_gradient_does_not_depend_on_micro_batches(make_base, letter_
         torch.testing.assert_close(loss, loss1, atol=1e-6, rtol=1e-6)
         for g, g1 in zip(grads, grads1):
             torch.testing.assert_close(g, g1, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scoring", [Scoring.LETTER, Scoring.CHOICE_LIKELIHOOD])
+def test_member_chunks_and_gradient_checkpointing_give_the_same_step(make_base, letter_encoder, cloze_encoder,
+                                                                      questions, randomize_B, scoring):
+    """--train.member_chunk 1 or 2 (uneven: 2+1) and --train.gradient_checkpointing change memory, not the step.
+
+    Checked on the per-member losses and every LoRA gradient, with the KL regulariser on (its base
+    log-probs are indexed per member group), against the plain all-members step.
+    """
+    enc = encoder_for(scoring, letter_encoder, cloze_encoder)
+    encoded = enc.encode_all(questions[:6])
+    model = ensemble(make_base, randomize_B, ens_config(num_members=3))
+    model.train()
+    chunk = np.array([[0, 1], [5, 4], [2, 3]])
+    base_lp = torch.log_softmax(torch.randn(6, 5, generator=torch.Generator().manual_seed(3)), -1)
+
+    def step(member_chunk=None, checkpointing=False):
+        copy_ = copy.deepcopy(model)
+        calls = []
+        layer = next(iter(member_layers(copy_).values()))
+        layer.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+        if checkpointing:
+            enable_gradient_checkpointing(copy_)
+        loss = train_step(copy_, encoded, chunk, 1, 3, 5, scoring, enc.letter_ids, Normalization.MEAN,
+                          kl_coef=0.3, base_lp=base_lp, member_chunk=member_chunk)
+        return loss, [p.grad.clone() for p in lora_parameters(copy_)], calls
+
+    loss0, grads0, calls0 = step()
+    rows = calls0[0]
+    assert calls0 == [rows]  # one forward of all M x b rows
+    for member_chunk, want_calls in ((1, [rows // 3] * 3), (2, [rows * 2 // 3, rows // 3])):
+        loss, grads, calls = step(member_chunk)
+        assert calls == want_calls  # really ran the members in groups of member_chunk
+        torch.testing.assert_close(loss, loss0, atol=1e-6, rtol=1e-6)
+        for g, g0 in zip(grads, grads0):
+            torch.testing.assert_close(g, g0, atol=1e-6, rtol=1e-5)
+    loss, grads, calls = step(checkpointing=True)
+    assert calls == [rows, rows]  # the layer ran again in the backward pass: activations were not kept
+    torch.testing.assert_close(loss, loss0, atol=1e-6, rtol=1e-6)
+    for g, g0 in zip(grads, grads0):
+        torch.testing.assert_close(g, g0, atol=1e-6, rtol=1e-5)
+
+
+def test_active_members_rejects_a_range_outside_the_ensemble(make_base):
+    model = make_base()
+    attach_members(model, ens_config(num_members=3))
+    with pytest.raises(ValueError, match=r"active_members\(2, 4\).*ensemble of 3"):
+        with active_members(model, 2, 4):
+            pass
+    assert all(layer.active is None for layer in member_layers(model).values())
 
 
 def member_nll(model, encoded, m, letter_ids) -> torch.Tensor:

@@ -189,8 +189,20 @@ class TrainConfig:
     # torch.compile the decoder layers: about a minute of compilation on 2 CPU cores, then faster
     # steps (BENCHMARKS.md, section (g)); worth it for runs of a few hundred steps or more.
     compile: bool = False
+    # Members per forward/backward pass; null = all M at once (fastest). A smaller number bounds a
+    # step's activation memory to that of member_chunk x batch_size questions; gradients are the same
+    # (with LoRA dropout the masks are drawn in another order, so runs differ like two seeds would).
+    member_chunk: int | None = None
+    # Recompute each decoder layer's activations in the backward pass instead of keeping them:
+    # less memory for long prompts or large batches, about a third more compute.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        _check(self.member_chunk is None or self.member_chunk >= 1, "train.member_chunk",
+               "must be at least 1 (or null for all members at once)", self.member_chunk)
+        _check(not (self.compile and self.member_chunk is not None), "train.member_chunk",
+               "cannot be combined with --train.compile (each member group would compile its own graph); "
+               "drop one of the two", self.member_chunk)
         _check(self.epochs >= 1, "train.epochs", "must be at least 1", self.epochs)
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be at least 1",
                self.max_steps)

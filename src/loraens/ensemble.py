@@ -51,13 +51,21 @@ class MemberLoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(num_members, base.out_features, rank))
         self.enabled = True  # False: the frozen base alone (see `lora_disabled`)
         self.force_dropout = False  # True: dropout also in eval mode (MC dropout, see `mc_dropout`)
+        self.active: slice | None = None  # members [start, stop) only (see `active_members`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [M*B, ..., in_features] with member-major rows -> [M*B, ..., out_features]."""
+        """x: [M*B, ..., in_features] with member-major rows -> [M*B, ..., out_features].
+
+        Under `active_members(model, start, stop)`, M is stop - start and the rows belong to
+        those members.
+        """
         out = self.base(x)
         if not self.enabled:
             return out
-        m = self.num_members
+        lora_a, lora_b = self.lora_A, self.lora_B
+        if self.active is not None:
+            lora_a, lora_b = lora_a[self.active], lora_b[self.active]  # views: gradients reach those rows only
+        m = lora_a.shape[0]
         if x.shape[0] % m:
             raise ValueError(f"MemberLoraLinear expects M*B rows with M={m}, but got a batch of {x.shape[0]} rows.")
         # The low-rank update runs in float32 (as PEFT does with float32 adapter weights), so
@@ -66,7 +74,7 @@ class MemberLoraLinear(nn.Module):
         if (self.training or self.force_dropout) and self.dropout > 0:
             # One mask per row, so every member (or MC-dropout pass) draws its own masks.
             xm = F.dropout(xm, self.dropout, training=True)
-        delta = torch.bmm(torch.bmm(xm, self.lora_A.transpose(1, 2)), self.lora_B.transpose(1, 2))  # [M, B*T, out]
+        delta = torch.bmm(torch.bmm(xm, lora_a.transpose(1, 2)), lora_b.transpose(1, 2))  # [M, B*T, out]
         return out + (delta * self.scaling).to(out.dtype).reshape(out.shape)
 
     def extra_repr(self) -> str:
@@ -154,6 +162,27 @@ def init_members(layers: dict[str, MemberLoraLinear], config: EnsembleConfig) ->
 def member_layers(model: nn.Module) -> dict[str, MemberLoraLinear]:
     """All `MemberLoraLinear` layers of `model`, by module name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, MemberLoraLinear)}
+
+
+@contextmanager
+def active_members(model: nn.Module, start: int, stop: int) -> Iterator[None]:
+    """Run `model` for members `start .. stop-1` only: batches hold (stop - start) * B rows.
+
+    Member-axis chunking (`--train.member_chunk`) trains the M members a few at a time, so a
+    step's activations are those of (stop - start) * B rows, not M * B. Keep the backward pass
+    inside the block too: gradient checkpointing re-runs the forward during backward.
+    """
+    layers = list(member_layers(model).values())
+    total = layers[0].num_members if layers else 0
+    if not 0 <= start < stop <= total:
+        raise ValueError(f"active_members({start}, {stop}) is not a member range of an ensemble of {total}.")
+    for layer in layers:
+        layer.active = slice(start, stop)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.active = None
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

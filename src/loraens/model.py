@@ -121,3 +121,20 @@ def load_base_model(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTok
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer's activations in the backward pass (`--train.gradient_checkpointing`).
+
+    Non-reentrant checkpointing: the base is frozen, so the layer inputs do not require grad,
+    which the reentrant variant would need. It also restores the RNG state, so LoRA dropout
+    draws the same masks when a layer is recomputed.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--train.gradient_checkpointing: {type(model).__name__} does not support gradient "
+                         "checkpointing; run without it.")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

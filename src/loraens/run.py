@@ -34,7 +34,7 @@ from .data import load_mcqa
 from .compiling import compile_decoder_layers
 from .ensemble import attach_members, export_member, import_member
 from .metrics import evaluate_ensemble
-from .model import load_base_model
+from .model import enable_gradient_checkpointing, load_base_model
 from .predict import Predictions, predict
 from .prompts import PromptEncoder
 from .train import EpochSummary, train_members
@@ -183,6 +183,8 @@ def train_run(config: RunConfig, progress: bool = True) -> RunResult:
     eval_sets = {split_key(config.data.dataset, s): load_examples(config, s, config.data.eval_limit)
                  for s in config.data.eval_splits}
     ens = build_ensemble(config)
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(ens.model)
     if config.train.compile:
         compile_decoder_layers(ens.model)
     train_q = ens.encoder.encode_all(train_examples)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from .batching import collate
 from .config import EnsembleConfig, Normalization, Scoring, TrainConfig
 from .ensemble import (
+    active_members,
     clip_grad_norm_per_member,
     delta_sq_norms,
     lora_disabled,
@@ -148,7 +150,8 @@ def train_members(
                 break
             # chunk: [M, b] question indices, member k's in row k; the last batch may be shorter
             losses += train_step(model, questions, chunk, train.grad_accum, m, c, scoring, letter_ids,
-                                 normalization, train.kl_coef, base_lp, train.delta_l2) * chunk.shape[1]
+                                 normalization, train.kl_coef, base_lp, train.delta_l2,
+                                 train.member_chunk) * chunk.shape[1]
             seen += chunk.shape[1]
             if train.max_grad_norm is not None:
                 clip_grad_norm_per_member(params, train.max_grad_norm)
@@ -183,29 +186,38 @@ def train_step(
     kl_coef: float = 0.0,
     base_lp: torch.Tensor | None = None,
     delta_l2: float = 0.0,
+    member_chunk: int | None = None,
 ) -> torch.Tensor:
     """Accumulate gradients for one optimizer step; returns each member's mean loss, [M].
+
+    `member_chunk` members run per forward/backward (None: all M at once); the gradients are the
+    same, the activation memory is that of member_chunk * b rows instead of M * b.
 
     `chunk` [M, b] holds question indices, member k's in row k. The loss of member k is its mean
     cross-entropy, plus `kl_coef` * mean KL(member || base) over its questions (`base_lp` [N, C]
     holds the frozen base's log-probabilities), plus `delta_l2` * its squared update norm.
     """
     b = chunk.shape[1]
+    group = member_chunk or num_members
     total = torch.zeros(num_members)
     for micro in np.array_split(np.arange(b), min(grad_accum, b)):
-        idx = chunk[:, micro]  # [M, mb]
-        batch = collate([questions[i] for i in idx.reshape(-1)], num_choices=num_choices)  # member-major rows
-        lp = member_log_probs(model, batch, num_members, scoring, letter_ids, normalization)  # [M, mb, C]
-        targets = batch.targets.view(num_members, -1, 1)
-        per_member = -lp.gather(-1, targets).squeeze(-1).mean(1)  # [M]
-        if kl_coef > 0:
-            if base_lp is None:
-                raise ValueError("kl_coef > 0 needs the base model's log-probabilities (base_lp).")
-            ref = base_lp[torch.as_tensor(idx)][..., : lp.shape[-1]].to(lp.device)  # [M, mb, C]
-            per_member = per_member + kl_coef * choice_kl(lp, ref).mean(1)
-        # Sum over members (each gets its own gradient), weight micro-batches by their size.
-        (per_member.sum() * (len(micro) / b)).backward()
-        total += per_member.detach().float() * (len(micro) / b)
+        for k0 in range(0, num_members, group):
+            k1 = min(k0 + group, num_members)
+            idx = chunk[k0:k1, micro]  # [members of this group, mb]
+            members = nullcontext() if k1 - k0 == num_members else active_members(model, k0, k1)
+            with members:  # the backward too: gradient checkpointing re-runs the forward in it
+                batch = collate([questions[i] for i in idx.reshape(-1)], num_choices=num_choices)  # member-major
+                lp = member_log_probs(model, batch, k1 - k0, scoring, letter_ids, normalization)  # [k1-k0, mb, C]
+                targets = batch.targets.view(k1 - k0, -1, 1)
+                per_member = -lp.gather(-1, targets).squeeze(-1).mean(1)  # [k1-k0]
+                if kl_coef > 0:
+                    if base_lp is None:
+                        raise ValueError("kl_coef > 0 needs the base model's log-probabilities (base_lp).")
+                    ref = base_lp[torch.as_tensor(idx)][..., : lp.shape[-1]].to(lp.device)  # [k1-k0, mb, C]
+                    per_member = per_member + kl_coef * choice_kl(lp, ref).mean(1)
+                # Sum over members (each gets its own gradient), weight micro-batches by their size.
+                (per_member.sum() * (len(micro) / b)).backward()
+            total[k0:k1] += per_member.detach().float() * (len(micro) / b)
     if delta_l2 > 0:
         # Once per step (not per micro-batch): the penalty is on the weights, not on the data.
         penalty = delta_l2 * delta_sq_norms(model)  # [M]
