@@ -1086,11 +1086,18 @@ NOT_MEASURED = """## Levers not used, and what these figures are not
   are packed into ONE sequence with a block attention mask (the same saving as reusing the
   question's KV cache for every choice, without a second pass); the head runs only at the choice
   tokens. There is no separate KV-cache path.
-- Gradient checkpointing and member-axis chunking are not implemented: at the sequence lengths
-  of these tasks (~40-110 tokens) a step's activations are small and do not grow with M at a fixed
-  number of rows (see (c)), and M = 16 fits. Not measured.
+- Member-axis chunking (`--train.member_chunk`) and gradient checkpointing
+  (`--train.gradient_checkpointing`) are off by default: a step's activations grow with the rows
+  M x B, not with M at a fixed number of rows (see (c)), and at the sequence lengths of these tasks
+  (~40-110 tokens) M = 16 fits. (c2) measures what they save and cost when the rows do grow.
+- Choice-likelihood's full-vocabulary head runs as two bf16 GEMMs (the product and its rounding
+  residual), exact to ~1e-4 in the logits, with a bf16 backward GEMM (`loraens.head`); the
+  residual GEMM is work the FLOP count of (d) does not include.
 - `torch.compile` is measured in (g) and available as `--train.compile`, off by default because
   its compilation costs more than it saves on short runs.
+- Tried and not kept: an RMSNorm with fewer memory passes (3 forward and 5 backward instead of
+  about 6 and 10, same outputs). Its M = 5 letter step took 0.95-0.98 s against 0.94-0.95 s for
+  HF's norm, measured alternately on the same batches: no gain, so HF's norm stays.
 - MFU is an estimate from counted model FLOPs (see (d)), not a profiler measurement. The bf16
   peak measured here uses the CPU's AMX tiles on a 2048^3 matmul. The model's own GEMMs, bare,
   get much of that peak (the ceiling table in (d)); a step does not, because about half its time
