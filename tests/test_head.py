@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import loraens.head as head_mod
 from loraens.head import exact_logits, token_log_probs
 
 
@@ -35,8 +36,15 @@ def test_bf16_logits_are_exact_to_float32_level(head_data):
     assert exact_err < 5e-4
 
 
-def test_token_log_probs_and_gradient_match_float64(head_data):
+@pytest.mark.parametrize("block_elements", [None, 37 * 256])
+def test_token_log_probs_and_gradient_match_float64(head_data, block_elements, monkeypatch):
+    """One block, and 12 blocks of 256 columns (the last one short; targets on block edges)."""
     hidden, weight, targets = head_data
+    targets = targets.clone()
+    targets[:4] = torch.tensor([255, 256, 2815, 2999])  # the last column of a block, the first of the next...
+    if block_elements:
+        monkeypatch.setattr(head_mod, "BLOCK_ELEMENTS", block_elements)
+    assert head_mod.vocab_block(len(targets), weight.shape[0]) == (256 if block_elements else weight.shape[0])
     ref_lp, ref_grad = reference(hidden, weight, targets)
     h = hidden.clone().requires_grad_(True)
     lp = token_log_probs(h, weight, targets)
@@ -48,18 +56,21 @@ def test_token_log_probs_and_gradient_match_float64(head_data):
     assert (h.grad.double() - ref_grad).norm() / ref_grad.norm() < 1e-2
 
 
-def test_float64_inputs_pass_gradcheck():
+def test_float64_inputs_pass_gradcheck(monkeypatch):
+    monkeypatch.setattr(head_mod, "BLOCK_ELEMENTS", 5 * 256)  # 3 blocks of the 600 columns
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(11, 8, generator=gen, dtype=torch.float64)
-    targets = torch.tensor([0, 3, 10, 3, 7])
+    weight = torch.randn(600, 8, generator=gen, dtype=torch.float64) * 0.3
+    targets = torch.tensor([0, 300, 599, 255, 256])
     assert torch.autograd.gradcheck(lambda h: token_log_probs(h, weight, targets), (hidden,))
 
 
-def test_second_backward_with_retained_graph_gives_the_same_gradient(head_data):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_second_backward_with_retained_graph_gives_the_same_gradient(head_data, dtype, monkeypatch):
+    monkeypatch.setattr(head_mod, "BLOCK_ELEMENTS", 37 * 512)  # 6 blocks
     hidden, weight, targets = head_data
-    h = hidden.float().requires_grad_(True)
-    lp = token_log_probs(h, weight.float(), targets).sum()
+    h = hidden.to(dtype).requires_grad_(True)
+    lp = token_log_probs(h, weight.to(dtype), targets).sum()
     lp.backward(retain_graph=True)
     first = h.grad.clone()
     h.grad = None
