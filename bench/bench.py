@@ -167,8 +167,12 @@ def peft_scores(pm, qs: list[EncodedQuestion], task: Task, c: int, adapter_names
     return scores.index_put((torch.tensor(rows), torch.tensor(cols)), per_seq)
 
 
-def build_peft(base, num_adapters: int):
-    """One PeftModel with adapters m0..m{n-1}; one AdamW per adapter over its own parameters."""
+def build_peft(base, num_adapters: int, lr: float = LR, weight_decay: float = 0.01):
+    """One PeftModel with adapters m0..m{n-1}; one AdamW per adapter over its own parameters.
+
+    The defaults are those of the throughput sides (`build_loraens`: torch's AdamW defaults at
+    `LR`); the quality run passes its own, the same as its loraens sides'.
+    """
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS, bias="none",
@@ -181,7 +185,7 @@ def build_peft(base, num_adapters: int):
         ps = [p for n, p in pm.named_parameters() if "lora_" in n and f".m{k}." in n]
         assert ps, f"no parameters for adapter m{k}"
         params.append(ps)
-        opts.append(torch.optim.AdamW(ps, lr=LR))
+        opts.append(torch.optim.AdamW(ps, lr=lr, weight_decay=weight_decay))
     pm.train()
     return pm, params, opts
 
@@ -716,10 +720,13 @@ def quality_check(args, tok, train_ex, eval_ex) -> dict:
                  "train": len(task.train_q), "eval": len(task.eval_q), "sides": {}}
     probs: dict[str, torch.Tensor] = {}
     init_state = None
-    for name in ("full depth", "top-K + prefix cache"):
-        base, _ = load_base_model(ModelConfig())
+    names = (["full depth"] + (["top-K + prefix cache"] if args.prefix_fraction > 0 else [])
+             + (["loraens fp32 full depth"] if args.quality_peft else []))
+    for name in names:
+        fp32 = name.startswith("loraens fp32")
+        base, _ = load_base_model(ModelConfig(dtype=DType.FLOAT32) if fp32 else ModelConfig())
         n_layers = base.config.num_hidden_layers
-        k = max(1, round(args.prefix_fraction * n_layers)) if name != "full depth" else None
+        k = max(1, round(args.prefix_fraction * n_layers)) if name.startswith("top-K") else None
         cfg = EnsembleConfig(num_members=m, rank=RANK, alpha=ALPHA, dropout=0.0, target_modules=TARGETS, seed=SEED,
                              top_layers=k)
         attach_members(base, cfg)
@@ -738,7 +745,7 @@ def quality_check(args, tok, train_ex, eval_ex) -> dict:
         gc.collect()
     if args.quality_peft:
         peft_base, _ = load_base_model(ModelConfig(dtype=DType.FLOAT32, attn_implementation=args.baseline_attn))
-        pm, p_params, p_opts = build_peft(peft_base, m)
+        pm, p_params, p_opts = build_peft(peft_base, m, lr=train.lr, weight_decay=train.weight_decay)
         with torch.no_grad():  # the same initial weights as the loraens members
             for n_, (a, bb) in init_state.items():
                 for kk in range(m):
@@ -773,6 +780,13 @@ def quality_check(args, tok, train_ex, eval_ex) -> dict:
         if name != "full depth":
             side["diff"] = paired_metric_diffs(ens, ref, targets, n_resamples=1000, seed=SEED)
             side["argmax_agreement"] = float((ens.argmax(-1) == ref.argmax(-1)).float().mean())
+    if "PEFT-sequential fp32" in probs and "loraens fp32 full depth" in probs:
+        # The same arithmetic on both sides: what remains is the vectorised member axis itself.
+        ours32, peft32 = ensemble_probs(probs["loraens fp32 full depth"]), ensemble_probs(probs["PEFT-sequential fp32"])
+        out["fp32_pair"] = {"diff": paired_metric_diffs(peft32, ours32, targets, n_resamples=1000, seed=SEED),
+                            "argmax_agreement": float((peft32.argmax(-1) == ours32.argmax(-1)).float().mean()),
+                            "max_prob_diff": float((probs["PEFT-sequential fp32"] - probs["loraens fp32 full depth"])
+                                                   .abs().max())}
     out["layers"] = n_layers
     return out
 
@@ -800,6 +814,14 @@ def render_quality(q: dict) -> str:
                "from the same initial member weights and sees the same batches with the same LR schedule, so "
                "differences come from bf16 vs fp32 arithmetic only; the top-K side trains fewer weights (LoRA only "
                "in the top K layers), which is its quality cost.\n")
+    if "fp32_pair" in q:
+        pair = q["fp32_pair"]
+        d = pair["diff"]
+        out.append("PEFT-sequential fp32 minus loraens fp32 (the same float32 arithmetic, the same initial weights and "
+                   "batches; what differs is the vectorised member axis and the fused head): "
+                   + ", ".join(f"{k} {format_ci(d[k])} p={d[k]['p_value']:.2f}" for k in ("accuracy", "nll", "ece"))
+                   + f"; the same ensemble answer on {100 * pair['argmax_agreement']:.0f}% of the questions; largest "
+                   f"member-probability difference {pair['max_prob_diff']:.4f}.\n")
     return "\n".join(out)
 
 
@@ -1156,7 +1178,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quality-epochs", type=int, default=2)
     p.add_argument("--quality-lr", type=float, default=1e-3)
     p.add_argument("--quality-members", type=int, default=4)
-    p.add_argument("--quality-peft", action="store_true", help="also train the PEFT-sequential baseline in the quality run")
+    p.add_argument("--quality-peft", action="store_true", help="also train the PEFT-sequential fp32 baseline (and loraens in fp32, to compare the same arithmetic) in the quality run")
     p.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="Markdown report to write ('' = do not write)")
     args = p.parse_args(argv)
     if args.quick:
