@@ -1224,7 +1224,7 @@ def main(argv: list[str] | None = None) -> None:
                     configs.append(("peft", s, m, b))
         if args.memory_lean:
             m, b = args.memory_lean
-            s = [x for x in args.memory_modes.split(",") if x][0]
+            s = next(x for x in args.memory_modes.split(",") if x)
             configs += [("loraens", s, m, b, chunk, gc_on) for chunk, gc_on in
                         ((None, False), (max(1, m // 4), False), (None, True), (max(1, m // 4), True))]
         mem = run_memory(args, configs)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 # Vocabulary columns per block: about 2^20 float32 logits (4 MB) per block stay in the CPU's L2/L3
 # cache through the elementwise passes, which run several times faster there than from DRAM.
 BLOCK_ELEMENTS = 1 << 20
