@@ -1124,8 +1124,9 @@ NOT_MEASURED = """## Levers not used, and what these figures are not
 - `torch.compile` is measured in (g) and available as `--train.compile`, off by default because
   its compilation costs more than it saves on short runs.
 - Tried and not kept: an RMSNorm with fewer memory passes (3 forward and 5 backward instead of
-  about 6 and 10, same outputs). Its M = 5 letter step took 0.95-0.98 s against 0.94-0.95 s for
-  HF's norm, measured alternately on the same batches: no gain, so HF's norm stays.
+  about 6 and 10, same outputs). In two alternating runs of three M = 5 letter steps on the same
+  batches it took 0.94-1.19 s per step against 0.95-1.21 s with HF's norm (medians 1.09 and 1.17
+  against 1.16 and 1.13 s): no consistent gain, so HF's norm stays.
 - MFU is an estimate from counted model FLOPs (see (d)), not a profiler measurement. The bf16
   peak measured here uses the CPU's AMX tiles on a 2048^3 matmul. The model's own GEMMs, bare,
   get much of that peak (the ceiling table in (d)); a step does not, because about half its time
