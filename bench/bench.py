@@ -437,7 +437,7 @@ def run_memory(args, configs: list[tuple]) -> list[dict]:
     results = []
     for side, scoring, m, b, *lean in configs:
         chunk, gc_on = lean if lean else (None, False)
-        spec = {"side": side, "scoring": scoring, "m": m, "b": b, "chunk": chunk, "gc": gc_on,
+        spec = {"side": side, "scoring": scoring, "m": m, "b": b, "chunk": chunk, "gc": gc_on, "lean": bool(lean),
                 "dtype": "bfloat16", "dataset": args.dataset,
                 "data_dir": args.data_dir, "pool": args.train_pool, "threads": args.threads,
                 "baseline_attn": args.baseline_attn, "steps": 3}
@@ -947,7 +947,7 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
         for r in mem:
             if "error" not in r and r["m"] == 1:
                 ref[(r["side"], r["scoring"])] = r
-        lean = [r for r in mem if r.get("chunk") or r.get("gc") or (r["m"], r["b"]) == tuple(args.memory_lean or ())]
+        lean = [r for r in mem if r.get("lean")]
         for r in [r for r in mem if r not in lean]:
             label = "loraens bf16" if r["side"] == "loraens" else "PEFT-seq fp32"
             if "error" in r:

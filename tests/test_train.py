@@ -400,6 +400,45 @@ def test_member_chunks_and_gradient_checkpointing_give_the_same_step(make_base, 
         torch.testing.assert_close(g, g0, atol=1e-6, rtol=1e-5)
 
 
+def test_checkpointing_leaves_the_frozen_bottom_layers_out_of_the_backward(make_base, letter_encoder, questions,
+                                                                          randomize_B):
+    """LoRA in the top layer only, without the prefix cache: layer 0 is frozen, so checkpointing
+    must not recompute it in the backward pass (its output needs no gradient), and the step's
+    gradients stay those of the plain step."""
+    encoded = letter_encoder.encode_all(questions[:4])
+    chunk = np.array([[0, 1], [2, 3]])
+    results = []
+    for checkpointing in (False, True):
+        model = make_base()
+        randomize_B(attach_members(model, ens_config(num_members=2, top_layers=1, prefix_cache=False)), std=0.1)
+        model.train()
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        bottom_calls, top_calls = [], []
+        layers = model.model.layers
+        # Hooks on a layer's first modules: checkpointing's recomputation stops early, as soon as it
+        # has what the backward needs, so a hook at the end of a whole layer would not see it.
+        layers[0].input_layernorm.register_forward_hook(lambda mod, inp, out: bottom_calls.append(out.requires_grad))
+        layers[-1].self_attn.q_proj.register_forward_hook(lambda mod, inp, out: top_calls.append(1))
+        train_step(model, encoded, chunk, 1, 2, 5, Scoring.LETTER, letter_encoder.letter_ids, Normalization.MEAN)
+        results.append([p.grad.clone() for p in lora_parameters(model)])
+        assert bottom_calls == [False]  # run once, outside autograd: never recomputed
+        assert len(top_calls) == (2 if checkpointing else 1)  # the LoRA layer is
+    for g, g0 in zip(results[1], results[0]):
+        torch.testing.assert_close(g, g0, atol=1e-6, rtol=1e-5)
+
+
+def test_active_members_restores_the_outer_range(make_base):
+    model = make_base()
+    attach_members(model, ens_config(num_members=3))
+    layer = next(iter(member_layers(model).values()))
+    with active_members(model, 0, 3):
+        with active_members(model, 1, 2):
+            assert layer.active == slice(1, 2)
+        assert layer.active == slice(0, 3)
+    assert layer.active is None
+
+
 def test_active_members_rejects_a_range_outside_the_ensemble(make_base):
     model = make_base()
     attach_members(model, ens_config(num_members=3))

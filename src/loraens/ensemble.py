@@ -176,13 +176,14 @@ def active_members(model: nn.Module, start: int, stop: int) -> Iterator[None]:
     total = layers[0].num_members if layers else 0
     if not 0 <= start < stop <= total:
         raise ValueError(f"active_members({start}, {stop}) is not a member range of an ensemble of {total}.")
+    previous = [layer.active for layer in layers]
     for layer in layers:
         layer.active = slice(start, stop)
     try:
         yield
     finally:
-        for layer in layers:
-            layer.active = None
+        for layer, active in zip(layers, previous):
+            layer.active = active
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

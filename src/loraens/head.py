@@ -17,7 +17,7 @@ blurs NLL and ECE.
   and its own rounding is ~2^-9 |r|). `y + r` in float32 is then exact to ~1e-4, against ~1e-5
   for a float32 GEMM and ~6e-2 for bf16 logits. `h` and `W` are exact in bf16 (they are the
   model's own bf16 tensors), so the output rounding was the only error.
-- The loss needs only `logit[target] - logsumexp(logits)`: no [K, V] log-softmax is formed.
+- The loss needs only `logit[target] - logsumexp(logits)`: no [K, V] log-softmax is kept.
 - Backward: `d/dh = (onehot - softmax) W`, with the softmax from the saved logit parts and the
   GEMMs in bf16, accumulated in float32.
 - Both run over blocks of the vocabulary sized so that a block's float32 logits (~4 MB) stay in
@@ -75,37 +75,50 @@ def vocab_block(rows: int, vocab: int) -> int:
 class _TokenLogProb(torch.autograd.Function):
     """`log softmax(h W^T)[k, targets[k]]` for each row k, with gradients to `h` only.
 
-    The vocabulary is processed in blocks (`vocab_block`): the forward keeps an online
-    logsumexp over the blocks, the backward forms each block's `onehot - softmax` from the saved
-    logit parts and accumulates `grad_h` over the blocks in float32.
+    The vocabulary is processed in blocks (`vocab_block`). The forward keeps, per row, the
+    running max `m` of the logits and `s = log sum exp(logit - m)`, and returns
+    `(logit[target] - m) - s`, with the target's logit taken from the same block logits: the
+    result is never above 0, and a near-certain token keeps its small `1 - p` (as a
+    log-softmax that subtracts the max first does). The backward forms each block's
+    `onehot - softmax` as `exp((logit - m) - s)` from the saved logit parts and accumulates
+    `grad_h` over the blocks in float32.
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         block = vocab_block(hidden.shape[0], weight.shape[0])
         keep = ctx.needs_input_grad[0]
-        lse_blocks, saved = [], []
+        rows = torch.arange(len(targets), device=targets.device)
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        target_logit = torch.zeros(len(targets), dtype=acc, device=hidden.device)  # [K]
+        maxes, sums, saved = [], [], []
         for v0 in range(0, weight.shape[0], block):
             parts = _logit_parts(hidden, weight[v0:v0 + block])
-            lse_blocks.append(torch.logsumexp(_sum_parts(parts), dim=-1))  # [K]
+            logits = _sum_parts(parts)  # [K, block] float32
+            inside = (targets >= v0) & (targets < v0 + block)
+            target_logit[inside] = logits[rows[inside], targets[inside] - v0]
+            m_b = logits.amax(dim=-1)  # [K]
+            sums.append(logits.sub_(m_b[:, None]).exp_().sum(-1))  # sum exp(logit - m_b), [K]
+            maxes.append(m_b)
             if keep:
                 saved += parts
-        lse = torch.logsumexp(torch.stack(lse_blocks, -1), dim=-1)  # [K]
-        acc = torch.promote_types(hidden.dtype, torch.float32)
-        target_logit = (hidden.to(acc) * weight[targets].to(acc)).sum(-1)  # [K], one dot per row
-        ctx.block, ctx.parts, ctx.hidden_dtype = block, len(saved) // max(1, len(lse_blocks)), hidden.dtype
-        ctx.save_for_backward(weight, targets, lse, *saved)
-        return target_logit - lse
+        m_blocks = torch.stack(maxes, -1)  # [K, blocks]
+        m = m_blocks.amax(-1)  # [K]
+        s = (torch.stack(sums, -1) * (m_blocks - m[:, None]).exp()).sum(-1).log()  # [K]
+        ctx.block, ctx.parts, ctx.hidden_dtype = block, len(saved) // max(1, len(maxes)), hidden.dtype
+        ctx.save_for_backward(weight, targets, m, s, *saved)
+        return (target_logit - m) - s
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        weight, targets, lse, *saved = ctx.saved_tensors
+        weight, targets, m, s, *saved = ctx.saved_tensors
         block, n = ctx.block, ctx.parts
         rows = torch.arange(len(targets), device=targets.device)
-        grad_hidden = torch.zeros(len(targets), weight.shape[1], dtype=lse.dtype, device=lse.device)  # [K, H]
+        grad_hidden = torch.zeros(len(targets), weight.shape[1], dtype=m.dtype, device=m.device)  # [K, H]
         for i, v0 in enumerate(range(0, weight.shape[0], block)):
             # d out_k / d logits_k = onehot(target_k) - softmax(logits_k), times grad_k
-            grad_logits = _sum_parts(saved[i * n:(i + 1) * n]).sub_(lse[:, None]).exp_().mul_(-grad[:, None])
+            softmax = _sum_parts(saved[i * n:(i + 1) * n]).sub_(m[:, None]).sub_(s[:, None]).exp_()
+            grad_logits = softmax.mul_(-grad[:, None])
             inside = (targets >= v0) & (targets < v0 + block)
             grad_logits[rows[inside], targets[inside] - v0] += grad[inside]
             w = weight[v0:v0 + block].to(ctx.hidden_dtype)

@@ -126,9 +126,12 @@ def load_base_model(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTok
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     """Recompute each decoder layer's activations in the backward pass (`--train.gradient_checkpointing`).
 
-    Non-reentrant checkpointing: the base is frozen, so the layer inputs do not require grad,
-    which the reentrant variant would need. It also restores the RNG state, so LoRA dropout
-    draws the same masks when a layer is recomputed.
+    Non-reentrant checkpointing: it works although the frozen layers' inputs do not require
+    grad (the reentrant variant needs them to), and it restores the RNG state, so LoRA dropout
+    draws the same masks when a layer is recomputed. transformers also hooks the embeddings to
+    make their output require grad (for the reentrant variant); that hook is removed again, or
+    the frozen layers below the LoRA layers (`--ensemble.top_layers`) would be recomputed and
+    back-propagated through for nothing.
     """
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"--train.gradient_checkpointing: {type(model).__name__} does not support gradient "
@@ -138,3 +141,5 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()

@@ -217,7 +217,7 @@ def train_step(
                     per_member = per_member + kl_coef * choice_kl(lp, ref).mean(1)
                 # Sum over members (each gets its own gradient), weight micro-batches by their size.
                 (per_member.sum() * (len(micro) / b)).backward()
-            total[k0:k1] += per_member.detach().float() * (len(micro) / b)
+            total[k0:k1] += per_member.detach().float().cpu() * (len(micro) / b)
     if delta_l2 > 0:
         # Once per step (not per micro-batch): the penalty is on the weights, not on the data.
         penalty = delta_l2 * delta_sq_norms(model)  # [M]
