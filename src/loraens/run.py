@@ -29,9 +29,9 @@ from typing import Any
 
 from torch import nn
 
+from .compiling import compile_decoder_layers
 from .config import RunConfig
 from .data import load_mcqa
-from .compiling import compile_decoder_layers
 from .ensemble import attach_members, export_member, import_member
 from .metrics import evaluate_ensemble
 from .model import enable_gradient_checkpointing, load_base_model
