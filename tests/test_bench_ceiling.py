@@ -1,0 +1,50 @@
+"""bench/ceiling.py: the bare kernels behind the MFU bound do the whole forward and backward work."""
+
+from collections import Counter
+
+import torch
+
+from bench.ceiling import attention_bare, lora_bare, required_kernel_seconds
+
+
+def test_attention_bare_is_softmax_attention_and_its_backward():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, g = (torch.randn(6, 5, 4, generator=gen, dtype=torch.float64) for _ in range(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = torch.bmm(torch.bmm(leaves[0], leaves[1].transpose(1, 2)).softmax(-1), leaves[2])
+    ref.backward(g)
+    out, dq, dk, dv = attention_bare(q, k, v, g)
+    torch.testing.assert_close(out, ref.detach())
+    for got, leaf in zip((dq, dk, dv), leaves, strict=True):
+        torch.testing.assert_close(got, leaf.grad)
+
+
+def test_lora_bare_is_the_member_update_and_its_backward():
+    gen = torch.Generator().manual_seed(1)
+    m, n, fan_in, fan_out, r = 3, 7, 6, 5, 2
+    x = torch.randn(m, n, fan_in, generator=gen, dtype=torch.float64)
+    g = torch.randn(m, n, fan_out, generator=gen, dtype=torch.float64)
+    a = torch.randn(m, r, fan_in, generator=gen, dtype=torch.float64)
+    b = torch.randn(m, fan_out, r, generator=gen, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+    # Member k's update, one member at a time: x_k A_k^T B_k^T.
+    ref = torch.stack([leaves[0][k] @ leaves[1][k].T @ leaves[2][k].T for k in range(m)])
+    ref.backward(g)
+    delta, dx, da, db = lora_bare(x, g, a, b)
+    torch.testing.assert_close(delta, ref.detach())
+    for got, leaf in zip((dx, da, db), leaves, strict=True):
+        torch.testing.assert_close(got, leaf.grad)
+
+
+def test_required_kernel_seconds_sums_its_parts():
+    kwargs = {"linear_shapes": Counter({(16, 8): 2, (8, 16): 1}), "lora_layers": Counter({(8, 16): 2}),
+              "members": 2, "rows": 4, "length": 6, "tokens": 20, "heads": 4, "kv_heads": 2, "head_dim": 2,
+              "layers": 3, "rank": 2, "reps": 1}
+    letter = required_kernel_seconds(**kwargs)
+    assert letter["head"] == 0.0  # no scored tokens: letter scoring's head is not part of the bound
+    assert all(letter[part] > 0 for part in ("linear", "attention", "lora"))
+    assert letter["attention_impl"] in {"bare", "sdpa"}
+    assert letter["total"] == letter["linear"] + letter["attention"] + letter["lora"] + letter["head"]
+    choice = required_kernel_seconds(**kwargs, scored_tokens=5, hidden=8, vocab=32)
+    assert choice["head"] > 0
+    assert choice["total"] == choice["linear"] + choice["attention"] + choice["lora"] + choice["head"]
