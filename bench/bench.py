@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import dataclasses
 import gc
 import json
@@ -488,6 +489,15 @@ def render_lean_memory(rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------- the measurements
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def med(xs: list[float]) -> float:
@@ -1238,8 +1248,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2, 4, 8],
                    help="other M values for the training sweep (comma-separated; empty for none)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per member per optimizer step")
-    p.add_argument("--mfu-batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[8, 16],
-                   help="larger B at M = --members for the MFU section (d), beside --batch-size (empty for none)")
+    p.add_argument("--mfu-batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[8],
+                   help="larger B at M = --members for the MFU section (d), beside --batch-size (empty for none; "
+                   "default 8, loraens' own default; B = 16 at M = 5 holds about 11 GB of activations)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
     p.add_argument("--reps", type=int, default=3, help="timed steps (medians are taken over these)")
     p.add_argument("--modes", default="letter,choice-likelihood", help="scoring modes, comma-separated")
@@ -1306,7 +1317,7 @@ def main(argv: list[str] | None = None) -> None:
         del peft_base
         gc.collect()
     del base_bf16, base_fp32
-    gc.collect()
+    release_memory()  # the memory subprocesses below need the RAM the training steps above held
 
     mem = []
     if args.memory_members:
