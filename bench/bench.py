@@ -288,6 +288,20 @@ def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = PEAK_SIZES, reps: i
     return best
 
 
+# Linear layers of a Llama-style decoder layer that read the same input (stacked in one GEMM by the bound).
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def input_groups(layer: torch.nn.Module) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """The shapes (out, in) of one decoder layer's base linear weights, grouped by shared input."""
+    # A LoRA-wrapped layer holds its base linear as `.base`: name it after the wrapper.
+    weights = {name.removesuffix(".base").rsplit(".", 1)[-1]: tuple(mod.weight.shape)
+               for name, mod in layer.named_modules()
+               if isinstance(mod, torch.nn.Linear)}
+    groups = [tuple(weights.pop(n) for n in names) for names in SHARED_INPUT if all(n in weights for n in names)]
+    return tuple(groups + [(shape,) for _, shape in sorted(weights.items())])
+
+
 def step_bound(model, task: Task, chunk: np.ndarray) -> dict:
     """The kernels a loraens training step on `chunk` [M, B] cannot do without, timed bare (`ceiling`).
 
@@ -296,19 +310,19 @@ def step_bound(model, task: Task, chunk: np.ndarray) -> dict:
     """
     cfg = model.config
     qs = [task.train_q[i] for i in chunk.reshape(-1)]
-    shapes = Counter(tuple(p.shape) for n, p in decoder_of(model).named_parameters()
-                     if p.dim() == 2 and "embed" not in n and "lora_" not in n)
+    groups = Counter(input_groups(layer) for layer in decoder_of(model).layers)
     lora = Counter((layer.lora_A.shape[-1], layer.lora_B.shape[1]) for layer in member_layers(model).values())
     heads = cfg.num_attention_heads
-    tokens = sum(q.num_tokens for q in qs)
+    lengths = [q.num_tokens for q in qs]
+    tokens = sum(lengths)
     scored = sum(len(c) for q in qs for c in q.continuations) if task.scoring is Scoring.CHOICE_LIKELIHOOD else 0
     out = required_kernel_seconds(
-        linear_shapes=shapes, lora_layers=lora, members=chunk.shape[0], rows=chunk.size,
-        length=max(q.num_tokens for q in qs), tokens=tokens, heads=heads,
+        linear_groups=groups, lora_layers=lora, members=chunk.shape[0], lengths=lengths, heads=heads,
         kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, layers=cfg.num_hidden_layers,
         rank=RANK, scored_tokens=scored, hidden=cfg.hidden_size, vocab=cfg.vocab_size)
-    out["linear_flops"] = 4.0 * tokens * sum(o * i * c for (o, i), c in shapes.items())
+    shapes = [shape for group, count in groups.items() for shape in group for _ in range(count)]
+    out["linear_flops"] = 4.0 * tokens * sum(o * i for o, i in shapes)
     return out
 
 

@@ -3,14 +3,15 @@
 A LoRA-ensemble training step on a frozen base must at least run
 
 - the base's linear layers: forward X W^T and activation gradient G W for every decoder weight
-  (no weight gradient: the base is frozen);
+  (no weight gradient: the base is frozen), weights that read the same input optionally stacked
+  into one GEMM;
 - the attention core of every layer, forward and backward;
 - the low-rank updates of every adapted layer, forward and backward;
 - for choice-likelihood scoring, the full-vocabulary head at every scored token, forward and
   backward.
 
 `required_kernel_seconds` times each of these as bare `torch` calls at the shapes of a given step,
-on real (unpadded) tokens, and takes the fastest formulation and the best repetition wherever
+on real (unpadded) tokens (attention: scaled to the causal work of the real lengths), and takes the fastest formulation and the best repetition wherever
 there is a choice. Everything else a step does is left out: norms, rotary embeddings, SwiGLU,
 residual adds, casts, the loss, the optimizer, Python. The sum is therefore a lower bound on the
 time of that step with the kernels this torch build has on this machine, and model FLOPs over that
@@ -40,20 +41,33 @@ def best_seconds(fn: Callable[[], object], reps: int) -> float:
     return best
 
 
-def linear_seconds(shapes: Counter, tokens: int, dtype: torch.dtype, reps: int) -> float:
-    """Forward X[T, in] W^T and activation gradient G[T, out] W for `count` weights of each [out, in].
+def _best_product(a: torch.Tensor, b: torch.Tensor, reps: int) -> float:
+    """Seconds of a @ b in the faster of its two layouts: as is, or as (b^T a^T) used transposed."""
+    return min(best_seconds(partial(torch.mm, a, b), reps), best_seconds(partial(torch.mm, b.t(), a.t()), reps))
 
-    Each product is timed in two formulations, the usual one and its transpose (W X^T, whose
-    [out, T] result is used as is), and the faster counts: oneDNN's speed at a shape depends on
-    which side is the long one.
+
+def linear_seconds(groups: Counter, tokens: int, dtype: torch.dtype, reps: int) -> float:
+    """Forward X W_j^T and activation gradient sum_j G_j W_j of every group of weights sharing an input.
+
+    groups: Counter of tuples of weight shapes (out, in) that read the same input (q/k/v, or
+    gate/up, or one weight alone), e.g. {((576, 576), (192, 576), (192, 576)): 30, ...}. Each
+    group is timed both ways, as one GEMM per weight and as one GEMM over the stacked weights,
+    each product in the faster of its two layouts (oneDNN's speed at a shape depends on which
+    side is the long one), and the faster way counts.
     """
     total = 0.0
-    for (o, i), count in shapes.items():
-        x, g, w = torch.randn(tokens, i, dtype=dtype), torch.randn(tokens, o, dtype=dtype), torch.randn(o, i, dtype=dtype)
-        products = {"forward": (partial(F.linear, x, w), partial(torch.mm, w, x.t())),
-                    "activation gradient": (partial(torch.mm, g, w), partial(torch.mm, w.t(), g.t()))}
-        for forms in products.values():
-            total += count * min(best_seconds(f, reps) for f in forms)
+    for shapes, count in groups.items():
+        fan_in = shapes[0][1]
+        x = torch.randn(tokens, fan_in, dtype=dtype)
+        ws = [torch.randn(o, fan_in, dtype=dtype) for o, _ in shapes]
+        gs = [torch.randn(tokens, o, dtype=dtype) for o, _ in shapes]
+        forward = sum(_best_product(x, w.t(), reps) for w in ws)
+        gradient = sum(_best_product(g, w, reps) for g, w in zip(gs, ws, strict=True))
+        if len(ws) > 1:
+            stacked = torch.cat(ws)
+            forward = min(forward, _best_product(x, stacked.t(), reps))
+            gradient = min(gradient, _best_product(torch.cat(gs, 1), stacked, reps))
+        total += count * (forward + gradient)
     return total
 
 
@@ -87,7 +101,8 @@ def attention_seconds(rows: int, length: int, heads: int, kv_heads: int, head_di
     gs = torch.randn(rows, heads, length, head_dim, dtype=dtype)
 
     def sdpa() -> None:
-        F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).backward(gs)
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        torch.autograd.grad(out, (qs, ks, vs), gs)
 
     return {"bare": best_seconds(partial(attention_bare, q, k, v, g), reps), "sdpa": best_seconds(sdpa, reps)}
 
@@ -142,22 +157,27 @@ def head_seconds(scored: int, hidden: int, vocab: int, dtype: torch.dtype, reps:
     return best_seconds(run, reps)
 
 
-def required_kernel_seconds(*, linear_shapes: Counter, lora_layers: Counter, members: int, rows: int, length: int,
-                            tokens: int, heads: int, kv_heads: int, head_dim: int, layers: int, rank: int,
+def required_kernel_seconds(*, linear_groups: Counter, lora_layers: Counter, members: int, lengths: list[int],
+                            heads: int, kv_heads: int, head_dim: int, layers: int, rank: int,
                             scored_tokens: int = 0, hidden: int = 0, vocab: int = 0,
                             dtype: torch.dtype = torch.bfloat16, reps: int = 3) -> dict[str, float | str]:
     """Lower bound on one training step's time, by part (seconds; see the module docstring).
 
-    linear_shapes: Counter of decoder weight shapes (out, in); lora_layers: Counter of adapted
-    layers' (in, out); rows x length: the step's padded [M*B, T] (attention); tokens: its real
-    tokens (linear layers and LoRA, as if packed without padding); scored_tokens: tokens the
+    linear_groups: see `linear_seconds`; lora_layers: Counter of adapted layers' (in, out);
+    lengths: the real tokens of each of the step's M*B rows. Linear layers and LoRA run on the
+    real tokens as if packed without padding. Attention is timed on [rows, max length] and
+    scaled to the causal work of the real lengths, sum L (L + 1) / 2 over rows x max^2
+    (a kernel that skipped all padding and all masked entries; choice-likelihood's block mask
+    hides more than a causal one, which this does not credit). scored_tokens: tokens the
     choice-likelihood head scores (0 for letter scoring, whose head is C rows at one position).
     LoRA runs in the faster of float32 and `dtype`.
     """
+    rows, length, tokens = len(lengths), max(lengths), sum(lengths)
     att = attention_seconds(rows, length, heads, kv_heads, head_dim, dtype, reps)
+    causal_share = sum(n * (n + 1) / 2 for n in lengths) / (rows * length ** 2)
     out = {
-        "linear": linear_seconds(linear_shapes, tokens, dtype, reps),
-        "attention": layers * min(att.values()),
+        "linear": linear_seconds(linear_groups, tokens, dtype, reps),
+        "attention": layers * min(att.values()) * causal_share,
         "attention_impl": min(att, key=att.get),
         "lora": min(lora_seconds(lora_layers, members, tokens, rank, d, reps) for d in {torch.float32, dtype}),
         "head": head_seconds(scored_tokens, hidden, vocab, dtype, reps) if scored_tokens else 0.0,

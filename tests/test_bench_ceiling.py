@@ -2,9 +2,12 @@
 
 from collections import Counter
 
+import pytest
 import torch
 
 from bench.ceiling import attention_bare, lora_bare, required_kernel_seconds
+from loraens.config import EnsembleConfig
+from loraens.ensemble import attach_members
 
 
 def test_attention_bare_is_softmax_attention_and_its_backward():
@@ -36,15 +39,28 @@ def test_lora_bare_is_the_member_update_and_its_backward():
         torch.testing.assert_close(got, leaf.grad)
 
 
-def test_required_kernel_seconds_sums_its_parts():
-    kwargs = {"linear_shapes": Counter({(16, 8): 2, (8, 16): 1}), "lora_layers": Counter({(8, 16): 2}),
-              "members": 2, "rows": 4, "length": 6, "tokens": 20, "heads": 4, "kv_heads": 2, "head_dim": 2,
-              "layers": 3, "rank": 2, "reps": 1}
+def test_required_kernel_seconds_parts():
+    kwargs = {"linear_groups": Counter({((16, 8), (16, 8)): 2, ((8, 16),): 1}), "lora_layers": Counter({(8, 16): 2}),
+              "members": 2, "lengths": [6, 3, 5, 6], "heads": 4, "kv_heads": 2, "head_dim": 2, "layers": 3,
+              "rank": 2, "reps": 1}
     letter = required_kernel_seconds(**kwargs)
     assert letter["head"] == 0.0  # no scored tokens: letter scoring's head is not part of the bound
-    assert all(letter[part] > 0 for part in ("linear", "attention", "lora"))
+    assert all(0 < letter[part] < 1 for part in ("linear", "attention", "lora"))
     assert letter["attention_impl"] in {"bare", "sdpa"}
-    assert letter["total"] == letter["linear"] + letter["attention"] + letter["lora"] + letter["head"]
     choice = required_kernel_seconds(**kwargs, scored_tokens=5, hidden=8, vocab=32)
-    assert choice["head"] > 0
-    assert choice["total"] == choice["linear"] + choice["attention"] + choice["lora"] + choice["head"]
+    assert 0 < choice["head"] < 1
+    assert choice["total"] == pytest.approx(sum(choice[p] for p in ("linear", "attention", "lora", "head")))
+
+
+def test_input_groups_stack_the_weights_that_share_an_input(base_model):
+    """q/k/v and gate/up read one input each (LoRA-wrapped q/v included); o and down stand alone,
+    and the groups hold every base weight, so their FLOPs are those the MFU estimate counts."""
+    from bench.bench import input_groups, linear_params
+
+    attach_members(base_model, EnsembleConfig(num_members=2, rank=2, target_modules=["q_proj", "v_proj"]))
+    layers = base_model.model.layers
+    groups = input_groups(layers[0])
+    # tiny Llama: hidden 32, 4 heads / 2 kv heads of 8, intermediate 64
+    assert groups == (((32, 32), (16, 32), (16, 32)), ((64, 32), (64, 32)), ((32, 64),), ((32, 32),))
+    weights = sum(o * i for layer in layers for group in input_groups(layer) for o, i in group)
+    assert weights == linear_params(base_model)

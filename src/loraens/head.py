@@ -83,8 +83,9 @@ class _TokenLogProb(torch.autograd.Function):
     For the backward it saves each block's `e = exp(logit - m_b)` (m_b: the block's row max),
     in bf16 when `h` is bf16 (the precision the gradient GEMM runs at anyway), so the backward
     is one scaling pass per block, `-grad * e * exp(m_b - m - s)`, and the GEMM: no logits are
-    recomputed or re-exponentiated. The target entries `grad * (1 - p)` are written from float32
-    `log p` with `expm1`, so a near-certain token's small gradient is not lost to rounding.
+    recomputed or re-exponentiated. The target's own term is summed apart from the rest, so
+    `1 - p` is the sum of the other terms (no cancellation) and `log p = -log1p(rest / target)`
+    keeps a near-certain token's tiny `1 - p` in both the value and the gradient.
     """
 
     @staticmethod
@@ -99,30 +100,35 @@ class _TokenLogProb(torch.autograd.Function):
         for v0 in range(0, weight.shape[0], block):
             logits = exact_logits(hidden, weight[v0:v0 + block])  # [K, block] float32 (or float64)
             inside = (targets >= v0) & (targets < v0 + block)
-            target_logit[inside] = logits[rows[inside], targets[inside] - v0]
+            at = (rows[inside], targets[inside] - v0)
+            target_logit[inside] = logits[at]
             m_b = logits.amax(dim=-1)  # [K]
             e = logits.sub_(m_b[:, None]).exp_()  # exp(logit - m_b), in place
+            e[at] = 0.0  # the target's own term is kept apart (below), so 1 - p is a sum, not a difference
             sums.append(e.sum(-1))  # [K]
             maxes.append(m_b)
             if keep:
                 saved.append(e.to(save_dtype))  # a fresh tensor per block: no copy when the dtype matches
         m_blocks = torch.stack(maxes, -1)  # [K, blocks]
         m = m_blocks.amax(-1)  # [K]
-        s = (torch.stack(sums, -1) * (m_blocks - m[:, None]).exp()).sum(-1).log()  # [K]
-        out = (target_logit - m) - s
+        rest = (torch.stack(sums, -1) * (m_blocks - m[:, None]).exp()).sum(-1)  # sum over v != target of exp(l_v - m)
+        t = (target_logit - m).exp()  # exp(l_target - m), in (0, 1]
+        s = (t + rest).log()  # log sum exp(logit - m)
+        # log p = (l_t - m) - s; when the target dominates (rest < t), -log1p(rest / t) keeps a tiny 1 - p.
+        out = torch.where(rest < t, -torch.log1p(rest / t), (target_logit - m) - s)
         ctx.block, ctx.hidden_dtype = block, hidden.dtype
-        ctx.save_for_backward(weight, targets, out, (m_blocks - (m + s)[:, None]).exp(), *saved)
+        ctx.save_for_backward(weight, targets, rest / (t + rest), (m_blocks - (m + s)[:, None]).exp(), *saved)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        weight, targets, out, block_scale, *saved = ctx.saved_tensors  # block_scale [K, blocks]
+        weight, targets, one_minus_p, block_scale, *saved = ctx.saved_tensors  # [K], [K, blocks]
         block = ctx.block
         rows = torch.arange(len(targets), device=targets.device)
-        # d out_k / d logit_kv = onehot(target_k) - p_kv; the target's 1 - p in float32 from log p.
-        target_grad = grad * -torch.expm1(out)  # [K]
+        # d out_k / d logit_kv = onehot(target_k) - p_kv; the target's 1 - p was summed in the forward.
+        target_grad = grad * one_minus_p  # [K]
         coef = -grad[:, None] * block_scale  # [K, blocks]: -grad_k * exp(m_b - m - s)
-        grad_hidden = torch.zeros(len(targets), weight.shape[1], dtype=out.dtype, device=out.device)  # [K, H]
+        grad_hidden = torch.zeros(len(targets), weight.shape[1], dtype=one_minus_p.dtype, device=one_minus_p.device)  # [K, H]
         for i, v0 in enumerate(range(0, weight.shape[0], block)):
             e = saved[i]
             grad_logits = e * coef[:, i:i + 1].to(e.dtype)  # -grad * p, [K, block], in e's dtype
