@@ -310,7 +310,7 @@ def step_bound(model, task: Task, chunk: np.ndarray) -> dict:
     """
     cfg = model.config
     qs = [task.train_q[i] for i in chunk.reshape(-1)]
-    groups = Counter(input_groups(layer) for layer in decoder_of(model).layers)
+    groups = Counter(group for layer in decoder_of(model).layers for group in input_groups(layer))
     lora = Counter((layer.lora_A.shape[-1], layer.lora_B.shape[1]) for layer in member_layers(model).values())
     heads = cfg.num_attention_heads
     lengths = [q.num_tokens for q in qs]
@@ -1076,14 +1076,16 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
     if all(r.mfu for r in results):
         out.append("How high a step could go: the kernels a step cannot do without, timed bare (`bench/ceiling.py`) "
                    "at the shapes of the same steps. These are the base's linear layers (forward and activation "
-                   "gradient, on the real tokens as if packed without padding, each product in the faster of its "
-                   "two layouts), the attention core of every layer (the faster of bare bmm + softmax and "
-                   "`scaled_dot_product_attention`, forward and backward, no mask), the LoRA updates (faster of "
-                   "float32 and bf16) and, for choice-likelihood, the full-vocabulary head. Best of 3 calls each. "
-                   "Norms, rotary, SwiGLU, residual adds, casts, the loss, the optimizer and Python are counted as "
-                   "free, so model FLOPs over this time is an upper bound on MFU with this torch on this machine. "
-                   "B = questions per member (M = 5); the first row of each mode is the throughput section's "
-                   "steps, the others are extra steps timed here.\n")
+                   "gradient, on the real tokens as if packed without padding; q/k/v and gate/up as one GEMM each "
+                   "where that is faster; each product in the faster of its two layouts), the attention core of "
+                   "every layer (the faster of bare bmm + softmax and `scaled_dot_product_attention`, forward and "
+                   "backward, timed at the padded length and scaled to the causal work of the real lengths), the "
+                   "LoRA updates (faster of float32 and bf16) and, for choice-likelihood, the full-vocabulary head. "
+                   "Best of 3 calls each. Norms, rotary, SwiGLU, residual adds, casts, the loss, the optimizer and "
+                   "Python are counted as free, so model FLOPs over this time is an upper bound on MFU with this "
+                   "torch on this machine (not with hand-written kernels that fuse elementwise work into the "
+                   "GEMMs). B = questions per member (M = 5); the first row of each mode is the throughput "
+                   "section's steps, the others are extra steps timed here.\n")
         out.append("| scoring | B | real tokens per step | measured s/step | measured GFLOP/s | measured MFU "
                    "| bare: linear ms | attention ms | LoRA ms | head ms | sum ms | bare linear GFLOP/s "
                    "| **MFU bound** | measured / bound |")
