@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from bench.ceiling import attention_bare, lora_bare, required_kernel_seconds
-from loraens.config import EnsembleConfig
+from loraens.config import EnsembleConfig, Scoring
 from loraens.ensemble import attach_members
+
+from .conftest import make_questions
 
 
 def test_attention_bare_is_softmax_attention_and_its_backward():
@@ -64,3 +66,25 @@ def test_input_groups_stack_the_weights_that_share_an_input(base_model):
     assert groups == (((32, 32), (16, 32), (16, 32)), ((64, 32), (64, 32)), ((32, 64),), ((32, 32),))
     weights = sum(o * i for layer in layers for group in input_groups(layer) for o, i in group)
     assert weights == linear_params(base_model)
+
+
+@pytest.mark.parametrize("scoring", [Scoring.LETTER, Scoring.CHOICE_LIKELIHOOD])
+def test_step_bound_times_the_step_that_the_mfu_estimate_counts(base_model, tokenizer, scoring):
+    """bench.step_bound on a real (tiny) step: every part timed, the head only for choice-likelihood,
+    and its linear FLOPs are the 4 N per real token that `loraens_step_flops` counts."""
+    import numpy as np
+
+    from bench.bench import linear_params, loraens_step_flops, make_task, step_bound
+
+    attach_members(base_model, EnsembleConfig(num_members=2, rank=2, target_modules=["q_proj", "v_proj"]))
+    questions = make_questions(4)
+    task = make_task(tokenizer, scoring, questions, questions)
+    chunk = np.array([[0, 1], [2, 3]])  # member k's questions in row k
+    bound = step_bound(base_model, task, chunk)
+    tokens = sum(task.train_q[i].num_tokens for i in chunk.reshape(-1))
+    assert bound["linear_flops"] == 4 * linear_params(base_model) * tokens
+    assert (bound["head"] > 0) == (scoring is Scoring.CHOICE_LIKELIHOOD)
+    assert all(0 < bound[part] < 1 for part in ("linear", "attention", "lora"))
+    cfg = base_model.config
+    flops = loraens_step_flops(task, chunk, linear_params(base_model), 0, cfg.hidden_size, cfg.vocab_size)
+    assert flops >= bound["linear_flops"]  # the estimate adds the head (choice-likelihood) to the same linear work
