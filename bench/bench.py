@@ -321,8 +321,7 @@ def step_bound(model, task: Task, chunk: np.ndarray) -> dict:
         kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, layers=cfg.num_hidden_layers,
         rank=RANK, scored_tokens=scored, hidden=cfg.hidden_size, vocab=cfg.vocab_size)
-    shapes = [shape for group, count in groups.items() for shape in group for _ in range(count)]
-    out["linear_flops"] = 4.0 * tokens * sum(o * i for o, i in shapes)
+    out["linear_flops"] = 4.0 * tokens * linear_params(model)
     return out
 
 
@@ -577,8 +576,7 @@ def mfu_rows(args, task: Task, base, side: LoraensSide, timed: list[np.ndarray],
         flops = [loraens_step_flops(task, c, n_lin, lora_tok, cfg.hidden_size, cfg.vocab_size) for c in steps]
         bounds = [step_bound(side.model, task, c) for c in steps]
         row = {"b": b, "step_s": med(secs), "gflops": sum(flops) / sum(secs) / 1e9,
-               "tokens": sum(sum(task.train_q[i].num_tokens for i in c.reshape(-1)) for c in steps) / len(steps),
-               "attention_impl": Counter(x["attention_impl"] for x in bounds).most_common(1)[0][0]}
+               "tokens": sum(sum(task.train_q[i].num_tokens for i in c.reshape(-1)) for c in steps) / len(steps)}
         for part in ("linear", "attention", "lora", "head", "total"):
             row[part] = sum(x[part] for x in bounds) / len(bounds)
         row["bound_gflops"] = sum(flops) / sum(x["total"] for x in bounds) / 1e9
