@@ -336,3 +336,53 @@ def test_member_layer_forward_by_hand():
         xk = x[3 * k: 3 * (k + 1)]
         ref = base(xk) + 2.0 * (xk @ layer.lora_A[k].T @ layer.lora_B[k].T)
         torch.testing.assert_close(out[3 * k: 3 * (k + 1)], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_member_layer_gradients_match_autograd_reference(x_dtype):
+    """The fused forward/backward gives the outputs and gradients of plain autograd through
+    `base(x) + scaling * x A_k^T B_k^T`, computed member by member in float64."""
+    torch.manual_seed(0)
+    m, rows, t, d_in, d_out, r = 3, 2, 5, 12, 7, 4
+    base = nn.Linear(d_in, d_out).to(x_dtype).requires_grad_(False)
+    layer = MemberLoraLinear(base, num_members=m, rank=r, alpha=8.0, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    x = torch.randn(m * rows, t, d_in).to(x_dtype).requires_grad_(True)
+    weights = torch.randn(m * rows, t, d_out)  # a loss that weighs every output differently
+    (layer(x).float() * weights).sum().backward()
+
+    a64 = layer.lora_A.detach().double().requires_grad_(True)
+    b64 = layer.lora_B.detach().double().requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    w64, bias64 = base.weight.double(), base.bias.double()
+    ref = torch.cat([x64[k * rows:(k + 1) * rows] @ w64.T + bias64
+                     + 2.0 * (x64[k * rows:(k + 1) * rows] @ a64[k].T @ b64[k].T) for k in range(m)])
+    (ref * weights.double()).sum().backward()
+    tol = {"atol": 1e-4, "rtol": 1e-4} if x_dtype == torch.float32 else {"atol": 0.1, "rtol": 0.02}
+    torch.testing.assert_close(layer.lora_A.grad.double(), a64.grad, **tol)
+    torch.testing.assert_close(layer.lora_B.grad.double(), b64.grad, **tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.detach()).double(), ref.detach(), **tol)
+
+
+def test_member_layer_frozen_input_and_active_members():
+    """Without a gradient for x (the first layer) and under `active_members`, only the active
+    members' A and B get gradients, and those match the full layer's."""
+    torch.manual_seed(1)
+    base = nn.Linear(6, 4).requires_grad_(False)
+    layer = MemberLoraLinear(base, num_members=3, rank=2, alpha=2.0, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    x = torch.randn(3 * 2, 6)
+    layer(x).pow(2).sum().backward()
+    full_a, full_b = layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+    layer.zero_grad()
+    layer.active = slice(1, 3)
+    layer(x[2:]).pow(2).sum().backward()
+    assert torch.count_nonzero(layer.lora_A.grad[0]) == 0 and torch.count_nonzero(layer.lora_B.grad[0]) == 0
+    torch.testing.assert_close(layer.lora_A.grad[1:], full_a[1:])
+    torch.testing.assert_close(layer.lora_B.grad[1:], full_b[1:])

@@ -68,17 +68,65 @@ class MemberLoraLinear(nn.Module):
         m = lora_a.shape[0]
         if x.shape[0] % m:
             raise ValueError(f"MemberLoraLinear expects M*B rows with M={m}, but got a batch of {x.shape[0]} rows.")
-        # The low-rank update runs in float32 (as PEFT does with float32 adapter weights), so
-        # the members' gradients are not formed in bfloat16; it is a small share of the FLOPs.
-        xm = x.reshape(m, -1, x.shape[-1]).float()  # [M, B*T, in]
+        # The low-rank update runs in float32 (as PEFT does with float32 adapter weights), so the
+        # members' gradients are not formed in bfloat16; it is a small share of the FLOPs.
         if (self.training or self.force_dropout) and self.dropout > 0:
+            xm = x.reshape(m, -1, x.shape[-1]).float()  # [M, B*T, in]
             # One mask per row, so every member (or MC-dropout pass) draws its own masks.
             xm = F.dropout(xm, self.dropout, training=True)
-        delta = torch.bmm(torch.bmm(xm, lora_a.transpose(1, 2)), lora_b.transpose(1, 2))  # [M, B*T, out]
-        return out + (delta * self.scaling).to(out.dtype).reshape(out.shape)
+            delta = torch.bmm(torch.bmm(xm, lora_a.transpose(1, 2)), lora_b.transpose(1, 2))  # [M, B*T, out]
+            return out + (delta * self.scaling).to(out.dtype).reshape(out.shape)
+        return _MemberLoraAdd.apply(out, x, lora_a, lora_b, self.scaling)
 
     def extra_repr(self) -> str:
         return f"members={self.num_members}, rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout}"
+
+
+class _MemberLoraAdd(torch.autograd.Function):
+    """`out += scaling * B_k A_k x` per member k, in place, with a hand-written backward.
+
+    The same float32 arithmetic as autograd through `bmm(bmm(x, A^T), B^T) * scaling`, with fewer
+    passes over the [M, B*T, out] activations, which is where a CPU step spends its time:
+    - the scaling multiplies the [M, B*T, r] product, not the [M, B*T, out] update;
+    - the update is added into the base output in one pass (cast included), instead of a cast
+      and an add that each write a new tensor;
+    - the backward forms the A gradient as (g B)^T x, a layout that ran 2.7x faster on this CPU
+      than x^T (g B) at SmolLM2's shapes (146 against 391 us per bmm in a profiled step).
+    Dropout keeps the plain autograd path (its masks would have to be saved). Measured on
+    SmolLM2-135M, M = 5, letter scoring, B = 4: about 5% less time per training step.
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+        """out: [M*B, ..., out] (the base output, modified in place), x: [M*B, ..., in],
+        a: [M, r, in], b: [M, out, r] -> out."""
+        m = a.shape[0]
+        xf = x.reshape(m, -1, x.shape[-1]).float()  # [M, B*T, in]; no copy if x is float32
+        hs = torch.bmm(xf, a.transpose(1, 2)).mul_(scaling)  # [M, B*T, r]
+        out.add_(torch.bmm(hs, b.transpose(1, 2)).view(out.shape))  # float32 sum, rounded once to out.dtype
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(xf, hs, a, b)
+        ctx.scaling, ctx.x_shape, ctx.x_dtype = scaling, x.shape, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        xf, hs, a, b = ctx.saved_tensors
+        m = a.shape[0]
+        g = grad_out.reshape(m, -1, grad_out.shape[-1]).float()  # [M, B*T, out]
+        need_x, need_a, need_b = ctx.needs_input_grad[1:4]
+        grad_x = grad_a = grad_b = None
+        if need_b:
+            grad_b = torch.bmm(hs.transpose(1, 2), g).transpose(1, 2)  # [M, out, r]
+        if need_x or need_a:
+            gh = torch.bmm(g, b).mul_(ctx.scaling)  # [M, B*T, r]: gradient of x A^T
+            if need_a:
+                grad_a = torch.bmm(gh.transpose(1, 2), xf)  # [M, r, in]
+            if need_x:
+                grad_x = torch.bmm(gh, a).to(ctx.x_dtype).view(ctx.x_shape)
+        # The base output passes its gradient on unchanged: d(out + delta) / d out = 1.
+        return grad_out, grad_x, grad_a, grad_b, None
 
 
 def attach_members(model: nn.Module, config: EnsembleConfig) -> dict[str, MemberLoraLinear]:
