@@ -407,8 +407,8 @@ def memory_child(spec: dict) -> None:
     m, b = spec["m"], spec["b"]
     peft_side = spec["side"] == "peft"
     dtype = DType.FLOAT32 if peft_side or spec["dtype"] == "float32" else DType.BFLOAT16
-    attn = spec["baseline_attn"] if peft_side else "eager"
-    base, tok = load_base_model(ModelConfig(dtype=dtype, attn_implementation=attn))
+    base, tok = load_base_model(ModelConfig(dtype=dtype, attn_implementation=spec["baseline_attn"])
+                                if peft_side else ModelConfig(dtype=dtype))
     ex = load_mcqa(spec["dataset"], "train", data_dir=spec["data_dir"], limit=spec["pool"], seed=SEED)
     task = make_task(tok, scoring, ex[: m * b], ex[:1])
     chunk = np.arange(m * b).reshape(m, b)
@@ -958,7 +958,8 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
                f"`model(input_ids, attention_mask).logits` (full vocabulary at every position), letter: last-position "
                f"logits at the letter tokens; choice-likelihood: one sequence per (question, choice), mean token "
                f"log-prob from a full-vocabulary log-softmax; cross-entropy, backward, clip, AdamW per adapter. "
-               f"Attention implementation: `{args.baseline_attn}` (loraens: `eager`, its default).")
+               f"Attention implementation: `{args.baseline_attn}` (loraens: `{ModelConfig().attn_implementation}`, "
+               "its default: transformers' eager without repeating the key/value heads, `loraens.attention`).")
     out.append(f"- Timing: {args.warmup} warm-up + {args.reps} timed steps, interleaved (all sides at each step, order "
                f"alternating); figures are medians. PEFT-sequential time for M members = sum of the M adapters' "
                f"step times at that step.\n")

@@ -74,7 +74,9 @@ def linear_seconds(groups: Counter, tokens: int, dtype: torch.dtype, reps: int) 
 def attention_bare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """softmax(q k^T) v and its backward for the output gradient g, as bare calls: (out, dq, dk, dv).
 
-    q, k, v, g: [N, T, d] (N = rows x heads; no mask, no scaling). The two forward products, the
+    q, g: [N, gT, d], k, v: [N, T, d] (no mask, no scaling): N = rows x heads with g = 1 (k/v
+    repeated to every head), or N = rows x kv_heads with a group's g query heads stacked along
+    the query axis (grouped-query attention without copies). The two forward products, the
     softmax, its backward and the four backward products: the attention work a step must do.
     """
     p = torch.bmm(q, k.transpose(1, 2)).softmax(-1)  # [N, T, T]
@@ -89,13 +91,16 @@ def attention_seconds(rows: int, length: int, heads: int, kv_heads: int, head_di
                       reps: int) -> dict[str, float]:
     """One layer's attention core, forward + backward, on q [rows, heads, T, d], k/v [rows, kv_heads, T, d].
 
-    Two formulations: `attention_bare` (k/v already repeated to every head, no mask, no scaling,
-    no autograd) and `F.scaled_dot_product_attention` (causal, grouped-query) forward
-    and backward. Returns the seconds of each; the caller takes the faster. Neither pays for a
-    mask, so both are at most the work of the step's masked attention.
+    Three formulations: `attention_bare` with k/v repeated to every head ("bare") or with each
+    group's query heads stacked ("grouped"; no mask, no scaling, no autograd), and
+    `F.scaled_dot_product_attention` (causal, grouped-query) forward and backward. Returns the
+    seconds of each; the caller takes the fastest. None pays for a mask, so each is at most the
+    work of the step's masked attention.
     """
-    n = rows * heads
+    n, group = rows * heads, heads // kv_heads
     q, k, v, g = (torch.randn(n, length, head_dim, dtype=dtype) for _ in range(4))
+    qg, gg = (torch.randn(rows * kv_heads, group * length, head_dim, dtype=dtype) for _ in range(2))
+    kg, vg = (torch.randn(rows * kv_heads, length, head_dim, dtype=dtype) for _ in range(2))
     qs = torch.randn(rows, heads, length, head_dim, dtype=dtype, requires_grad=True)
     ks, vs = (torch.randn(rows, kv_heads, length, head_dim, dtype=dtype, requires_grad=True) for _ in range(2))
     gs = torch.randn(rows, heads, length, head_dim, dtype=dtype)
@@ -104,7 +109,9 @@ def attention_seconds(rows: int, length: int, heads: int, kv_heads: int, head_di
         out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
         torch.autograd.grad(out, (qs, ks, vs), gs)
 
-    return {"bare": best_seconds(partial(attention_bare, q, k, v, g), reps), "sdpa": best_seconds(sdpa, reps)}
+    return {"bare": best_seconds(partial(attention_bare, q, k, v, g), reps),
+            "grouped": best_seconds(partial(attention_bare, qg, kg, vg, gg), reps),
+            "sdpa": best_seconds(sdpa, reps)}
 
 
 def lora_bare(x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -12,9 +12,11 @@ from loraens.ensemble import attach_members
 from .conftest import make_questions
 
 
-def test_attention_bare_is_softmax_attention_and_its_backward():
+@pytest.mark.parametrize("group", [1, 3])  # k/v repeated per head, or a group's query heads stacked
+def test_attention_bare_is_softmax_attention_and_its_backward(group):
     gen = torch.Generator().manual_seed(0)
-    q, k, v, g = (torch.randn(6, 5, 4, generator=gen, dtype=torch.float64) for _ in range(4))
+    q, g = (torch.randn(6, group * 5, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(6, 5, 4, generator=gen, dtype=torch.float64) for _ in range(2))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = torch.bmm(torch.bmm(leaves[0], leaves[1].transpose(1, 2)).softmax(-1), leaves[2])
     ref.backward(g)
@@ -48,7 +50,7 @@ def test_required_kernel_seconds_parts():
     letter = required_kernel_seconds(**kwargs)
     assert letter["head"] == 0.0  # no scored tokens: letter scoring's head is not part of the bound
     assert all(0 < letter[part] < 1 for part in ("linear", "attention", "lora"))
-    assert letter["attention_impl"] in {"bare", "sdpa"}
+    assert letter["attention_impl"] in {"bare", "grouped", "sdpa"}
     choice = required_kernel_seconds(**kwargs, scored_tokens=5, hidden=8, vocab=32)
     assert 0 < choice["head"] < 1
     assert choice["total"] == pytest.approx(sum(choice[p] for p in ("linear", "attention", "lora", "head")))

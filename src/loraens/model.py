@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .attention import GROUPED_EAGER  # noqa: F401  (registers the attention implementation)
 from .config import DType, ModelConfig
 
 DEFAULT_MODEL_ALIAS = "smollm2-135m"
