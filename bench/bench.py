@@ -1285,7 +1285,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-pool", type=int, default=256, help="training questions drawn (seeded) from the split")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--baseline-attn", default="eager",
-                   help="attention implementation of the PEFT baseline (eager = the same as loraens; sdpa = HF default)")
+                   help="attention implementation of the PEFT baseline (eager = transformers' eager, which loraens' default runs without repeating key/value heads; sdpa = HF default)")
     p.add_argument("--prefix-fraction", type=float, default=0.25,
                    help="frozen-prefix mode: LoRA in the top K = fraction x layers (0 skips it)")
     p.add_argument("--compile-steps", type=int, default=4,

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 from loraens.attention import GROUPED_EAGER, grouped_eager_attention
 
@@ -13,6 +13,16 @@ def _tiny_llama(attn: str, kv_heads: int) -> LlamaForCausalLM:
                          num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
                          attn_implementation=attn)
     return LlamaForCausalLM(config).float()
+
+
+def _tiny_gemma3(attn: str) -> Gemma3ForCausalLM:
+    """Another architecture: q/k norms, a sliding-window layer and a full-attention layer."""
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64,
+                              attn_implementation=attn)
+    return Gemma3ForCausalLM(config).float()
 
 
 def _padded_block_mask(rows: int, length: int) -> torch.Tensor:
@@ -42,9 +52,11 @@ def test_model_outputs_and_gradients_match_eager(kv_heads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_model_without_mask_is_causal():
-    """With no mask given, transformers builds eager's causal mask for this implementation too."""
-    ref_model, model = _tiny_llama("eager", 2), _tiny_llama(GROUPED_EAGER, 2)
+@pytest.mark.parametrize("make", [lambda attn: _tiny_llama(attn, 2), _tiny_gemma3], ids=["llama", "gemma3"])
+def test_model_without_mask_matches_eager(make):
+    """With no mask given, transformers builds eager's masks for this implementation too (causal,
+    and sliding-window for Gemma 3's local layer), so the logits are eager's."""
+    ref_model, model = make("eager"), make(GROUPED_EAGER)
     model.load_state_dict(ref_model.state_dict())
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -338,14 +338,16 @@ def test_member_layer_forward_by_hand():
         torch.testing.assert_close(out[3 * k: 3 * (k + 1)], ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False])  # the default update, and plain autograd
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_member_layer_gradients_match_autograd_reference(x_dtype):
-    """The fused forward/backward gives the outputs and gradients of plain autograd through
+def test_member_layer_gradients_match_autograd_reference(x_dtype, fused):
+    """Both update paths give the outputs and gradients of autograd through
     `base(x) + scaling * x A_k^T B_k^T`, computed member by member in float64."""
     torch.manual_seed(0)
     m, rows, t, d_in, d_out, r = 3, 2, 5, 12, 7, 4
     base = nn.Linear(d_in, d_out).to(x_dtype).requires_grad_(False)
     layer = MemberLoraLinear(base, num_members=m, rank=r, alpha=8.0, dropout=0.0)
+    layer.fused_update = fused
     with torch.no_grad():
         layer.lora_A.normal_()
         layer.lora_B.normal_()

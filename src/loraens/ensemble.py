@@ -37,8 +37,12 @@ class MemberLoraLinear(nn.Module):
     """`base(x) + scaling * B_k A_k dropout(x)` for each member k, batched over members.
 
     Parameters: `lora_A` [M, r, in_features], `lora_B` [M, out_features, r] (float32, whatever the
-    base dtype; the update is computed in the input's dtype).
+    base dtype; the update is computed in float32).
     """
+
+    # True: the update and its backward in one `_MemberLoraAdd` (fewer passes over memory). False:
+    # plain autograd through the same float32 products; `bench/bench_levers.py` times the two.
+    fused_update: bool = True
 
     def __init__(self, base: nn.Linear, num_members: int, rank: int, alpha: float, dropout: float) -> None:
         super().__init__()
@@ -70,10 +74,11 @@ class MemberLoraLinear(nn.Module):
             raise ValueError(f"MemberLoraLinear expects M*B rows with M={m}, but got a batch of {x.shape[0]} rows.")
         # The low-rank update runs in float32 (as PEFT does with float32 adapter weights), so the
         # members' gradients are not formed in bfloat16; it is a small share of the FLOPs.
-        if (self.training or self.force_dropout) and self.dropout > 0:
+        dropout = (self.training or self.force_dropout) and self.dropout > 0
+        if dropout or not self.fused_update:
             xm = x.reshape(m, -1, x.shape[-1]).float()  # [M, B*T, in]
-            # One mask per row, so every member (or MC-dropout pass) draws its own masks.
-            xm = F.dropout(xm, self.dropout, training=True)
+            if dropout:  # one mask per row, so every member (or MC-dropout pass) draws its own masks
+                xm = F.dropout(xm, self.dropout, training=True)
             delta = torch.bmm(torch.bmm(xm, lora_a.transpose(1, 2)), lora_b.transpose(1, 2))  # [M, B*T, out]
             return out + (delta * self.scaling).to(out.dtype).reshape(out.shape)
         return _MemberLoraAdd.apply(out, x, lora_a, lora_b, self.scaling)

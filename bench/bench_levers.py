@@ -1,0 +1,103 @@
+"""Each speed lever of a loraens training step on and off, side by side on the same batches.
+
+One bf16 loraens ensemble (SmolLM2-135M, M members, B questions per member) trains on
+length-bucketed batches, as in `bench/bench.py` section (a). At every step each variant runs
+once, in alternating order, so the machine's drift hits all of them alike. Variants:
+
+- `plain`: transformers' eager attention (`repeat_kv`) and the members' update through plain
+  autograd (`MemberLoraLinear.fused_update = False`): what loraens did before these levers;
+- `+ fused update`: the member update as one `autograd.Function` (`ensemble._MemberLoraAdd`);
+- `+ grouped attention`: both levers on, with `loraens.attention`'s grouped eager attention
+  (the defaults).
+
+Reported: median seconds per step and the median over steps of each variant's speed against
+`plain` measured at the same step.
+
+    python bench/bench_levers.py --steps 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from loraens.attention import GROUPED_EAGER
+from loraens.config import ModelConfig, Scoring
+from loraens.data import load_mcqa
+from loraens.ensemble import member_layers
+from loraens.model import load_base_model
+
+try:  # `python bench/bench_levers.py` puts bench/ itself on sys.path
+    from bench import MODE_NAMES, build_loraens, loraens_step, make_task, member_batches, member_orders
+except ImportError:  # imported as the package module bench.bench_levers
+    from .bench import MODE_NAMES, build_loraens, loraens_step, make_task, member_batches, member_orders
+
+VARIANTS = {  # name: (fused member update, attention implementation)
+    "plain": (False, "eager"),
+    "+ fused update": (True, "eager"),
+    "+ grouped attention": (True, GROUPED_EAGER),
+}
+
+
+@contextmanager
+def variant(model: torch.nn.Module, fused: bool, attn: str):
+    """Switch the levers of `model` in place; restores the defaults on exit."""
+    layers = list(member_layers(model).values())
+    config = model.config
+    saved = config._attn_implementation
+    try:
+        for layer in layers:
+            layer.fused_update = fused
+        config._attn_implementation = attn  # read by every attention module at each forward
+        yield
+    finally:
+        for layer in layers:
+            del layer.fused_update  # back to the class default
+        config._attn_implementation = saved
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--members", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=4, help="questions per member per step")
+    p.add_argument("--steps", type=int, default=7, help="timed steps (after one warm-up step)")
+    p.add_argument("--modes", default="letter,choice-likelihood")
+    p.add_argument("--dataset", default="arc_easy")
+    p.add_argument("--data-dir", default="/work/shared/data/mcqa")
+    args = p.parse_args(argv)
+
+    base, tok = load_base_model(ModelConfig())
+    train_ex = load_mcqa(args.dataset, "train", data_dir=args.data_dir, limit=256, seed=0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; M = {args.members}, "
+          f"B = {args.batch_size}, {args.steps} timed steps after 1 warm-up\n")
+    print("| scoring | variant | median s/step | speed vs plain (median over steps) |")
+    print("|---|---|---:|---:|")
+    side = build_loraens(base, args.members, in_place=True)
+    for mode in args.modes.split(","):
+        scoring = Scoring(mode)
+        task = make_task(tok, scoring, train_ex, train_ex[:4])
+        lengths = np.array([q.num_tokens for q in task.train_q])
+        orders = member_orders(len(task.train_q), args.members, 1, 0, True)
+        chunks = [c for c in member_batches(orders, lengths, args.batch_size, 8, 0, 1)
+                  if c.shape[1] == args.batch_size][: args.steps + 1]
+        times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        for i, chunk in enumerate(chunks):
+            names = list(VARIANTS) if i % 2 else list(reversed(VARIANTS))
+            for name in names:
+                with variant(side.model, *VARIANTS[name]):
+                    t0 = time.perf_counter()
+                    loraens_step(side, task, chunk)
+                    times[name].append(time.perf_counter() - t0)
+        for name, ts in times.items():
+            ts = ts[1:]  # drop the warm-up step
+            speed = statistics.median(a / b for a, b in zip(times["plain"][1:], ts, strict=True))
+            print(f"| {MODE_NAMES[scoring]} | {name} | {statistics.median(ts):.2f} | {speed:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
