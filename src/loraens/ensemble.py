@@ -97,8 +97,9 @@ class _MemberLoraAdd(torch.autograd.Function):
       and an add that each write a new tensor;
     - the backward forms the A gradient as (g B)^T x, a layout that ran 2.7x faster on this CPU
       than x^T (g B) at SmolLM2's shapes (146 against 391 us per bmm in a profiled step).
-    Dropout keeps the plain autograd path (its masks would have to be saved). Measured on
-    SmolLM2-135M, M = 5, letter scoring, B = 4: about 5% less time per training step.
+    Dropout keeps the plain autograd path (its masks would have to be saved). A small lever:
+    `bench/bench_levers.py` (SmolLM2-135M, M = 5, B = 4) measured 1-2% less time per training
+    step on a quiet machine, and an A/B while the machine was loaded 5%.
     """
 
     @staticmethod
