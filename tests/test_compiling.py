@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from loraens.batching import collate
-from loraens.compiling import compile_decoder_layers
-from loraens.config import EnsembleConfig, Scoring
+from loraens.compiling import AUTO_MIN_STEPS, compile_decision, compile_decoder_layers, cpp_compiler
+from loraens.config import CompileMode, ConfigError, EnsembleConfig, RunConfig, Scoring, TrainConfig
 from loraens.ensemble import attach_members, member_layers
 from loraens.scoring import member_log_probs
+from loraens.train import planned_steps
 
 
 def scores_and_grads(model, batch, letter_ids) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,3 +47,60 @@ def test_compiled_layers_match_eager_scores_and_gradients(make_base, letter_enco
 def test_compile_needs_decoder_layers():
     with pytest.raises(ValueError, match="--train.compile"):
         compile_decoder_layers(torch.nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------- --train.compile auto
+
+
+def _train(**kw) -> TrainConfig:
+    return TrainConfig(**kw)
+
+
+@pytest.mark.parametrize(("kw", "steps", "expected"), [
+    ({}, AUTO_MIN_STEPS - 1, False),  # auto, short run: compilation would not pay back
+    ({}, AUTO_MIN_STEPS, True),  # auto, long run
+    ({"member_chunk": 2}, 10_000, False),  # auto never combines compilation with member chunks
+    ({"gradient_checkpointing": True}, 10_000, False),  # ... or with checkpointing
+    ({"compile": "true"}, 1, True),  # explicit: obeyed whatever the length
+    ({"compile": "false"}, 10_000, False),
+])
+def test_compile_decision(monkeypatch, kw, steps, expected):
+    monkeypatch.setattr("loraens.compiling.cpp_compiler", lambda: "g++")
+    use, note = compile_decision(_train(**kw), steps)
+    assert use is expected
+    assert bool(note) is use  # a note whenever the layers are compiled, silence otherwise
+
+
+def test_compile_auto_without_a_compiler_runs_eagerly_and_says_how_to_fix(monkeypatch):
+    monkeypatch.setattr("loraens.compiling.cpp_compiler", lambda: None)
+    use, note = compile_decision(_train(), 600)
+    assert not use
+    assert "600 steps" in note and "g++" in note and "--train.compile false" in note
+    assert compile_decision(_train(), 10) == (False, "")  # short run: nothing to say
+
+
+def test_cpp_compiler_prefers_cxx(monkeypatch, tmp_path):
+    fake = tmp_path / "my-cxx"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    assert cpp_compiler() == str(fake)
+
+
+@pytest.mark.parametrize(("raw", "mode"), [(True, CompileMode.TRUE), (False, CompileMode.FALSE),
+                                           ("auto", CompileMode.AUTO), (None, CompileMode.AUTO)])
+def test_compile_flag_reads_yaml_booleans(raw, mode):
+    """Old run folders say `compile: true/false`; they load as the matching mode, and the default is auto."""
+    config = RunConfig.from_dict({"train": {} if raw is None else {"compile": raw}})
+    assert config.train.compile is mode
+    assert RunConfig.from_dict(config.to_dict()).train.compile is mode  # round trip through the run folder
+
+
+def test_compile_flag_rejects_other_values():
+    with pytest.raises(ConfigError, match="--train.compile.*auto, true, false"):
+        RunConfig.from_dict({"train": {"compile": "sometimes"}})
+
+
+def test_planned_steps():
+    assert planned_steps(17, _train(batch_size=8, epochs=3)) == 9  # ceil(17 / 8) = 3 per epoch
+    assert planned_steps(17, _train(batch_size=8, epochs=3, max_steps=4)) == 4

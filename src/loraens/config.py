@@ -36,6 +36,14 @@ class Normalization(str, enum.Enum):
     MEAN = "mean"  # mean log-probability per choice token
 
 
+class CompileMode(str, enum.Enum):
+    """Whether `--train.compile` runs the decoder layers through `torch.compile`."""
+
+    AUTO = "auto"  # when the run is long enough to pay the compilation back (loraens.compiling)
+    TRUE = "true"
+    FALSE = "false"
+
+
 class DType(str, enum.Enum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
@@ -187,9 +195,10 @@ class TrainConfig:
     # Stop when the ensemble's NLL on --data.val_split has not improved for this many epochs, and
     # keep the members of the best epoch. Null = train all epochs.
     early_stopping_patience: int | None = None
-    # torch.compile the decoder layers: about a minute of compilation on 2 CPU cores, then faster
-    # steps (BENCHMARKS.md, section (g)); worth it for runs of a few hundred steps or more.
-    compile: bool = False
+    # torch.compile the decoder layers: about a minute of compilation on 2 CPU cores, then ~1.4x
+    # faster steps (BENCHMARKS.md, section (g)). auto: only for runs of at least 250 optimizer
+    # steps, without member_chunk or checkpointing, and when a C++ compiler is found.
+    compile: CompileMode = CompileMode.AUTO
     # Members per forward/backward pass; null = all M at once (fastest). A smaller number bounds a
     # step's activation memory to that of member_chunk x batch_size questions; gradients are the same
     # (with LoRA dropout the masks are drawn in another order, so runs differ like two seeds would).
@@ -199,9 +208,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        self.compile = _enum(CompileMode, self.compile, "train.compile")
         _check(self.member_chunk is None or self.member_chunk >= 1, "train.member_chunk",
                "must be at least 1 (or null for all members at once)", self.member_chunk)
-        _check(not (self.compile and self.member_chunk is not None), "train.member_chunk",
+        _check(not (self.compile is CompileMode.TRUE and self.member_chunk is not None), "train.member_chunk",
                "cannot be combined with --train.compile (each member group would compile its own graph); "
                "drop one of the two", self.member_chunk)
         _check(self.epochs >= 1, "train.epochs", "must be at least 1", self.epochs)
@@ -280,6 +290,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def _enum(kind: type[enum.Enum], value: Any, flag: str) -> Any:
     if isinstance(value, kind):
         return value
+    if isinstance(value, bool):  # a YAML true/false for an enum with "true"/"false" members
+        value = str(value).lower()
     try:
         return kind(value)
     except ValueError:

@@ -27,17 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from .compiling import compile_decoder_layers
-from .config import RunConfig
+from .compiling import compile_decision, compile_decoder_layers
+from .config import CompileMode, RunConfig
 from .data import load_mcqa
 from .ensemble import attach_members, export_member, import_member
 from .metrics import evaluate_ensemble
 from .model import enable_gradient_checkpointing, load_base_model
 from .predict import Predictions, predict
 from .prompts import PromptEncoder
-from .train import EpochSummary, train_members
+from .train import EpochSummary, planned_steps, train_members
 
 
 @dataclass
@@ -185,9 +186,15 @@ def train_run(config: RunConfig, progress: bool = True) -> RunResult:
     ens = build_ensemble(config)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(ens.model)
-    if config.train.compile:
-        compile_decoder_layers(ens.model)
     train_q = ens.encoder.encode_all(train_examples)
+    use_compile, note = compile_decision(config.train, planned_steps(len(train_q), config.train))
+    if note:
+        print(f"loraens: {note}")
+    if use_compile:
+        if config.train.compile is CompileMode.AUTO:
+            # A long run must not die in Inductor: on a compiler error, dynamo runs that frame eagerly.
+            torch._dynamo.config.suppress_errors = True
+        compile_decoder_layers(ens.model)
     run_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous_run(run_dir)
     config.save(run_dir / "config.yaml")

@@ -95,6 +95,12 @@ def linear_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], floa
     return factor
 
 
+def planned_steps(num_questions: int, train: TrainConfig) -> int:
+    """Optimizer steps of a full run: ceil(N / batch_size) per epoch, capped by max_steps."""
+    total = math.ceil(num_questions / train.batch_size) * train.epochs
+    return total if train.max_steps is None else min(total, train.max_steps)
+
+
 def train_members(
     model: nn.Module,
     questions: list[EncodedQuestion],
@@ -119,9 +125,7 @@ def train_members(
     c = max(q.num_choices for q in questions)
     lengths = np.array([q.num_tokens for q in questions])
     steps_per_epoch = math.ceil(n / b)
-    total = steps_per_epoch * train.epochs
-    if train.max_steps is not None:
-        total = min(total, train.max_steps)
+    total = planned_steps(n, train)
     base_lp = None
     if train.kl_coef > 0:
         base_lp = base_log_probs(model, questions, scoring, letter_ids, normalization, train.eval_batch_size,
