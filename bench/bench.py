@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from loraens.batching import length_sorted_batches
 from loraens.bootstrap import format_ci, metric_cis, paired_metric_diffs
-from loraens.compiling import AUTO_MIN_STEPS, compile_decoder_layers
+from loraens.compiling import AUTO_MIN_MEMBER_QUESTIONS, compile_decoder_layers
 from loraens.config import (
     DType,
     EnsembleConfig,
@@ -1130,7 +1130,8 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
                    "`dynamic=True` keeps one graph). The first compiled step includes the compilation (each mode starts from a dynamo reset and an empty Inductor disk cache; a user's later runs reuse the on-disk cache and start faster); "
                    "evaluation under `no_grad` compiles a second graph. It pays back only on runs longer than the "
                    "payback column, so loraens' default, `--train.compile auto`, compiles runs of at least "
-                   f"{AUTO_MIN_STEPS} optimizer steps (when a C++ compiler is found) and runs shorter ones eagerly.\n")
+                   f"{AUTO_MIN_MEMBER_QUESTIONS:,} member-questions (steps x M x B; when a C++ compiler is found) "
+                   "and runs shorter ones eagerly.\n")
 
     pre = [r for r in results if r.prefix]
     if pre:
@@ -1236,8 +1237,8 @@ NOT_MEASURED = """## Levers not used, and what these figures are not
   float32 logits stay in cache (`loraens.head`); the residual GEMM is work the FLOP count of (d)
   does not include.
 - `torch.compile` is measured in (g). `--train.compile auto` (the default) compiles only runs of
-  at least AUTO_MIN_STEPS optimizer steps, because on short runs the compilation costs more than
-  it saves; the throughput sections above run eagerly.
+  at least AUTO_MIN_MEMBER_QUESTIONS member-questions (steps x M x B), because on short runs the
+  compilation costs more than it saves; the throughput sections above run eagerly.
 - Tried and not kept: an RMSNorm with fewer memory passes (3 forward and 5 backward instead of
   about 6 and 10, same outputs). In two alternating runs of three M = 5 letter steps on the same
   batches it took 0.94-1.19 s per step against 0.95-1.21 s with HF's norm (medians 1.09 and 1.17
@@ -1369,7 +1370,7 @@ def main(argv: list[str] | None = None) -> None:
     report = ("# Benchmarks: loraens vs the PEFT-sequential way\n\n"
               "Issue 4. Every figure below is from ONE run of the command shown, with both sides measured side "
               "by side in the same process; ratios are against the named baseline from that same run.\n\n"
-              + body + "\n" + NOT_MEASURED.replace("AUTO_MIN_STEPS", str(AUTO_MIN_STEPS)))
+              + body + "\n" + NOT_MEASURED.replace("AUTO_MIN_MEMBER_QUESTIONS", f"{AUTO_MIN_MEMBER_QUESTIONS:,}"))
     print("\n" + report)
     if args.out:
         Path(args.out).write_text(report)

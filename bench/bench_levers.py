@@ -33,9 +33,23 @@ from loraens.ensemble import member_layers
 from loraens.model import load_base_model
 
 try:  # `python bench/bench_levers.py` puts bench/ itself on sys.path
-    from bench import MODE_NAMES, build_loraens, loraens_step, make_task, member_batches, member_orders
+    from bench import (
+        MODE_NAMES,
+        build_loraens,
+        loraens_step,
+        make_task,
+        member_batches,
+        member_orders,
+    )
 except ImportError:  # imported as the package module bench.bench_levers
-    from .bench import MODE_NAMES, build_loraens, loraens_step, make_task, member_batches, member_orders
+    from .bench import (
+        MODE_NAMES,
+        build_loraens,
+        loraens_step,
+        make_task,
+        member_batches,
+        member_orders,
+    )
 
 VARIANTS = {  # name: (fused member update, attention implementation)
     "plain": (False, "eager"),

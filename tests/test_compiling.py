@@ -6,8 +6,19 @@ import pytest
 import torch
 
 from loraens.batching import collate
-from loraens.compiling import AUTO_MIN_STEPS, compile_decision, compile_decoder_layers, cpp_compiler
-from loraens.config import CompileMode, ConfigError, EnsembleConfig, RunConfig, Scoring, TrainConfig
+from loraens.compiling import (
+    compile_decision,
+    compile_decoder_layers,
+    cpp_compiler,
+)
+from loraens.config import (
+    CompileMode,
+    ConfigError,
+    EnsembleConfig,
+    RunConfig,
+    Scoring,
+    TrainConfig,
+)
 from loraens.ensemble import attach_members, member_layers
 from loraens.scoring import member_log_probs
 from loraens.train import planned_steps
@@ -56,27 +67,30 @@ def _train(**kw) -> TrainConfig:
     return TrainConfig(**kw)
 
 
-@pytest.mark.parametrize(("kw", "steps", "expected"), [
-    ({}, AUTO_MIN_STEPS - 1, False),  # auto, short run: compilation would not pay back
-    ({}, AUTO_MIN_STEPS, True),  # auto, long run
-    ({"member_chunk": 2}, 10_000, False),  # auto never combines compilation with member chunks
-    ({"gradient_checkpointing": True}, 10_000, False),  # ... or with checkpointing
-    ({"compile": "true"}, 1, True),  # explicit: obeyed whatever the length
-    ({"compile": "false"}, 10_000, False),
+@pytest.mark.parametrize(("kw", "steps", "members", "expected"), [
+    ({"batch_size": 8}, 125, 5, True),  # auto: 125 x 5 x 8 = 5000 member-questions, where it pays back
+    ({"batch_size": 8}, 124, 5, False),  # 4960: compilation would not pay back
+    ({"batch_size": 2}, 250, 2, False),  # many steps, but small ones: 1000
+    ({"member_chunk": 2}, 10_000, 5, False),  # auto never combines compilation with member chunks
+    ({"gradient_checkpointing": True}, 10_000, 5, False),  # ... or with checkpointing
+    ({"compile": "true"}, 1, 1, True),  # explicit: obeyed whatever the length
+    ({"compile": "false"}, 10_000, 5, False),
 ])
-def test_compile_decision(monkeypatch, kw, steps, expected):
+def test_compile_decision(monkeypatch, kw, steps, members, expected):
     monkeypatch.setattr("loraens.compiling.cpp_compiler", lambda: "g++")
-    use, note = compile_decision(_train(**kw), steps)
+    use, note = compile_decision(_train(**kw), steps, members)
     assert use is expected
     assert bool(note) is use  # a note whenever the layers are compiled, silence otherwise
+    if use and "compile" not in kw:
+        assert f"{steps * members * kw['batch_size']:,} member-questions" in note
 
 
 def test_compile_auto_without_a_compiler_runs_eagerly_and_says_how_to_fix(monkeypatch):
     monkeypatch.setattr("loraens.compiling.cpp_compiler", lambda: None)
-    use, note = compile_decision(_train(), 600)
+    use, note = compile_decision(_train(batch_size=8), 600, 5)
     assert not use
     assert "600 steps" in note and "g++" in note and "--train.compile false" in note
-    assert compile_decision(_train(), 10) == (False, "")  # short run: nothing to say
+    assert compile_decision(_train(), 10, 5) == (False, "")  # short run: nothing to say
 
 
 def test_cpp_compiler_prefers_cxx(monkeypatch, tmp_path):

@@ -8,11 +8,13 @@ graph serves all of them (the layers' weights are graph inputs), and `dynamic=Tr
 graph for every sequence length, so length-bucketed batches do not recompile.
 
 The first training step pays for compilation (about a minute on 2 CPU cores for SmolLM2-135M;
-evaluation under `no_grad` compiles a second graph), so it pays back only on longer runs:
-`BENCHMARKS.md`, section (g), measured 1.43x faster steps that repay a cold compilation after
-92-137 steps. `--train.compile auto` (the default) therefore compiles runs of at least
-`AUTO_MIN_STEPS` optimizer steps, about twice that, to leave room for the evaluation graph and
-slower machines; Inductor's on-disk cache makes later runs compile in seconds.
+evaluation under `no_grad` compiles a second graph), so it pays back only on longer runs.
+`BENCHMARKS.md`, section (g), measured 1.43x faster steps at M = 5 members x B = 4 questions,
+repaying a cold compilation after 79-137 steps: 1,600-2,700 member-questions. The saving per step
+grows with the step's work (M x B), the compilation does not, so `--train.compile auto` (the
+default) compiles runs of at least `AUTO_MIN_MEMBER_QUESTIONS` = steps x M x B, about twice that,
+to leave room for the evaluation graph and slower machines. Inductor's on-disk cache makes later
+runs compile in seconds.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 from .config import CompileMode, TrainConfig
 from .scoring import decoder_of
 
-AUTO_MIN_STEPS = 250
+AUTO_MIN_MEMBER_QUESTIONS = 5000  # optimizer steps x members x questions per member
 
 
 def cpp_compiler() -> str | None:
@@ -36,26 +38,30 @@ def cpp_compiler() -> str | None:
     return None
 
 
-def compile_decision(train: TrainConfig, total_steps: int) -> tuple[bool, str]:
+def compile_decision(train: TrainConfig, total_steps: int, num_members: int) -> tuple[bool, str]:
     """Whether to compile the decoder layers for a run of `total_steps` optimizer steps.
 
     Returns (compile, note); the note is for the user ("" when there is nothing to say).
-    `--train.compile true/false` is obeyed as given; `auto` compiles only long runs without
-    member chunking or checkpointing (not combined with compilation in our tests), and only
-    when a C++ compiler is there for Inductor.
+    `--train.compile true/false` is obeyed as given; `auto` compiles only runs that train at
+    least `AUTO_MIN_MEMBER_QUESTIONS` member-questions, without member chunking or checkpointing
+    (not combined with compilation in our tests), and only when a C++ compiler is there for
+    Inductor.
     """
     if train.compile is CompileMode.TRUE:
         return True, "compiling the decoder layers (--train.compile true); the first step takes about a minute"
-    if train.compile is CompileMode.FALSE or total_steps < AUTO_MIN_STEPS:
+    work = total_steps * num_members * train.batch_size
+    if train.compile is CompileMode.FALSE or work < AUTO_MIN_MEMBER_QUESTIONS:
         return False, ""
     if train.member_chunk is not None or train.gradient_checkpointing:
         return False, ""
+    size = (f"{total_steps} steps x {num_members} members x {train.batch_size} questions = {work:,} "
+            f"member-questions >= {AUTO_MIN_MEMBER_QUESTIONS:,}")
     if cpp_compiler() is None:
-        return False, (f"--train.compile auto: this run has {total_steps} steps, where compiling would pay, but no "
-                       "C++ compiler was found ($CXX, g++, c++, clang++), so the layers run eagerly. Install g++ "
-                       "for about 1.4x faster steps, or pass --train.compile false to silence this.")
-    return True, (f"compiling the decoder layers (--train.compile auto: {total_steps} steps >= {AUTO_MIN_STEPS}); "
-                  "the first step takes about a minute longer, later steps about 1.4x less")
+        return False, (f"--train.compile auto: this run is long enough for compiling to pay ({size}), but no C++ "
+                       "compiler was found ($CXX, g++, c++, clang++), so the layers run eagerly. Install g++ for "
+                       "about 1.4x faster steps, or pass --train.compile false to silence this.")
+    return True, (f"compiling the decoder layers (--train.compile auto: {size}); the first training step and the "
+                  "first evaluation batch take up to a minute longer, later steps about 1.4x less")
 
 
 def compile_decoder_layers(model: nn.Module, dynamic: bool = True) -> int:

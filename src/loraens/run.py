@@ -187,7 +187,8 @@ def train_run(config: RunConfig, progress: bool = True) -> RunResult:
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(ens.model)
     train_q = ens.encoder.encode_all(train_examples)
-    use_compile, note = compile_decision(config.train, planned_steps(len(train_q), config.train))
+    use_compile, note = compile_decision(config.train, planned_steps(len(train_q), config.train),
+                                         config.ensemble.num_members)
     if note:
         print(f"loraens: {note}")
     if use_compile:
