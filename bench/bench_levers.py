@@ -32,24 +32,10 @@ from loraens.data import load_mcqa
 from loraens.ensemble import member_layers
 from loraens.model import load_base_model
 
-try:  # `python bench/bench_levers.py` puts bench/ itself on sys.path
-    from bench import (
-        MODE_NAMES,
-        build_loraens,
-        loraens_step,
-        make_task,
-        member_batches,
-        member_orders,
-    )
-except ImportError:  # imported as the package module bench.bench_levers
-    from .bench import (
-        MODE_NAMES,
-        build_loraens,
-        loraens_step,
-        make_task,
-        member_batches,
-        member_orders,
-    )
+if __package__:  # imported as the package module bench.bench_levers
+    from . import bench as B
+else:  # `python bench/bench_levers.py` puts bench/ itself on sys.path, where bench.py is `bench`
+    import bench as B
 
 VARIANTS = {  # name: (fused member update, attention implementation)
     "plain": (False, "eager"),
@@ -91,13 +77,13 @@ def main(argv: list[str] | None = None) -> None:
           f"B = {args.batch_size}, {args.steps} timed steps after 1 warm-up\n")
     print("| scoring | variant | median s/step | speed vs plain (median over steps) |")
     print("|---|---|---:|---:|")
-    side = build_loraens(base, args.members, in_place=True)
+    side = B.build_loraens(base, args.members, in_place=True)
     for mode in args.modes.split(","):
         scoring = Scoring(mode)
-        task = make_task(tok, scoring, train_ex, train_ex[:4])
+        task = B.make_task(tok, scoring, train_ex, train_ex[:4])
         lengths = np.array([q.num_tokens for q in task.train_q])
-        orders = member_orders(len(task.train_q), args.members, 1, 0, True)
-        chunks = [c for c in member_batches(orders, lengths, args.batch_size, 8, 0, 1)
+        orders = B.member_orders(len(task.train_q), args.members, 1, 0, True)
+        chunks = [c for c in B.member_batches(orders, lengths, args.batch_size, 8, 0, 1)
                   if c.shape[1] == args.batch_size][: args.steps + 1]
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for i, chunk in enumerate(chunks):
@@ -105,12 +91,12 @@ def main(argv: list[str] | None = None) -> None:
             for name in names:
                 with variant(side.model, *VARIANTS[name]):
                     t0 = time.perf_counter()
-                    loraens_step(side, task, chunk)
+                    B.loraens_step(side, task, chunk)
                     times[name].append(time.perf_counter() - t0)
         for name, ts in times.items():
             ts = ts[1:]  # drop the warm-up step
             speed = statistics.median(a / b for a, b in zip(times["plain"][1:], ts, strict=True))
-            print(f"| {MODE_NAMES[scoring]} | {name} | {statistics.median(ts):.2f} | {speed:.2f}x |", flush=True)
+            print(f"| {B.MODE_NAMES[scoring]} | {name} | {statistics.median(ts):.2f} | {speed:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
