@@ -118,3 +118,34 @@ def test_compile_flag_rejects_other_values():
 def test_planned_steps():
     assert planned_steps(17, _train(batch_size=8, epochs=3)) == 9  # ceil(17 / 8) = 3 per epoch
     assert planned_steps(17, _train(batch_size=8, epochs=3, max_steps=4)) == 4
+
+
+@pytest.mark.parametrize(("mode", "suppressed"), [("auto", True), ("true", False)])
+def test_auto_compiled_run_falls_back_to_eager_only_inside_the_run(tiny_setup, tmp_path, monkeypatch, mode,
+                                                                    suppressed):
+    """Under `auto`, dynamo's eager fallback on compiler errors is on while the run trains and
+    evaluates, and back off afterwards; an explicit `true` keeps errors loud."""
+    import torch._dynamo
+
+    from loraens import run as run_mod
+
+    model_dir, mirror = tiny_setup
+    seen: dict[str, object] = {}
+    real_train_members = run_mod.train_members
+
+    def recording_train_members(*args, **kwargs):
+        seen["during"] = torch._dynamo.config.suppress_errors
+        return real_train_members(*args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "compile_decision", lambda train, steps, members: (True, "compiling"))
+    monkeypatch.setattr(run_mod, "compile_decoder_layers", lambda model: seen.setdefault("compiled", True))
+    monkeypatch.setattr(run_mod, "train_members", recording_train_members)
+    before = torch._dynamo.config.suppress_errors
+    config = RunConfig.from_dict({"output_dir": str(tmp_path / "run"),
+                                  "model": {"name": str(model_dir), "dtype": "float32"},
+                                  "data": {"data_dir": str(mirror), "eval_splits": ["validation"]},
+                                  "ensemble": {"num_members": 2, "rank": 2},
+                                  "train": {"epochs": 1, "batch_size": 4, "compile": mode}})
+    run_mod.train_run(config, progress=False)
+    assert seen == {"compiled": True, "during": suppressed}
+    assert torch._dynamo.config.suppress_errors is before

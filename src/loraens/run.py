@@ -23,6 +23,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,10 +193,11 @@ def train_run(config: RunConfig, progress: bool = True) -> RunResult:
     if note:
         print(f"loraens: {note}")
     if use_compile:
-        if config.train.compile is CompileMode.AUTO:
-            # A long run must not die in Inductor: on a compiler error, dynamo runs that frame eagerly.
-            torch._dynamo.config.suppress_errors = True
         compile_decoder_layers(ens.model)
+    # Under `auto` a long run must not die in Inductor: on a compiler error, dynamo runs that frame
+    # eagerly. Only for this run's training and evaluation; the setting is restored afterwards.
+    fallback = (torch._dynamo.config.patch(suppress_errors=True)
+                if use_compile and config.train.compile is CompileMode.AUTO else nullcontext())
     run_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous_run(run_dir)
     config.save(run_dir / "config.yaml")
@@ -232,19 +234,20 @@ def train_run(config: RunConfig, progress: bool = True) -> RunResult:
         best["bad"] += 1
         return best["bad"] >= patience
 
-    epochs = train_members(ens.model, train_q, config.train, config.ensemble, config.prompt.scoring,
-                           ens.encoder.letter_ids, config.prompt.normalization, on_epoch_end, progress)
-    if best["epoch"] is not None and best["epoch"] != epochs[-1].epoch:
-        # Early stopping: the final predictions and metrics are those of the best epoch.
-        for path in epoch_predictions_dir(run_dir, best["epoch"]).glob("*.safetensors"):
-            shutil.copyfile(path, run_dir / "predictions" / path.name)
-        last = best["metrics"]
-        for k in range(config.ensemble.num_members):  # the in-memory members too
-            import_member(ens.model, k, run_dir / "members" / f"member_{k}")
-    if not epochs or not last:  # e.g. max_steps ended training before an evaluation ran
-        export_members(ens, run_dir)
-        for key, examples in eval_sets.items():
-            last[key] = _evaluate(ens, run_dir, key, examples, progress)
+    with fallback:
+        epochs = train_members(ens.model, train_q, config.train, config.ensemble, config.prompt.scoring,
+                               ens.encoder.letter_ids, config.prompt.normalization, on_epoch_end, progress)
+        if best["epoch"] is not None and best["epoch"] != epochs[-1].epoch:
+            # Early stopping: the final predictions and metrics are those of the best epoch.
+            for path in epoch_predictions_dir(run_dir, best["epoch"]).glob("*.safetensors"):
+                shutil.copyfile(path, run_dir / "predictions" / path.name)
+            last = best["metrics"]
+            for k in range(config.ensemble.num_members):  # the in-memory members too
+                import_member(ens.model, k, run_dir / "members" / f"member_{k}")
+        if not epochs or not last:  # e.g. max_steps ended training before an evaluation ran
+            export_members(ens, run_dir)
+            for key, examples in eval_sets.items():
+                last[key] = _evaluate(ens, run_dir, key, examples, progress)
     results: dict[str, Any] = {}
     info = {"num_train_questions": len(train_examples), "train_seconds": round(time.time() - started, 1),
             "eval_seconds": round(eval_seconds, 1), "num_members": config.ensemble.num_members,

@@ -124,7 +124,6 @@ def train_members(
         raise ValueError("No training questions: check --data.dataset, --data.train_split and --data.train_limit.")
     c = max(q.num_choices for q in questions)
     lengths = np.array([q.num_tokens for q in questions])
-    steps_per_epoch = math.ceil(n / b)
     total = planned_steps(n, train)
     base_lp = None
     if train.kl_coef > 0:
