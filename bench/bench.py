@@ -725,6 +725,27 @@ def bench_mode(args, scoring: Scoring, tok, base_bf16, base_fp32, peft_base, tra
                         "gflops_compiled": cflops / sum(ctimes["compiled"]) / 1e9}
         log(f"[{res.mode}] compile: first step {first:.1f} s; eager {res.compiled['eager_s']:.2f} s/step, "
             f"compiled {res.compiled['compiled_s']:.2f} s/step")
+        if args.eval_questions:
+            # Evaluation on the compiled side: with its compiled layers (predict(compiled=True): the
+            # first pass compiles the no_grad graph) against the same layers run eagerly, which is
+            # what loraens' evaluation does. Then interleaved passes over the same questions.
+            def evaluate(compiled: bool) -> float:
+                t0 = time.perf_counter()
+                predict(comp_side.model, task.eval_q, task.eval_ids, m_main, scoring, task.letter_ids, NORM,
+                        batch_size=args.eval_batch_size, progress=False, compiled=compiled)
+                return time.perf_counter() - t0
+
+            res.compiled["eval_questions"] = len(task.eval_q)
+            res.compiled["first_eval_s"] = evaluate(True)
+            etimes_c: dict[bool, list[float]] = {True: [], False: []}
+            for r in range(args.eval_reps):
+                for compiled in ((True, False) if r % 2 else (False, True)):
+                    etimes_c[compiled].append(evaluate(compiled))
+            res.compiled["eval_compiled_s"] = med(etimes_c[True])
+            res.compiled["eval_eager_s"] = med(etimes_c[False])
+            log(f"[{res.mode}] compile: evaluation of {len(task.eval_q)} questions: first compiled pass "
+                f"{res.compiled['first_eval_s']:.1f} s, then compiled {res.compiled['eval_compiled_s']:.2f} s, "
+                f"eager {res.compiled['eval_eager_s']:.2f} s")
         del eager_side, comp_side
         gc.collect()
 
@@ -1127,11 +1148,25 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
                        f"| {c['first_step_s']:.0f} | {payback} |")
         out.append("")
         out.append(f"Medians over {args.compile_steps} interleaved steps on the same batches (different lengths: "
-                   "`dynamic=True` keeps one graph). The first compiled step includes the compilation (each mode starts from a dynamo reset and an empty Inductor disk cache; a user's later runs reuse the on-disk cache and start faster); "
-                   "evaluation under `no_grad` compiles a second graph. It pays back only on runs longer than the "
+                   "`dynamic=True` keeps one graph). The first compiled step includes the compilation (each mode starts from a dynamo reset and an empty Inductor disk cache; a user's later runs reuse the on-disk cache and start faster). "
+                   "It pays back only on runs longer than the "
                    "payback column, so loraens' default, `--train.compile auto`, compiles runs of at least "
                    f"{AUTO_MIN_MEMBER_QUESTIONS:,} member-questions (steps x M x B; when a C++ compiler is found) "
                    "and runs shorter ones eagerly.\n")
+        ev = [r for r in comp if "eval_eager_s" in r.compiled]
+        if ev:
+            out.append(f"Evaluation ({ev[0].compiled['eval_questions']:.0f} questions, M = {m}, "
+                       f"median of {args.eval_reps} interleaved passes) with the same compiled layers:\n")
+            out.append("| scoring | first compiled pass (s) | compiled pass (s) | eager pass (s) | eager / compiled speed |")
+            out.append("|---|---:|---:|---:|---:|")
+            for r in ev:
+                c = r.compiled
+                out.append(f"| {r.mode} | {c['first_eval_s']:.1f} | {c['eval_compiled_s']:.2f} | {c['eval_eager_s']:.2f} "
+                           f"| **{c['eval_compiled_s'] / c['eval_eager_s']:.2f}x** |")
+            out.append("")
+            out.append("The first compiled pass compiles a second (`no_grad`) graph; a compiled pass above 1.0x the "
+                       "eager one never pays that back, so loraens evaluates eagerly even when training compiled "
+                       "(`predict(compiled=False)`, the default).\n")
 
     pre = [r for r in results if r.prefix]
     if pre:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from loraens.batching import collate
 from loraens.compiling import (
@@ -20,6 +21,7 @@ from loraens.config import (
     TrainConfig,
 )
 from loraens.ensemble import attach_members, member_layers
+from loraens.predict import predict
 from loraens.scoring import member_log_probs
 from loraens.train import planned_steps
 
@@ -53,6 +55,27 @@ def test_compiled_layers_match_eager_scores_and_gradients(make_base, letter_enco
         torch.testing.assert_close(g_c, g_e, atol=1e-4, rtol=1e-3)
     # The module is still the same model: its state dict (members included) is unchanged in keys.
     assert set(compiled.state_dict()) == set(eager.state_dict())
+
+    # Evaluation runs the compiled layers eagerly: no new graph, the eager model's probabilities.
+    ids = [str(i) for i in range(len(enc))]
+    graphs = counters["stats"]["unique_graphs"]
+    want = predict(eager, enc, ids, 2, Scoring.LETTER, letter_encoder.letter_ids, progress=False).member_probs
+    got = predict(compiled, enc, ids, 2, Scoring.LETTER, letter_encoder.letter_ids, progress=False).member_probs
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # ... unless asked to run them compiled, which traces the no_grad forward anew.
+    got = predict(compiled, enc, ids, 2, Scoring.LETTER, letter_encoder.letter_ids, progress=False,
+                  compiled=True).member_probs
+    assert counters["stats"]["unique_graphs"] > graphs
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_with_a_frozen_prefix_only_the_trained_layers_are_compiled(make_base):
+    model = make_base()
+    attach_members(model, EnsembleConfig(num_members=2, rank=4, alpha=8.0, seed=0, top_layers=1))
+    bottom, top = model.model.layers
+    assert compile_decoder_layers(model) == 1
+    assert bottom._compiled_call_impl is None and top._compiled_call_impl is not None
 
 
 def test_compile_needs_decoder_layers():

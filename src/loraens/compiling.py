@@ -7,13 +7,15 @@ elementwise chains into a few C++ loops. Every decoder layer runs the same code,
 graph serves all of them (the layers' weights are graph inputs), and `dynamic=True` keeps one
 graph for every sequence length, so length-bucketed batches do not recompile.
 
-The first training step pays for compilation (about a minute on 2 CPU cores for SmolLM2-135M;
-evaluation under `no_grad` compiles a second graph), so it pays back only on longer runs.
+The first training step pays for compilation (about a minute on 2 CPU cores for SmolLM2-135M),
+so it pays back only on longer runs. Evaluation runs the same layers eagerly (`predict`): a
+`no_grad` pass would compile a second graph and was slower than eager even after that
+(`BENCHMARKS.md`, section (g)).
 `BENCHMARKS.md`, section (g), measured 1.43x faster steps at M = 5 members x B = 4 questions,
 repaying a cold compilation after 79-137 steps: 1,600-2,700 member-questions. The saving per step
 grows with the step's work (M x B), the compilation does not, so `--train.compile auto` (the
 default) compiles runs of at least `AUTO_MIN_MEMBER_QUESTIONS` = steps x M x B, about twice that,
-to leave room for the evaluation graph and slower machines. Inductor's on-disk cache makes later
+to leave room for slower machines. Inductor's on-disk cache makes later
 runs compile in seconds.
 """
 
@@ -25,6 +27,7 @@ import shutil
 from torch import nn
 
 from .config import CompileMode, TrainConfig
+from .prefix import prefix_cache_of
 from .scoring import decoder_of
 
 AUTO_MIN_MEMBER_QUESTIONS = 5000  # optimizer steps x members x questions per member
@@ -60,20 +63,25 @@ def compile_decision(train: TrainConfig, total_steps: int, num_members: int) -> 
         return False, (f"--train.compile auto: this run is long enough for compiling to pay ({size}), but no C++ "
                        "compiler was found ($CXX, g++, c++, clang++), so the layers run eagerly. Install g++ for "
                        "about 1.4x faster steps, or pass --train.compile false to silence this.")
-    return True, (f"compiling the decoder layers (--train.compile auto: {size}); the first training step and the "
-                  "first evaluation batch take up to a minute longer, later steps about 1.4x less")
+    return True, (f"compiling the decoder layers (--train.compile auto: {size}); the first training step takes "
+                  "up to a minute longer, later steps about 1.4x less")
 
 
 def compile_decoder_layers(model: nn.Module, dynamic: bool = True) -> int:
-    """Compile every decoder layer of `model` in place; returns how many were compiled.
+    """Compile the decoder layers of `model` that train, in place; returns how many were compiled.
 
     `nn.Module.compile` wraps each layer's forward and keeps the module (its parameters, LoRA
     members and state dict) as it is, so saving, exporting and the prefix cache work unchanged.
+    With a frozen-prefix cache (`--ensemble.top_layers`), the frozen layers below it run only
+    without gradients, once per question, so they stay eager: like evaluation (`predict`), a
+    `no_grad` pass would need a compilation of its own and is not faster compiled.
     """
     layers = getattr(decoder_of(model), "layers", None) if hasattr(model, "base_model_prefix") else None
     if layers is None:
         raise ValueError(f"--train.compile: {type(model).__name__} has no decoder `.layers` to compile; "
                          "run without --train.compile.")
-    for layer in layers:
+    cache = prefix_cache_of(model)
+    trained = list(layers)[cache.split:] if cache is not None else list(layers)
+    for layer in trained:
         layer.compile(dynamic=dynamic)
-    return len(layers)
+    return len(trained)

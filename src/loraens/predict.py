@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +57,16 @@ def predict(
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "predict",
+    compiled: bool = False,
 ) -> Predictions:
     """Every member's distribution over the choices of every question, in the input order.
 
     Questions are batched by length to keep padding small; each batch is repeated for the M
     members and scored in one forward pass.
+
+    Decoder layers compiled for training (`--train.compile`) run eagerly here unless `compiled`:
+    a compiled `no_grad` forward needs a compilation of its own and was still slower than eager
+    once compiled (BENCHMARKS.md, section (g)).
     """
     if not questions:
         raise ValueError("predict() got no questions; check the dataset, split and --limit.")
@@ -71,10 +77,11 @@ def predict(
     c = max(q.num_choices for q in questions)
     out = torch.zeros(len(questions), num_members, c)
     batches = length_sorted_batches(questions, batch_size)
-    for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-        batch = collate([questions[i] for i in idx], num_choices=c).repeat_members(num_members)
-        lp = member_log_probs(model, batch, num_members, scoring, letter_ids, normalization)  # [M, B, C]
-        out[idx] = lp.exp().transpose(0, 1).float()
+    with nullcontext() if compiled else torch.compiler.set_stance("force_eager"):
+        for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+            batch = collate([questions[i] for i in idx], num_choices=c).repeat_members(num_members)
+            lp = member_log_probs(model, batch, num_members, scoring, letter_ids, normalization)  # [M, B, C]
+            out[idx] = lp.exp().transpose(0, 1).float()
     model.train(was_training)
     targets = torch.tensor([q.answer for q in questions], dtype=torch.long)
     mask = torch.zeros(len(questions), c, dtype=torch.bool)
