@@ -11,6 +11,7 @@ from loraens.compiling import (
     compile_decision,
     compile_decoder_layers,
     cpp_compiler,
+    layers_to_compile,
 )
 from loraens.config import (
     CompileMode,
@@ -63,6 +64,11 @@ def test_compiled_layers_match_eager_scores_and_gradients(make_base, letter_enco
     got = predict(compiled, enc, ids, 2, Scoring.LETTER, letter_encoder.letter_ids, progress=False).member_probs
     assert counters["stats"]["unique_graphs"] == graphs
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # The eager stance ends with predict, also when it raises (no letter ids: the head has no rows).
+    assert torch._dynamo.eval_frame._stance.stance == "default"
+    with pytest.raises(IndexError):
+        predict(compiled, enc, ids, 2, Scoring.LETTER, (), progress=False)
+    assert torch._dynamo.eval_frame._stance.stance == "default"
     # ... unless asked to run them compiled, which traces the no_grad forward anew.
     got = predict(compiled, enc, ids, 2, Scoring.LETTER, letter_encoder.letter_ids, progress=False,
                   compiled=True).member_probs
@@ -74,6 +80,8 @@ def test_with_a_frozen_prefix_only_the_trained_layers_are_compiled(make_base):
     model = make_base()
     attach_members(model, EnsembleConfig(num_members=2, rank=4, alpha=8.0, seed=0, top_layers=1))
     bottom, top = model.model.layers
+    assert layers_to_compile(model) == (1, 2)
+    assert layers_to_compile(make_base()) is None  # no prefix cache: every layer compiles
     assert compile_decoder_layers(model) == 1
     assert bottom._compiled_call_impl is None and top._compiled_call_impl is not None
 
@@ -106,6 +114,15 @@ def test_compile_decision(monkeypatch, kw, steps, members, expected):
     assert bool(note) is use  # a note whenever the layers are compiled, silence otherwise
     if use and "compile" not in kw:
         assert f"{steps * members * kw['batch_size']:,} member-questions" in note
+
+
+def test_compile_decision_counts_only_the_compiled_share_of_layers(monkeypatch):
+    monkeypatch.setattr("loraens.compiling.cpp_compiler", lambda: "g++")
+    # 5,000 member-questions pay back at full depth, but 8 of 30 compiled layers save 8/30 as much.
+    assert compile_decision(_train(batch_size=8), 125, 5, (8, 30)) == (False, "")
+    use, note = compile_decision(_train(batch_size=8), 469, 5, (8, 30))  # 18,760 x 8/30 = 5,002
+    assert use and "x 8/30 compiled layers = 5,002 member-questions" in note
+    assert not compile_decision(_train(batch_size=8), 468, 5, (8, 30))[0]  # 4,992
 
 
 def test_compile_auto_without_a_compiler_runs_eagerly_and_says_how_to_fix(monkeypatch):
@@ -160,7 +177,7 @@ def test_auto_compiled_run_falls_back_to_eager_only_inside_the_run(tiny_setup, t
         seen["during"] = torch._dynamo.config.suppress_errors
         return real_train_members(*args, **kwargs)
 
-    monkeypatch.setattr(run_mod, "compile_decision", lambda train, steps, members: (True, "compiling"))
+    monkeypatch.setattr(run_mod, "compile_decision", lambda train, steps, members, layers=None: (True, "compiling"))
     monkeypatch.setattr(run_mod, "compile_decoder_layers", lambda model: seen.setdefault("compiled", True))
     monkeypatch.setattr(run_mod, "train_members", recording_train_members)
     before = torch._dynamo.config.suppress_errors

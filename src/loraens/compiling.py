@@ -41,23 +41,28 @@ def cpp_compiler() -> str | None:
     return None
 
 
-def compile_decision(train: TrainConfig, total_steps: int, num_members: int) -> tuple[bool, str]:
+def compile_decision(train: TrainConfig, total_steps: int, num_members: int,
+                     compiled_layers: tuple[int, int] | None = None) -> tuple[bool, str]:
     """Whether to compile the decoder layers for a run of `total_steps` optimizer steps.
 
     Returns (compile, note); the note is for the user ("" when there is nothing to say).
     `--train.compile true/false` is obeyed as given; `auto` compiles only runs that train at
     least `AUTO_MIN_MEMBER_QUESTIONS` member-questions, without member chunking or checkpointing
     (not combined with compilation in our tests), and only when a C++ compiler is there for
-    Inductor.
+    Inductor. `compiled_layers` = (K, L) when only K of the L layers would compile (a frozen-prefix
+    cache): the compilation costs the same, the saving per step is about K / L of it, so the
+    member-questions count K / L of their number.
     """
     if train.compile is CompileMode.TRUE:
         return True, "compiling the decoder layers (--train.compile true); the first step takes about a minute"
-    work = total_steps * num_members * train.batch_size
+    k, n_layers = compiled_layers or (1, 1)
+    work = total_steps * num_members * train.batch_size * k // n_layers
     if train.compile is CompileMode.FALSE or work < AUTO_MIN_MEMBER_QUESTIONS:
         return False, ""
     if train.member_chunk is not None or train.gradient_checkpointing:
         return False, ""
-    size = (f"{total_steps} steps x {num_members} members x {train.batch_size} questions = {work:,} "
+    share = f" x {k}/{n_layers} compiled layers" if compiled_layers else ""
+    size = (f"{total_steps} steps x {num_members} members x {train.batch_size} questions{share} = {work:,} "
             f"member-questions >= {AUTO_MIN_MEMBER_QUESTIONS:,}")
     if cpp_compiler() is None:
         return False, (f"--train.compile auto: this run is long enough for compiling to pay ({size}), but no C++ "
@@ -67,21 +72,35 @@ def compile_decision(train: TrainConfig, total_steps: int, num_members: int) -> 
                   "up to a minute longer, later steps about 1.4x less")
 
 
-def compile_decoder_layers(model: nn.Module, dynamic: bool = True) -> int:
-    """Compile the decoder layers of `model` that train, in place; returns how many were compiled.
-
-    `nn.Module.compile` wraps each layer's forward and keeps the module (its parameters, LoRA
-    members and state dict) as it is, so saving, exporting and the prefix cache work unchanged.
-    With a frozen-prefix cache (`--ensemble.top_layers`), the frozen layers below it run only
-    without gradients, once per question, so they stay eager: like evaluation (`predict`), a
-    `no_grad` pass would need a compilation of its own and is not faster compiled.
-    """
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     layers = getattr(decoder_of(model), "layers", None) if hasattr(model, "base_model_prefix") else None
     if layers is None:
         raise ValueError(f"--train.compile: {type(model).__name__} has no decoder `.layers` to compile; "
                          "run without --train.compile.")
+    return list(layers)
+
+
+def layers_to_compile(model: nn.Module) -> tuple[int, int] | None:
+    """(K, L) when `compile_decoder_layers` would compile only K of the L decoder layers (with a
+    frozen-prefix cache, the K layers at and above its split); None when it compiles them all."""
     cache = prefix_cache_of(model)
-    trained = list(layers)[cache.split:] if cache is not None else list(layers)
-    for layer in trained:
+    if cache is None:
+        return None
+    n_layers = len(_decoder_layers(model))
+    return n_layers - cache.split, n_layers
+
+
+def compile_decoder_layers(model: nn.Module, dynamic: bool = True) -> int:
+    """Compile the decoder layers of `model` in place; returns how many were compiled.
+
+    All layers, or with a frozen-prefix cache (`--ensemble.top_layers`) only those at and above
+    its split: the frozen layers below run only without gradients, once per question, and like
+    evaluation (`predict`), a `no_grad` pass would need a compilation of its own and is not faster
+    compiled. `nn.Module.compile` wraps each layer's forward and keeps the module (its parameters,
+    LoRA members and state dict) as it is, so saving, exporting and the prefix cache work unchanged.
+    """
+    layers = _decoder_layers(model)
+    k = (layers_to_compile(model) or (len(layers),))[0]
+    for layer in layers[len(layers) - k:]:
         layer.compile(dynamic=dynamic)
-    return len(trained)
+    return k

@@ -197,7 +197,8 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     # torch.compile the decoder layers: about a minute of compilation on 2 CPU cores, then ~1.4x
     # faster steps (BENCHMARKS.md, section (g)). auto: only for runs of at least 5000 member-questions
-    # (steps x members x batch_size), without member_chunk or checkpointing, with a C++ compiler.
+    # (steps x members x batch_size, x K/L when a frozen-prefix cache leaves K of L layers to compile),
+    # without member_chunk or checkpointing, with a C++ compiler. Evaluation always runs eagerly.
     compile: CompileMode = CompileMode.AUTO
     # Members per forward/backward pass; null = all M at once (fastest). A smaller number bounds a
     # step's activation memory to that of member_chunk x batch_size questions; gradients are the same

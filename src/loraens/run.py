@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compiling import compile_decision, compile_decoder_layers
+from .compiling import compile_decision, compile_decoder_layers, layers_to_compile
 from .config import CompileMode, RunConfig
 from .data import load_mcqa
 from .ensemble import attach_members, export_member, import_member
@@ -189,7 +189,7 @@ def train_run(config: RunConfig, progress: bool = True) -> RunResult:
         enable_gradient_checkpointing(ens.model)
     train_q = ens.encoder.encode_all(train_examples)
     use_compile, note = compile_decision(config.train, planned_steps(len(train_q), config.train),
-                                         config.ensemble.num_members)
+                                         config.ensemble.num_members, layers_to_compile(ens.model))
     if note:
         print(f"loraens: {note}")
     if use_compile:
