@@ -1270,10 +1270,10 @@ NOT_MEASURED = """## Levers not used, and what these figures are not
   (`--train.gradient_checkpointing`) are off by default: a step's activations grow with the rows
   M x B, not with M at a fixed number of rows (see (c)), and at the sequence lengths of these tasks
   (~40-110 tokens) M = 16 fits. (c2) measures what they save and cost when the rows do grow.
-- Choice-likelihood's full-vocabulary head runs as two bf16 GEMMs (the product and its rounding
-  residual), exact to ~1e-4 in the logits, with bf16 backward GEMMs, over vocabulary blocks whose
-  float32 logits stay in cache (`loraens.head`); the residual GEMM is work the FLOP count of (d)
-  does not include.
+- Choice-likelihood's full-vocabulary head runs over vocabulary blocks whose float32 logits stay
+  in cache (`loraens.head`), with bf16 GEMMs. In evaluation each block's logits are two GEMMs (the
+  product and its rounding residual), exact to ~1e-4, which is work the FLOP count of (d) does not
+  include; training uses the bf16 product alone.
 - `torch.compile` is measured in (g). `--train.compile auto` (the default) compiles only runs of
   at least AUTO_MIN_MEMBER_QUESTIONS member-questions (steps x M x B), because on short runs the
   compilation costs more than it saves; the throughput sections above run eagerly.

@@ -7,21 +7,29 @@ once, in alternating order, so the machine's drift hits all of them alike. Varia
 - `plain`: transformers' eager attention (`repeat_kv`) and the members' update through plain
   autograd (`MemberLoraLinear.fused_update = False`): what loraens did before these levers;
 - `+ fused update`: the member update as one `autograd.Function` (`ensemble._MemberLoraAdd`);
-- `+ grouped attention`: both levers on, with `loraens.attention`'s grouped eager attention
-  (the defaults).
+- `+ grouped attention`: both levers on, with `loraens.attention`'s grouped eager attention;
+- `+ bf16 training head`: all three on (the defaults): choice-likelihood's full-vocabulary head
+  takes the bf16 logits alone in training (`member_log_probs(exact_head=False)`), not the
+  float32-exact two-GEMM logits that the variants above use. No change for letter scoring.
+
+`--top-layers K` runs the ladder with LoRA in the top K layers only and the frozen-prefix cache
+filled beforehand (the later-epoch steps of `bench/bench.py` section (e)).
 
 Reported: median seconds per step and the median over steps of each variant's speed against
 `plain` measured at the same step.
 
     python bench/bench_levers.py --steps 7
+    python bench/bench_levers.py --steps 9 --modes choice-likelihood --top-layers 8
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from unittest import mock
 
 import numpy as np
 import torch
@@ -31,30 +39,36 @@ from loraens.config import ModelConfig, Scoring
 from loraens.data import load_mcqa
 from loraens.ensemble import member_layers
 from loraens.model import load_base_model
+from loraens.scoring import member_log_probs
 
 if __package__:  # imported as the package module bench.bench_levers
     from . import bench as B
 else:  # `python bench/bench_levers.py` puts bench/ itself on sys.path, where bench.py is `bench`
     import bench as B
 
-VARIANTS = {  # name: (fused member update, attention implementation)
-    "plain": (False, "eager"),
-    "+ fused update": (True, "eager"),
-    "+ grouped attention": (True, GROUPED_EAGER),
+VARIANTS = {  # name: (fused member update, attention implementation, bf16 training head)
+    "plain": (False, "eager", False),
+    "+ fused update": (True, "eager", False),
+    "+ grouped attention": (True, GROUPED_EAGER, False),
+    "+ bf16 training head": (True, GROUPED_EAGER, True),
 }
 
 
 @contextmanager
-def variant(model: torch.nn.Module, fused: bool, attn: str):
-    """Switch the levers of `model` in place; restores the defaults on exit."""
+def variant(model: torch.nn.Module, fused: bool, attn: str, fast_head: bool):
+    """Switch the levers of `model` (and of `train_step`'s head) in place; restores the defaults on exit."""
     layers = list(member_layers(model).values())
     config = model.config
     saved = config._attn_implementation
+    # Without the fast head, train_step's scoring call gets the exact head that evaluation uses.
+    head = (mock.patch("loraens.train.member_log_probs", functools.partial(member_log_probs, exact_head=True))
+            if not fast_head else nullcontext())
     try:
         for layer in layers:
             layer.fused_update = fused
         config._attn_implementation = attn  # read by every attention module at each forward
-        yield
+        with head:
+            yield
     finally:
         for layer in layers:
             del layer.fused_update  # back to the class default
@@ -69,15 +83,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--modes", default="letter,choice-likelihood")
     p.add_argument("--dataset", default="arc_easy")
     p.add_argument("--data-dir", default="/work/shared/data/mcqa")
+    p.add_argument("--top-layers", type=int, default=None,
+                   help="LoRA in the top K layers only, with the frozen-prefix cache filled before timing")
     args = p.parse_args(argv)
 
     base, tok = load_base_model(ModelConfig())
     train_ex = load_mcqa(args.dataset, "train", data_dir=args.data_dir, limit=256, seed=0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; M = {args.members}, "
-          f"B = {args.batch_size}, {args.steps} timed steps after 1 warm-up\n")
+          f"B = {args.batch_size}, {args.steps} timed steps after 1 warm-up"
+          + (f", LoRA in the top {args.top_layers} layers (prefix cache filled first)" if args.top_layers else "")
+          + "\n")
     print("| scoring | variant | median s/step | speed vs plain (median over steps) |")
     print("|---|---|---:|---:|")
-    side = B.build_loraens(base, args.members, in_place=True)
+    side = B.build_loraens(base, args.members, in_place=True, top_layers=args.top_layers)
     for mode in args.modes.split(","):
         scoring = Scoring(mode)
         task = B.make_task(tok, scoring, train_ex, train_ex[:4])
@@ -85,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         orders = B.member_orders(len(task.train_q), args.members, 1, 0, True)
         chunks = [c for c in B.member_batches(orders, lengths, args.batch_size, 8, 0, 1)
                   if c.shape[1] == args.batch_size][: args.steps + 1]
+        if args.top_layers:  # every timed step reads the frozen bottom from the cache, as in later epochs
+            for chunk in chunks:
+                B.loraens_step(side, task, chunk)
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for i, chunk in enumerate(chunks):
             names = list(VARIANTS) if i % 2 else list(reversed(VARIANTS))

@@ -56,6 +56,31 @@ def test_token_log_probs_and_gradient_match_float64(head_data, block_elements, m
     assert (h.grad.double() - ref_grad).norm() / ref_grad.norm() < 5e-3
 
 
+@pytest.mark.parametrize("block_elements", [None, 37 * 256])
+def test_training_head_is_the_log_softmax_of_the_bf16_logits(head_data, block_elements, monkeypatch):
+    """exact=False: the same computation on the bf16-rounded logits, and their gradient."""
+    hidden, weight, targets = head_data
+    if block_elements:
+        monkeypatch.setattr(head_mod, "BLOCK_ELEMENTS", block_elements)
+    h_ref = hidden.clone().requires_grad_(True)
+    # float64 log-softmax of the bf16 product, and its gradient through that product (bf16 GEMM)
+    logits = torch.nn.functional.linear(h_ref, weight)
+    ref = torch.log_softmax(logits.double(), -1).gather(1, targets[:, None]).squeeze(1)
+    weights = torch.linspace(0.5, 1.5, len(targets))
+    (ref * weights.double()).sum().backward()
+    h = hidden.clone().requires_grad_(True)
+    lp = token_log_probs(h, weight, targets, exact=False)
+    (lp * weights).sum().backward()
+    assert (lp.double() - ref.detach()).abs().max() < 5e-5
+    assert (h.grad.double() - h_ref.grad.double()).norm() / h_ref.grad.double().norm() < 5e-3
+    # ... which differs from the exact log-probabilities by the bf16 rounding of the logits.
+    exact_lp, _ = reference(hidden, weight, targets)
+    assert 1e-3 < (lp.double() - exact_lp).abs().max() < 0.2
+    # float32 inputs have no bf16 product to skip: the exact path either way.
+    assert torch.equal(token_log_probs(hidden.float(), weight.float(), targets, exact=False),
+                       token_log_probs(hidden.float(), weight.float(), targets))
+
+
 @pytest.mark.parametrize("block_elements", [None, 8 * 256])
 def test_near_certain_tokens_keep_their_small_log_probability(block_elements, monkeypatch):
     """Logits up to ~40 with the target at the argmax: log p is ~-1e-6, never above 0.

@@ -25,6 +25,13 @@ blurs NLL and ECE.
   cache: the elementwise passes (cast, max, exp, sum, scale, cast) are memory-bound; on this
   machine `torch.exp` streams 50-80 GB/s over 1-17 MB tensors and 20 GB/s over 67 MB.
 
+Training does not need the float32-exact logits (`exact=False`, which `train_step` passes): the
+bf16 product alone, one GEMM fewer, everything after it unchanged. The loss and its gradient then
+carry the logits' bf16 rounding, like every other bf16 product of the step; NLL and ECE are
+measured in evaluation, which keeps the exact logits, and `bench/bench.py` section (f) compares
+the trained ensemble with float32 PEFT. `bench/bench_levers.py` times it on and off ("+ bf16
+training head"; a frozen-prefix step gains most, since the head is a larger share of it).
+
 Forward and backward at the SmolLM2 head (V = 49,152, H = 576), medians over 3 alternating
 rounds (`python bench/bench_head.py --rounds 3`): 240 tokens 0.216 s with the float32 head
 against 0.094 s here (2.30x), 480 tokens 0.371 s against 0.161 s (2.30x).
@@ -89,7 +96,8 @@ class _TokenLogProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                exact: bool = True) -> torch.Tensor:
         block = vocab_block(hidden.shape[0], weight.shape[0])
         keep = ctx.needs_input_grad[0]
         rows = torch.arange(len(targets), device=targets.device)
@@ -98,7 +106,10 @@ class _TokenLogProb(torch.autograd.Function):
         target_logit = torch.zeros(len(targets), dtype=acc, device=hidden.device)  # [K]
         maxes, sums, saved = [], [], []
         for v0 in range(0, weight.shape[0], block):
-            logits = exact_logits(hidden, weight[v0:v0 + block])  # [K, block] float32 (or float64)
+            w = weight[v0:v0 + block]
+            # [K, block] float32 (or float64); not exact: the bf16 product alone, one GEMM fewer
+            fast = not exact and hidden.dtype == w.dtype
+            logits = F.linear(hidden, w).to(acc) if fast else exact_logits(hidden, w)
             inside = (targets >= v0) & (targets < v0 + block)
             at = (rows[inside], targets[inside] - v0)
             target_logit[inside] = logits[at]
@@ -136,18 +147,22 @@ class _TokenLogProb(torch.autograd.Function):
             grad_logits[rows[inside], targets[inside] - v0] = target_grad[inside].to(e.dtype)
             w = weight[v0:v0 + block].to(ctx.hidden_dtype)
             grad_hidden.add_(grad_logits.to(ctx.hidden_dtype) @ w)
-        return grad_hidden.to(ctx.hidden_dtype), None, None
+        return grad_hidden.to(ctx.hidden_dtype), None, None, None
 
 
 def token_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    bias: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, softcap: float | None = None,
+                    exact: bool = True) -> torch.Tensor:
     """Log-probability of `targets` [K] under the output head at `hidden` [K, H]; float32 [K].
 
     `weight` [V, H] is the head's (frozen) weight. A head with a bias, soft-capped logits
     (Gemma) or a trainable weight takes the plain float32 path.
+    `exact=False` (training): for bf16 `hidden` and `weight`, the logits are the bf16 product
+    alone (rounded by up to ~0.06 at |logit| ~ 16), without the residual GEMM; everything after
+    the GEMM stays float32. Other dtypes are unaffected.
     """
     if bias is None and not softcap and not weight.requires_grad:
-        return _TokenLogProb.apply(hidden, weight, targets)
+        return _TokenLogProb.apply(hidden, weight, targets, exact)
     logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

@@ -44,11 +44,16 @@ def member_log_probs(
     scoring: Scoring,
     letter_ids: tuple[int, ...] = (),
     normalization: Normalization = Normalization.MEAN,
+    exact_head: bool = True,
 ) -> torch.Tensor:
     """Log-probabilities over choices, shape [M, B, C], with masked choices at -inf.
 
     `batch` holds M*B member-major rows (see `Batch.repeat_members`), so row k*B + i is question
     i as seen by member k. Gradients flow to the members' LoRA weights.
+
+    `exact_head=False` (training): a bf16 model's full-vocabulary head of choice-likelihood
+    scoring uses the bf16 logits alone, one GEMM fewer (`head.token_log_probs`); evaluation keeps
+    the float32-exact logits that NLL and ECE are measured on.
     """
     batch = batch.to(next(model.parameters()).device)
     rows = batch.num_rows
@@ -76,12 +81,13 @@ def member_log_probs(
         at_answer = hidden[torch.arange(rows), batch.answer_pos]  # [R, H]
         scores = _head_logits(model, at_answer, torch.tensor(letter_ids[:c], device=hidden.device))  # [R, C]
     else:
-        scores = _choice_scores(model, hidden, batch, normalization)  # [R, C]
+        scores = _choice_scores(model, hidden, batch, normalization, exact_head)  # [R, C]
     scores = scores.masked_fill(~batch.choice_mask, float("-inf"))
     return F.log_softmax(scores, dim=-1).view(num_members, rows // num_members, -1)
 
 
-def _choice_scores(model: nn.Module, hidden: torch.Tensor, batch: Batch, normalization: Normalization) -> torch.Tensor:
+def _choice_scores(model: nn.Module, hidden: torch.Tensor, batch: Batch, normalization: Normalization,
+                   exact_head: bool = True) -> torch.Tensor:
     """Summed or mean log-probability of each choice's tokens, [R, C]."""
     assert batch.score_pos is not None and batch.score_tokens is not None and batch.score_mask is not None
     r, c, length = batch.score_pos.shape
@@ -91,7 +97,8 @@ def _choice_scores(model: nn.Module, hidden: torch.Tensor, batch: Batch, normali
     head = model.get_output_embeddings()
     # [K]: real choice tokens only, float32 (see `head.token_log_probs` for the bf16 fast path)
     token_lp = token_log_probs(gathered[mask], head.weight, batch.score_tokens.view(r, c * length)[mask],
-                               getattr(head, "bias", None), getattr(model.config, "final_logit_softcapping", None))
+                               getattr(head, "bias", None), getattr(model.config, "final_logit_softcapping", None),
+                               exact_head)
     per_token = torch.zeros(r, c * length, dtype=token_lp.dtype, device=token_lp.device)  # float32
     per_token = per_token.masked_scatter(mask, token_lp).view(r, c, length)
     total = per_token.sum(-1)  # [R, C]
