@@ -25,7 +25,6 @@ Reported: median seconds per step and the median over steps of each variant's sp
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import time
 from contextlib import contextmanager, nullcontext
@@ -61,8 +60,10 @@ def variant(model: torch.nn.Module, fused: bool, attn: str, fast_head: bool):
     config = model.config
     saved = config._attn_implementation
     # Without the fast head, train_step's scoring call gets the exact head that evaluation uses.
-    head = (mock.patch("loraens.train.member_log_probs", functools.partial(member_log_probs, exact_head=True))
-            if not fast_head else nullcontext())
+    def exact_head(*args, **kwargs):  # overrides train_step's exact_head=False
+        return member_log_probs(*args, **{**kwargs, "exact_head": True})
+
+    head = mock.patch("loraens.train.member_log_probs", exact_head) if not fast_head else nullcontext()
     try:
         for layer in layers:
             layer.fused_update = fused
