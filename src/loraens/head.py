@@ -105,11 +105,10 @@ class _TokenLogProb(torch.autograd.Function):
         save_dtype = hidden.dtype if hidden.dtype == torch.bfloat16 else acc
         target_logit = torch.zeros(len(targets), dtype=acc, device=hidden.device)  # [K]
         maxes, sums, saved = [], [], []
+        fast = not exact and hidden.dtype == weight.dtype  # the bf16 product alone: one GEMM fewer
         for v0 in range(0, weight.shape[0], block):
             w = weight[v0:v0 + block]
-            # [K, block] float32 (or float64); not exact: the bf16 product alone, one GEMM fewer
-            fast = not exact and hidden.dtype == w.dtype
-            logits = F.linear(hidden, w).to(acc) if fast else exact_logits(hidden, w)
+            logits = F.linear(hidden, w).to(acc) if fast else exact_logits(hidden, w)  # [K, block] float32 (or float64)
             inside = (targets >= v0) & (targets < v0 + block)
             at = (rows[inside], targets[inside] - v0)
             target_logit[inside] = logits[at]
