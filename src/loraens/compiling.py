@@ -101,8 +101,8 @@ def compile_decoder_layers(model: nn.Module, dynamic: bool = True) -> int:
     compiled. `nn.Module.compile` wraps each layer's forward and keeps the module (its parameters,
     LoRA members and state dict) as it is, so saving, exporting and the prefix cache work unchanged.
     """
-    layers = _decoder_layers(model)
-    k = (layers_to_compile(model) or (len(layers),))[0]
-    for layer in layers[len(layers) - k:]:
+    cache = prefix_cache_of(model)
+    trained = _decoder_layers(model)[cache.split if cache is not None else 0:]
+    for layer in trained:
         layer.compile(dynamic=dynamic)
-    return k
+    return len(trained)
