@@ -1,6 +1,7 @@
 """`torch.compile` of the decoder layers (`--train.compile`).
 
-A bf16 training step on CPU spends about half its time outside the GEMMs: RMSNorm's float32
+A bf16 training step on CPU spends a large share of its time outside the GEMMs (about half on a
+CPU with AMX tiles, a quarter on one with AVX-512 BF16 only, whose GEMMs are slower): RMSNorm's float32
 round trip, rotary embeddings, SwiGLU, softmax and the casts around the member-axis LoRA update
 are each a separate pass over memory (`bench/bench.py`, section (d)). Inductor fuses those
 elementwise chains into a few C++ loops. Every decoder layer runs the same code, so one compiled
@@ -13,10 +14,11 @@ so it pays back only on longer runs. Evaluation runs the same layers eagerly (`p
 (`BENCHMARKS.md`, section (g)).
 
 `BENCHMARKS.md`, section (g), measured 1.36-1.48x faster steps at M = 5 members x B = 4
-questions over three runs, repaying a cold compilation after 79-143 steps: 1,600-2,900
-member-questions. The saving per step grows with the step's work (M x B), the compilation does
-not, so `--train.compile auto` (the default) compiles runs of at least
-`AUTO_MIN_MEMBER_QUESTIONS` = steps x M x B, about twice that, to leave room for slower machines.
+questions over three runs on an AMX machine, repaying a cold compilation after 79-143 steps:
+1,600-2,900 member-questions; on an AVX-512 BF16 machine 1.12-1.21x over two runs, repaying
+after 166-193 steps in the full one: 3,300-3,900 member-questions. The saving per step grows with the step's work (M x B), the
+compilation does not, so `--train.compile auto` (the default) compiles runs of at least
+`AUTO_MIN_MEMBER_QUESTIONS` = steps x M x B, above both.
 Inductor's on-disk cache makes later runs compile faster (a first compiled step of 16 s instead
 of 34 s, SmolLM2-135M, M = 5, B = 4).
 """
