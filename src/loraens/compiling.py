@@ -16,9 +16,11 @@ so it pays back only on longer runs. Evaluation runs the same layers eagerly (`p
 `BENCHMARKS.md`, section (g), measured 1.36-1.48x faster steps at M = 5 members x B = 4
 questions over three runs on an AMX machine, repaying a cold compilation after 79-143 steps:
 1,600-2,900 member-questions; on an AVX-512 BF16 machine 1.12-1.21x over two runs, repaying
-after 166-193 steps in the full one: 3,300-3,900 member-questions. The saving per step grows with the step's work (M x B), the
-compilation does not, so `--train.compile auto` (the default) compiles runs of at least
-`AUTO_MIN_MEMBER_QUESTIONS` = steps x M x B, above both.
+after 166-309 steps: 3,300-6,200 member-questions. The saving per step grows with the step's
+work (M x B), the compilation does not, so `--train.compile auto` (the default) compiles runs of
+at least `AUTO_MIN_MEMBER_QUESTIONS` = steps x M x B. That is above the AMX payback and inside
+the AVX-512 one, where a run just above it may lose about 12 s; a real run is
+well above it (one ARC-Easy epoch with 5 members is 11,255 member-questions).
 Inductor's on-disk cache makes later runs compile faster (a first compiled step of 16 s instead
 of 34 s, SmolLM2-135M, M = 5, B = 4).
 """
