@@ -1242,8 +1242,7 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
                    f"{AUTO_MIN_MEMBER_QUESTIONS:,} member-questions (steps x M x B; when a C++ compiler is found) "
                    "and runs shorter ones eagerly.\n")
         by_b = [(r, b_, x) for r in comp for b_, x in sorted(r.compiled.get("by_b", {}).items())]
-        if len({b_ for _, b_, _ in by_b}) > 1:
-            peak = bf16_peak(peaks, results)
+        if len({b_ for _, b_, _ in by_b}) > 1:  # `peak`: (d)'s, computed above
             out.append(f"The same two sides (M = {m}) at each B of (d), measured the same way after an untimed "
                        "step at the new shape; model FLOPs as in (d):\n")
             out.append("| scoring | B | eager s/step | compiled s/step | compiled / eager speed | eager MFU "
