@@ -8,9 +8,11 @@ once, in alternating order, so the machine's drift hits all of them alike. Varia
   autograd (`MemberLoraLinear.fused_update = False`): what loraens did before these levers;
 - `+ fused update`: the member update as one `autograd.Function` (`ensemble._MemberLoraAdd`);
 - `+ grouped attention`: both levers on, with `loraens.attention`'s grouped eager attention;
-- `+ bf16 training head`: all three on (the defaults): choice-likelihood's full-vocabulary head
+- `+ bf16 training head`: all three on: choice-likelihood's full-vocabulary head
   takes the bf16 logits alone in training (`member_log_probs(exact_head=False)`), not the
   float32-exact two-GEMM logits that the variants above use. No change for letter scoring.
+- `+ packed tokens`: all four on (the defaults): the decoder runs on each member's real tokens
+  end to end, without padding (`loraens.packing`); the variants above run the padded rows.
 
 `--top-layers K` runs the ladder with LoRA in the top K layers only and the frozen-prefix cache
 filled beforehand (the later-epoch steps of `bench/bench.py` section (e)).
@@ -45,25 +47,28 @@ if __package__:  # imported as the package module bench.bench_levers
 else:  # `python bench/bench_levers.py` puts bench/ itself on sys.path, where bench.py is `bench`
     import bench as B
 
-VARIANTS = {  # name: (fused member update, attention implementation, bf16 training head)
-    "plain": (False, "eager", False),
-    "+ fused update": (True, "eager", False),
-    "+ grouped attention": (True, GROUPED_EAGER, False),
-    "+ bf16 training head": (True, GROUPED_EAGER, True),
+VARIANTS = {  # name: (fused member update, attention implementation, bf16 training head, packed tokens)
+    "plain": (False, "eager", False, False),
+    "+ fused update": (True, "eager", False, False),
+    "+ grouped attention": (True, GROUPED_EAGER, False, False),
+    "+ bf16 training head": (True, GROUPED_EAGER, True, False),
+    "+ packed tokens": (True, GROUPED_EAGER, True, True),
 }
 
 
 @contextmanager
-def variant(model: torch.nn.Module, fused: bool, attn: str, fast_head: bool):
-    """Switch the levers of `model` (and of `train_step`'s head) in place; restores the defaults on exit."""
+def variant(model: torch.nn.Module, fused: bool, attn: str, fast_head: bool, packed: bool):
+    """Switch the levers of `model` (and of `train_step`'s scoring call) in place; restores the defaults on exit."""
     layers = list(member_layers(model).values())
     config = model.config
     saved = config._attn_implementation
     # Without the fast head, train_step's scoring call gets the exact head that evaluation uses.
-    def exact_head(*args, **kwargs):  # overrides train_step's exact_head=False
-        return member_log_probs(*args, **{**kwargs, "exact_head": True})
+    overrides = {**({} if fast_head else {"exact_head": True}), **({} if packed else {"pack_tokens": False})}
 
-    head = mock.patch("loraens.train.member_log_probs", exact_head) if not fast_head else nullcontext()
+    def scoring_call(*args, **kwargs):  # overrides train_step's exact_head=False and the packing default
+        return member_log_probs(*args, **{**kwargs, **overrides})
+
+    head = mock.patch("loraens.train.member_log_probs", scoring_call) if overrides else nullcontext()
     try:
         for layer in layers:
             layer.fused_update = fused

@@ -23,6 +23,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from .packing import KWARG, Packing, to_packed, to_rows
+
 GROUPED_EAGER = "loraens_grouped_eager"
 
 
@@ -44,6 +46,9 @@ def grouped_eager_attention(
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise ValueError(f"attn_implementation {GROUPED_EAGER!r} supports neither logit soft-capping nor "
                          "attention sinks, which this model uses; load it with --model.attn_implementation eager.")
+    packing = kwargs.get(KWARG)
+    if packing is not None:  # packed rows [M, H, P, d]: attend in the padded rows of the mask
+        return _packed_attention(module, query, key, value, attention_mask, packing, scaling, dropout)
     b, h, t, d = query.shape
     hkv, s = key.shape[1], key.shape[2]
     if h % hkv:
@@ -68,6 +73,27 @@ def grouped_eager_attention(
         probs = F.dropout(probs, p=dropout, training=True)
     out = torch.matmul(probs, value)  # [B, Hkv, g*T, d]
     return out.view(b, h, t, d).transpose(1, 2).contiguous(), probs.view(b, h, t, s)
+
+
+def _packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor, packing: Packing, scaling: float | None,
+                      dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of packed rows (`loraens.packing`): query [M, H, P, d], key/value [M, Hkv, P, d].
+
+    attention_mask: the padded rows' [R, 1, T, T] mask. q, k and v move to the padded layout
+    [R, H, T, d], attend there, and the output moves back. Returns ([M, P, H, d], [R, H, T, T]).
+    """
+    m, h, p, d = query.shape
+    r, t = attention_mask.shape[0], attention_mask.shape[-1]
+
+    def rows(x: torch.Tensor) -> torch.Tensor:  # [M, heads, P, d] -> [R, heads, T, d]
+        heads = x.shape[1]
+        flat = x.transpose(1, 2).reshape(m * p, heads * d)
+        return to_rows(flat, packing).view(r, t, heads, d).transpose(1, 2)
+
+    out, probs = grouped_eager_attention(module, rows(query), rows(key), rows(value), attention_mask,
+                                         scaling, dropout)  # [R, T, H, d]
+    return to_packed(out.view(r * t, h * d), packing).view(m, p, h, d), probs
 
 
 def register_grouped_eager() -> None:

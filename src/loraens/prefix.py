@@ -26,6 +26,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .packing import KWARG as PACKING_KWARG
+from .packing import Packing
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MAX_BYTES = 2 * 1024**3  # stop adding entries beyond this (7B models on big eval sets)
 
@@ -81,12 +84,16 @@ def _layers(decoder: nn.Module, lo: int, hi: int | None, final_norm: bool) -> It
 
 
 def cached_hidden(decoder: nn.Module, cache: PrefixCache, input_ids: torch.Tensor, mask: torch.Tensor | None,
-                  position_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+                  position_ids: torch.Tensor, lengths: torch.Tensor,
+                  packed: tuple[torch.Tensor, Packing] | None = None) -> torch.Tensor:
     """Last hidden state [R, T, H] of the decoder, with the frozen bottom read from `cache`.
 
     input_ids / position_ids [R, T]; mask: additive float [R, 1, T, T] or None (causal);
     lengths [R]: real tokens per row. Rows missing from the cache are computed (without
     gradient) in one batch of the distinct questions, and stored.
+
+    packed: (packed position ids [M, P], `Packing`) from `loraens.packing.pack`: the top layers
+    then run on the members' packed rows, and the result is [M, P, H].
     """
     r, t = input_ids.shape
     n = lengths.tolist()
@@ -114,10 +121,20 @@ def cached_hidden(decoder: nn.Module, cache: PrefixCache, input_ids: torch.Tenso
             if cache.bytes + h.numel() * h.element_size() <= cache.max_bytes:
                 cache.store[key] = h
                 cache.bytes += h.numel() * h.element_size()
-    any_h = next(iter(fresh.values())) if fresh else cache.store[keys[0]]
-    embeds = torch.zeros(r, t, any_h.shape[-1], dtype=any_h.dtype, device=any_h.device)
-    for i, key in enumerate(keys):
-        embeds[i, : n[i]] = fresh[key] if key in fresh else cache.store[key]
+    rows = [fresh[key] if key in fresh else cache.store[key] for key in keys]  # [n_i, H] each
+    if packed is not None:  # each member's rows end to end, as `pack` lays out the tokens
+        packed_pos, packing = packed
+        m, p = packed_pos.shape
+        # The real packed slots, in slot order, are the rows' tokens in row order; padding reads a zero row.
+        flat = torch.cat(rows + [rows[0].new_zeros(1, rows[0].shape[1])])  # [sum n_i + 1, H]
+        real = packing.packed_src < r * t  # [M*P]
+        embeds = flat[torch.where(real, real.long().cumsum(0) - 1, len(flat) - 1)].view(m, p, -1)
+        with _layers(decoder, cache.split, None, final_norm=True):
+            return decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=packed_pos, use_cache=False,
+                           **{PACKING_KWARG: packing}).last_hidden_state  # [M, P, H]
+    embeds = torch.zeros(r, t, rows[0].shape[-1], dtype=rows[0].dtype, device=rows[0].device)
+    for i, h in enumerate(rows):
+        embeds[i, : n[i]] = h
     with _layers(decoder, cache.split, None, final_norm=True):
         return decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                        use_cache=False).last_hidden_state

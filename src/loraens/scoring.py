@@ -15,6 +15,8 @@ from torch import nn
 from .batching import Batch
 from .config import Normalization, Scoring
 from .head import token_log_probs
+from .packing import KWARG as PACKING_KWARG
+from .packing import can_pack, pack, padding_mask, to_rows
 from .prefix import cached_hidden, prefix_cache_of
 
 
@@ -45,6 +47,7 @@ def member_log_probs(
     letter_ids: tuple[int, ...] = (),
     normalization: Normalization = Normalization.MEAN,
     exact_head: bool = True,
+    pack_tokens: bool = True,
 ) -> torch.Tensor:
     """Log-probabilities over choices, shape [M, B, C], with masked choices at -inf.
 
@@ -54,20 +57,33 @@ def member_log_probs(
     `exact_head=False` (training): a bf16 model's full-vocabulary head of choice-likelihood
     scoring uses the bf16 logits alone, one GEMM fewer (`head.token_log_probs`); evaluation keeps
     the float32-exact logits that NLL and ECE are measured on.
+
+    `pack_tokens`: run the decoder on the real tokens only (`loraens.packing`) where the model
+    supports it; False runs the padded rows (same results up to bf16 rounding).
     """
     batch = batch.to(next(model.parameters()).device)
     rows = batch.num_rows
     if rows % num_members:
         raise ValueError(f"A batch of {rows} rows cannot be split among {num_members} members.")
-    mask = batch.attention_mask
+    cache = prefix_cache_of(model)
+    packed = pack_tokens and batch.lengths is not None and can_pack(model)
+    mask = padding_mask(batch) if packed else batch.attention_mask
     if mask is not None:
         # An additive float mask works with every attention implementation; with "eager"
         # attention it is also much faster on CPU than SDPA's masked flash kernel (whose
         # backward dominated a training step in our profile).
         dtype = model.dtype
         mask = torch.zeros_like(mask, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
-    cache = prefix_cache_of(model)
-    if cache is not None and batch.lengths is not None:  # frozen bottom layers from the prefix cache
+    if packed:  # real tokens only, each member's rows end to end (`loraens.packing`)
+        input_ids, position_ids, packing = pack(batch, num_members)
+        if cache is not None:  # frozen bottom layers from the prefix cache
+            out = cached_hidden(decoder_of(model), cache, batch.input_ids, mask, batch.position_ids, batch.lengths,
+                                packed=(position_ids, packing))
+        else:
+            out = decoder_of(model)(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                    use_cache=False, **{PACKING_KWARG: packing}).last_hidden_state
+        hidden = to_rows(out.reshape(-1, out.shape[-1]), packing).view(*batch.input_ids.shape, -1)  # [M, P, H] -> [R, T, H]
+    elif cache is not None and batch.lengths is not None:  # frozen bottom layers from the prefix cache
         hidden = cached_hidden(decoder_of(model), cache, batch.input_ids, mask, batch.position_ids, batch.lengths)
     else:
         hidden = decoder_of(model)(
