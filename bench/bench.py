@@ -371,10 +371,13 @@ def loraens_step_flops(task: Task, chunk: np.ndarray, n_lin: int, lora_per_token
 
 
 def padded_tokens(task: Task, chunk: np.ndarray) -> tuple[int, int]:
-    """Tokens the forward passes hold (padding included): (loraens, PEFT-sequential) for this step."""
+    """Tokens the forward passes hold (padding included): (loraens, PEFT-sequential) for this step.
+
+    loraens packs each member's questions end to end (`loraens.packing`), padded only to the
+    longest member's total: M x max_k (tokens of member k's questions).
+    """
     qs = [[task.train_q[i] for i in row] for row in chunk]
-    t = max(q.num_tokens for row in qs for q in row)
-    ours = chunk.size * t
+    ours = len(qs) * max(sum(q.num_tokens for q in row) for row in qs)
     theirs = 0
     for row in qs:
         if task.scoring is Scoring.LETTER:
@@ -1084,7 +1087,7 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
     out.append("Median seconds per optimizer step (all M members) and tokens per member-example "
                "(what the forward passes hold, padding included):\n")
     out.append("| scoring | PEFT-seq s/step | loraens fp32 s/step | loraens bf16 s/step | real tokens | "
-               "loraens padded tokens | PEFT padded tokens |")
+               "loraens tokens (packed) | PEFT padded tokens |")
     out.append("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         out.append(f"| {r.mode} | {fmt(r.step_s[f'peft M={m}'])} | {fmt(r.step_s[f'fp32 M={m}'])} | "
@@ -1367,13 +1370,12 @@ NOT_MEASURED = """## Levers not used, and what these figures are not
   about 6 and 10, same outputs). In two alternating runs of three M = 5 letter steps on the same
   batches (on an AMX machine) it took 0.94-1.19 s per step against 0.95-1.21 s with HF's norm (medians 1.09 and 1.17
   against 1.16 and 1.13 s): no consistent gain, so HF's norm stays.
-- Tried and not kept: each member's B questions end to end in one row, with the attention
-  function moving the tokens back to the padded per-question layout and out again (a prototype,
-  equal to the padded path to the last bit in float32). Members draw their own questions, so
-  their rows differ in total length: on ARC-Easy's length-bucketed batches the packed rows still
-  held 1.07-1.13x the real tokens, against 1.22-1.29x padded, and the token moves cost what that
-  saved. Eager M = 5 steps on the same batches, alternating (on an AMX machine): 0.99x (letter) and 1.01x
-  (choice-likelihood) at B = 4, 1.01x and 1.00x at B = 8.
+- Each member's questions run end to end in one row (`loraens.packing`): the linear layers,
+  norms and MLPs see no padding, only the members' totals are padded to the longest (the
+  "loraens tokens (packed)" column of (a)); attention moves q, k and v to the padded
+  per-question rows and back. `bench/bench_levers.py` times it on and off ("+ packed tokens").
+  A prototype on an AMX machine gained nothing (0.99-1.01x: its GEMMs are so fast there that the
+  token moves cost what the padding saved); on AVX-512 BF16 machines it pays (BENCHMARKS.md).
 - MFU is an estimate from counted model FLOPs (see (d)), not a profiler measurement. The bf16
   peak depends on the CPU's matrix instructions (Setup names them): with AMX tiles it is about
   five times the AVX-512 BF16 peak, while the elementwise work of a step (norms, rotary, SwiGLU,
