@@ -211,3 +211,26 @@ def test_compiled_packed_layers_match_eager(tokenizer, cloze_encoder, questions)
         finite = torch.isfinite(lp_e)
         torch.testing.assert_close(lp_c[finite], lp_e[finite], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(g_c, g_e, atol=1e-4, rtol=1e-3)
+
+
+def test_packed_gradients_with_checkpointing_and_member_chunks_equal_padded(tokenizer, letter_encoder, questions):
+    """The packing travels through checkpointed layers (recomputed in the backward) and member chunks."""
+    from loraens.ensemble import active_members
+    from loraens.model import enable_gradient_checkpointing
+
+    enc = letter_encoder.encode_all(questions)
+    batch = member_batch(enc, 3)
+    plain = with_members(tiny_model(tokenizer)).train()
+    _, want = scores_and_grads(plain, batch, 3, Scoring.LETTER, letter_encoder.letter_ids, pack_tokens=False)
+    lean = with_members(tiny_model(tokenizer)).train()
+    enable_gradient_checkpointing(lean)
+    rows = batch.num_rows // 3
+    grads = []
+    for k in range(3):  # one member at a time, as --train.member_chunk 1 does
+        sub = collate(enc[k * rows:(k + 1) * rows], num_choices=5)
+        with active_members(lean, k, k + 1), \
+                mock.patch.object(attention, "_packed_attention", wraps=attention._packed_attention) as spy:
+            grads.append(scores_and_grads(lean, sub, 1, Scoring.LETTER, letter_encoder.letter_ids, pack_tokens=True)[1])
+        assert spy.call_count >= lean.config.num_hidden_layers  # packed, and recomputed in the backward
+    # Each chunk's gradient is zero outside its member's slice, so their sum is the whole gradient.
+    torch.testing.assert_close(sum(grads), want, atol=1e-5, rtol=1e-4)
