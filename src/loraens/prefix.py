@@ -129,12 +129,12 @@ def cached_hidden(decoder: nn.Module, cache: PrefixCache, input_ids: torch.Tenso
         flat = torch.cat(rows + [rows[0].new_zeros(1, rows[0].shape[1])])  # [sum n_i + 1, H]
         real = packing.packed_src < r * t  # [M*P]
         embeds = flat[torch.where(real, real.long().cumsum(0) - 1, len(flat) - 1)].view(m, p, -1)
-        with _layers(decoder, cache.split, None, final_norm=True):
-            return decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=packed_pos, use_cache=False,
-                           **{PACKING_KWARG: packing}).last_hidden_state  # [M, P, H]
-    embeds = torch.zeros(r, t, rows[0].shape[-1], dtype=rows[0].dtype, device=rows[0].device)
-    for i, h in enumerate(rows):
-        embeds[i, : n[i]] = h
+        positions, extra = packed_pos, {PACKING_KWARG: packing}
+    else:
+        embeds = torch.zeros(r, t, rows[0].shape[-1], dtype=rows[0].dtype, device=rows[0].device)
+        for i, h in enumerate(rows):
+            embeds[i, : n[i]] = h
+        positions, extra = position_ids, {}
     with _layers(decoder, cache.split, None, final_norm=True):
-        return decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                       use_cache=False).last_hidden_state
+        return decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
+                       **extra).last_hidden_state  # [R, T, H], or [M, P, H] packed
