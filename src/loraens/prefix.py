@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .packing import KWARG as PACKING_KWARG
-from .packing import Packing
+from .packing import Packing, to_packed
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MAX_BYTES = 2 * 1024**3  # stop adding entries beyond this (7B models on big eval sets)
@@ -122,19 +122,14 @@ def cached_hidden(decoder: nn.Module, cache: PrefixCache, input_ids: torch.Tenso
                 cache.store[key] = h
                 cache.bytes += h.numel() * h.element_size()
     rows = [fresh[key] if key in fresh else cache.store[key] for key in keys]  # [n_i, H] each
-    if packed is not None:  # each member's rows end to end, as `pack` lays out the tokens
-        packed_pos, packing = packed
-        m, p = packed_pos.shape
-        # The real packed slots, in slot order, are the rows' tokens in row order; padding reads a zero row.
-        flat = torch.cat(rows + [rows[0].new_zeros(1, rows[0].shape[1])])  # [sum n_i + 1, H]
-        real = packing.packed_src < r * t  # [M*P]
-        embeds = flat[torch.where(real, real.long().cumsum(0) - 1, len(flat) - 1)].view(m, p, -1)
-        positions, extra = packed_pos, {PACKING_KWARG: packing}
-    else:
-        embeds = torch.zeros(r, t, rows[0].shape[-1], dtype=rows[0].dtype, device=rows[0].device)
-        for i, h in enumerate(rows):
-            embeds[i, : n[i]] = h
-        positions, extra = position_ids, {}
+    embeds = torch.zeros(r, t, rows[0].shape[-1], dtype=rows[0].dtype, device=rows[0].device)
+    for i, h in enumerate(rows):
+        embeds[i, : n[i]] = h
+    positions, extra = position_ids, {}
+    if packed is not None:  # each member's rows end to end, laid out by `pack`
+        positions, packing = packed
+        embeds = to_packed(embeds.view(r * t, -1), packing).view(*positions.shape, -1)  # [M, P, H]
+        extra = {PACKING_KWARG: packing}
     with _layers(decoder, cache.split, None, final_norm=True):
         return decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
                        **extra).last_hidden_state  # [R, T, H], or [M, P, H] packed
