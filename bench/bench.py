@@ -69,6 +69,7 @@ from loraens.ensemble import (
     lora_parameters,
     member_layers,
 )
+from loraens.last_layer import supports_last_layer_at
 from loraens.metrics import ensemble_probs
 from loraens.model import enable_gradient_checkpointing, load_base_model
 from loraens.predict import predict
@@ -305,23 +306,34 @@ def input_groups(layer: torch.nn.Module) -> tuple[tuple[tuple[int, int], ...], .
 def step_bound(model, task: Task, chunk: np.ndarray) -> dict:
     """The kernels a loraens training step on `chunk` [M, B] cannot do without, timed bare (`ceiling`).
 
-    `model` is a loraens model (its adapted layers give the LoRA shapes). Returns the seconds by
-    part, plus "linear_flops" (4 N per real token, for the bare GEMMs' own FLOP/s).
+    `model` is a loraens model (its adapted layers give the LoRA shapes). The last layer's MLP
+    runs at the head's positions only, as in the step (`loraens.last_layer`). Returns the seconds
+    by part, plus "linear_flops" (4 N per real token, less that MLP's other positions, for the
+    bare GEMMs' own FLOP/s).
     """
     cfg = model.config
     qs = [task.train_q[i] for i in chunk.reshape(-1)]
-    groups = Counter(group for layer in decoder_of(model).layers for group in input_groups(layer))
+    layers = decoder_of(model).layers
+    pruned = supports_last_layer_at(model)
+    below = layers[:-1] if pruned else layers
+    groups = Counter(group for layer in below for group in input_groups(layer))
+    tail = Counter()
+    if pruned:
+        groups.update(input_groups(layers[-1].self_attn))
+        tail.update(input_groups(layers[-1].mlp))
     lora = Counter((layer.lora_A.shape[-1], layer.lora_B.shape[1]) for layer in member_layers(model).values())
     heads = cfg.num_attention_heads
     lengths = [q.num_tokens for q in qs]
     tokens = sum(lengths)
-    scored = sum(len(c) for q in qs for c in q.continuations) if task.scoring is Scoring.CHOICE_LIKELIHOOD else 0
+    kept = sum(head_positions(q, task.scoring) for q in qs)
     out = required_kernel_seconds(
         linear_groups=groups, lora_layers=lora, members=chunk.shape[0], lengths=lengths, heads=heads,
         kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, layers=cfg.num_hidden_layers,
-        rank=RANK, scored_tokens=scored, hidden=cfg.hidden_size, vocab=cfg.vocab_size)
-    out["linear_flops"] = 4.0 * tokens * linear_params(model)
+        rank=RANK, scored_tokens=kept if task.scoring is Scoring.CHOICE_LIKELIHOOD else 0,
+        hidden=cfg.hidden_size, vocab=cfg.vocab_size, tail_groups=tail, tail_tokens=kept)
+    tail_weights = sum(o * i for group, n in tail.items() for o, i in group for _ in range(n))
+    out["linear_flops"] = 4.0 * tokens * linear_params(model) - 4.0 * tail_weights * (tokens - kept)
     return out
 
 
@@ -353,20 +365,59 @@ def linear_params(model) -> int:
     return sum(p.numel() for n, p in decoder_of(model).named_parameters() if p.dim() == 2 and "embed" not in n)
 
 
-def loraens_step_flops(task: Task, chunk: np.ndarray, n_lin: int, lora_per_token: int, hidden: int,
-                       vocab: int) -> float:
+@dataclass(frozen=True)
+class FlopModel:
+    """What a loraens step's model FLOPs depend on (`loraens_step_flops`), read off a loraens model."""
+
+    n_lin: int  # weights of the decoder's linear layers (embedding excluded)
+    lora: int  # LoRA FLOPs per token over all adapted layers: 6 r (in + out) each
+    last_mlp: int  # weights of the last layer's MLP, which runs at the head's positions only
+    last_mlp_lora: int  # LoRA FLOPs per token of the adapted layers in that MLP
+    hidden: int
+    vocab: int
+
+    def top(self, k: int, n_layers: int) -> FlopModel:
+        """The same for the top k of the n_layers layers (the last layer is one of them)."""
+        return dataclasses.replace(self, n_lin=round(self.n_lin * k / n_layers), lora=round(self.lora * k / n_layers))
+
+
+def flop_model(model) -> FlopModel:
+    """`FlopModel` of a loraens model (its adapted layers give the LoRA shapes)."""
+    last = decoder_of(model).layers[-1].mlp
+    lora_tok = {name: 6 * layer.lora_A.shape[1] * (layer.lora_A.shape[-1] + layer.lora_B.shape[1])  # A: [M, r, in]
+                for name, layer in member_layers(model).items()}
+    last_prefix = f"layers.{len(decoder_of(model).layers) - 1}.mlp."
+    return FlopModel(n_lin=linear_params(model),
+                     lora=sum(lora_tok.values()),
+                     last_mlp=sum(p.numel() for p in last.parameters() if p.dim() == 2) if supports_last_layer_at(model) else 0,
+                     last_mlp_lora=sum(v for n, v in lora_tok.items() if last_prefix in n) if supports_last_layer_at(model) else 0,
+                     hidden=model.config.hidden_size, vocab=model.config.vocab_size)
+
+
+def head_positions(q: EncodedQuestion, scoring: Scoring) -> int:
+    """Positions of `q` whose final hidden state the head reads (`scoring._head_positions`).
+
+    Letter: the answer position. Choice-likelihood: the prompt's last token (it predicts every
+    choice's first token) and every choice token but the choice's last.
+    """
+    return 1 if scoring is Scoring.LETTER else 1 + sum(len(c) - 1 for c in q.continuations)
+
+
+def loraens_step_flops(task: Task, chunk: np.ndarray, fm: FlopModel) -> float:
     """Model FLOPs of one loraens training step on real (unpadded) tokens.
 
     Frozen base: forward 2N + gradient w.r.t. activations 2N per token (no weight gradients);
-    LoRA: 6 r (in + out) per token per adapted layer; head: 4 H V per scored choice token
-    (choice-likelihood; the letter head over C rows is negligible). Attention scores are left out
-    (about 2% at these lengths).
+    LoRA: 6 r (in + out) per token per adapted layer; the last layer's MLP (and its LoRA) only at
+    the positions the head reads (`loraens.last_layer`); head: 4 H V per distinct position that
+    predicts a choice token (choice-likelihood; the letter head over C rows is negligible).
+    Attention scores are left out (about 2% at these lengths).
     """
     qs = [task.train_q[i] for i in chunk.reshape(-1)]
     tokens = sum(q.num_tokens for q in qs)
-    flops = (4 * n_lin + lora_per_token) * tokens
+    kept = sum(head_positions(q, task.scoring) for q in qs)
+    flops = (4 * fm.n_lin + fm.lora) * tokens - (4 * fm.last_mlp + fm.last_mlp_lora) * (tokens - kept)
     if task.scoring is Scoring.CHOICE_LIKELIHOOD:
-        flops += 4 * hidden * vocab * sum(len(c) for q in qs for c in q.continuations)
+        flops += 4 * fm.hidden * fm.vocab * kept
     return float(flops)
 
 
@@ -552,7 +603,7 @@ def full_batches(task: Task, m: int, b: int, count: int) -> list[np.ndarray]:
 
 
 def mfu_rows(args, task: Task, base, side: LoraensSide, timed: list[np.ndarray], timed_s: list[float],
-             lora_tok: int) -> list[dict]:
+             fm: FlopModel) -> list[dict]:
     """Section (d): per batch size B, a bf16 step's model GFLOP/s and the bound from its required kernels.
 
     B = --batch-size reuses the throughput section's timed steps (`timed`, `timed_s`); every other
@@ -560,8 +611,6 @@ def mfu_rows(args, task: Task, base, side: LoraensSide, timed: list[np.ndarray],
     member. Each timed step's required kernels are then timed bare (`step_bound`).
     """
     m = side.m
-    cfg = base.config
-    n_lin = linear_params(base)
     rows = []
     for b in [args.batch_size] + [x for x in args.mfu_batches if x != args.batch_size]:
         if b == args.batch_size:
@@ -581,7 +630,7 @@ def mfu_rows(args, task: Task, base, side: LoraensSide, timed: list[np.ndarray],
             steps = steps[args.warmup:]
             del fresh
             gc.collect()
-        flops = [loraens_step_flops(task, c, n_lin, lora_tok, cfg.hidden_size, cfg.vocab_size) for c in steps]
+        flops = [loraens_step_flops(task, c, fm) for c in steps]
         bounds = [step_bound(side.model, task, c) for c in steps]
         row = {"b": b, "step_s": med(secs), "gflops": sum(flops) / sum(secs) / 1e9,
                "tokens": sum(sum(task.train_q[i].num_tokens for i in c.reshape(-1)) for c in steps) / len(steps)}
@@ -654,15 +703,12 @@ def bench_mode(args, scoring: Scoring, tok, base_bf16, base_fp32, peft_base, tra
     res.padded["peft"] = sum(p[1] for p in pads) / (len(timed) * m_main * b)
     res.padded["real"] = sum(task.train_q[i].num_tokens for c in timed for i in c[:m_main].reshape(-1)) / (
         len(timed) * m_main * b)
-    cfg = base_bf16.config
-    lora_tok = sum(6 * RANK * (layer.lora_A.shape[-1] + layer.lora_B.shape[1])
-                   for layer in member_layers(ours[m_main].model).values())
-    flops = sum(loraens_step_flops(task, c[:m_main], linear_params(base_bf16), lora_tok, cfg.hidden_size,
-                                   cfg.vocab_size) for c in timed)
+    fm = flop_model(ours[m_main].model)
+    flops = sum(loraens_step_flops(task, c[:m_main], fm) for c in timed)
     res.gflops["bf16"] = flops / sum(times[("bf16", m_main)]) / 1e9
     res.gflops["fp32"] = flops / sum(times[("fp32", m_main)]) / 1e9
     # (d) The same steps' required kernels, bare, and the MFU at larger batches.
-    res.mfu = mfu_rows(args, task, base_bf16, ours[m_main], timed, times[("bf16", m_main)], lora_tok)
+    res.mfu = mfu_rows(args, task, base_bf16, ours[m_main], timed, times[("bf16", m_main)], fm)
     # One more step of the same batches under the profiler: what the time that is not GEMMs is.
     res.shares = step_time_shares(lambda: loraens_step(ours[m_main], task, timed[0][:m_main]))
 
@@ -693,11 +739,8 @@ def bench_mode(args, scoring: Scoring, tok, base_bf16, base_fp32, peft_base, tra
         res.prefix = {"k": k, "layers": n_layers, **{name: m_main * b_ / med(v) for name, v in ptimes.items()}}
         # The most the top-K mode can gain in model FLOPs: the top K of the layers (and of the
         # LoRA work) against all of them; the choice-likelihood head runs in both.
-        n_lin = linear_params(base_bf16)
-        f_full = sum(loraens_step_flops(task, c[:m_main], n_lin, lora_tok, cfg.hidden_size, cfg.vocab_size)
-                     for c in timed)
-        f_top = sum(loraens_step_flops(task, c[:m_main], round(n_lin * k / n_layers), round(lora_tok * k / n_layers),
-                                       cfg.hidden_size, cfg.vocab_size) for c in timed)
+        f_full = sum(loraens_step_flops(task, c[:m_main], fm) for c in timed)
+        f_top = sum(loraens_step_flops(task, c[:m_main], fm.top(k, n_layers)) for c in timed)
         res.prefix["flop_bound"] = f_full / f_top
         del full_side, pre_side
         gc.collect()
@@ -721,8 +764,7 @@ def bench_mode(args, scoring: Scoring, tok, base_bf16, base_fp32, peft_base, tra
         cflops = 0.0
         for i in range(args.compile_steps):
             chunk = chunks[(1 + i) % len(chunks)]
-            cflops += loraens_step_flops(task, chunk[:m_main], linear_params(base_bf16), lora_tok, cfg.hidden_size,
-                                         cfg.vocab_size)
+            cflops += loraens_step_flops(task, chunk[:m_main], fm)
             jobs = [("eager", eager_side), ("compiled", comp_side)]
             for name, side in (jobs if i % 2 == 0 else jobs[::-1]):
                 t0 = time.perf_counter()
@@ -750,8 +792,7 @@ def bench_mode(args, scoring: Scoring, tok, base_bf16, base_fp32, peft_base, tra
                     t0 = time.perf_counter()
                     loraens_step(side, task, chunk)
                     bt[name].append(time.perf_counter() - t0)
-            fl = sum(loraens_step_flops(task, c, linear_params(base_bf16), lora_tok, cfg.hidden_size, cfg.vocab_size)
-                     for c in steps[1:])
+            fl = sum(loraens_step_flops(task, c, fm) for c in steps[1:])
             res.compiled["by_b"][b_c] = {"eager_s": med(bt["eager"]), "compiled_s": med(bt["compiled"]),
                                          "gflops_eager": fl / sum(bt["eager"]) / 1e9,
                                          "gflops_compiled": fl / sum(bt["compiled"]) / 1e9}

@@ -11,8 +11,15 @@ once, in alternating order, so the machine's drift hits all of them alike. Varia
 - `+ bf16 training head`: all three on: choice-likelihood's full-vocabulary head
   takes the bf16 logits alone in training (`member_log_probs(exact_head=False)`), not the
   float32-exact two-GEMM logits that the variants above use. No change for letter scoring.
-- `+ packed tokens`: all four on (the defaults): the decoder runs on each member's real tokens
-  end to end, without padding (`loraens.packing`); the variants above run the padded rows.
+- `+ packed tokens`: all four on: the decoder runs on each member's real tokens end to end,
+  without padding (`loraens.packing`); the variants above run the padded rows.
+- `+ shared head positions`: all five on: choice-likelihood's full-vocabulary head runs once per
+  distinct position (the prompt's last token predicts every choice's first token; `head.
+  token_log_probs(rows=...)`); the variants above run it once per choice token. No change for
+  letter scoring.
+- `+ last layer at head positions`: all six on (the defaults): the last decoder layer's MLP runs
+  only at the positions the head reads (`loraens.last_layer`); the variants above run it on
+  every position.
 
 `--top-layers K` runs the ladder with LoRA in the top K layers only and the frozen-prefix cache
 filled beforehand (the later-epoch steps of `bench/bench.py` section (e)).
@@ -40,24 +47,38 @@ from loraens.config import ModelConfig, Scoring
 from loraens.data import load_mcqa
 from loraens.ensemble import member_layers
 from loraens.model import load_base_model
-from loraens.scoring import member_log_probs
+from loraens.scoring import _head_positions, member_log_probs
 
 if __package__:  # imported as the package module bench.bench_levers
     from . import bench as B
 else:  # `python bench/bench_levers.py` puts bench/ itself on sys.path, where bench.py is `bench`
     import bench as B
 
-VARIANTS = {  # name: (fused member update, attention implementation, bf16 training head, packed tokens)
-    "plain": (False, "eager", False, False),
-    "+ fused update": (True, "eager", False, False),
-    "+ grouped attention": (True, GROUPED_EAGER, False, False),
-    "+ bf16 training head": (True, GROUPED_EAGER, True, False),
-    "+ packed tokens": (True, GROUPED_EAGER, True, True),
+VARIANTS = {  # name: (fused member update, attention implementation, bf16 training head, packed tokens,
+    #         one head row per distinct position, last layer at the head's positions)
+    "plain": (False, "eager", False, False, False, False),
+    "+ fused update": (True, "eager", False, False, False, False),
+    "+ grouped attention": (True, GROUPED_EAGER, False, False, False, False),
+    "+ bf16 training head": (True, GROUPED_EAGER, True, False, False, False),
+    "+ packed tokens": (True, GROUPED_EAGER, True, True, False, False),
+    "+ shared head positions": (True, GROUPED_EAGER, True, True, True, False),
+    "+ last layer at head positions": (True, GROUPED_EAGER, True, True, True, True),
 }
 
 
+def _every_head_position(batch, scoring):
+    """`scoring._head_positions` without sharing: one position per choice token (the head then
+    runs once per choice token, as before `+ shared head positions`)."""
+    if scoring is Scoring.LETTER:
+        return _head_positions(batch, scoring)
+    r, t = batch.input_ids.shape
+    slots = (torch.arange(r)[:, None, None] * t + batch.score_pos)[batch.score_mask]  # [K], grouped by row
+    return slots, torch.arange(len(slots))
+
+
 @contextmanager
-def variant(model: torch.nn.Module, fused: bool, attn: str, fast_head: bool, packed: bool):
+def variant(model: torch.nn.Module, fused: bool, attn: str, fast_head: bool, packed: bool, shared: bool,
+            last_layer: bool):
     """Switch the levers of `model` (and of `train_step`'s scoring call) in place; restores the defaults on exit."""
     layers = list(member_layers(model).values())
     config = model.config
@@ -69,11 +90,13 @@ def variant(model: torch.nn.Module, fused: bool, attn: str, fast_head: bool, pac
         return member_log_probs(*args, **{**kwargs, **overrides})
 
     head = mock.patch("loraens.train.member_log_probs", scoring_call) if overrides else nullcontext()
+    positions = nullcontext() if shared else mock.patch("loraens.scoring._head_positions", _every_head_position)
+    last = nullcontext() if last_layer else mock.patch("loraens.scoring.supports_last_layer_at", return_value=False)
     try:
         for layer in layers:
             layer.fused_update = fused
         config._attn_implementation = attn  # read by every attention module at each forward
-        with head:
+        with head, positions, last:
             yield
     finally:
         for layer in layers:

@@ -7,8 +7,8 @@ A LoRA-ensemble training step on a frozen base must at least run
   into one GEMM;
 - the attention core of every layer, forward and backward;
 - the low-rank updates of every adapted layer, forward and backward;
-- for choice-likelihood scoring, the full-vocabulary head at every scored token, forward and
-  backward.
+- for choice-likelihood scoring, the full-vocabulary head at every position that predicts a
+  choice token, forward and backward.
 
 `required_kernel_seconds` times each of these as bare `torch` calls at the shapes of a given step,
 on real (unpadded) tokens (attention: scaled to the causal work of the real lengths), and takes the fastest formulation and the best repetition wherever
@@ -167,6 +167,7 @@ def head_seconds(scored: int, hidden: int, vocab: int, dtype: torch.dtype, reps:
 def required_kernel_seconds(*, linear_groups: Counter, lora_layers: Counter, members: int, lengths: list[int],
                             heads: int, kv_heads: int, head_dim: int, layers: int, rank: int,
                             scored_tokens: int = 0, hidden: int = 0, vocab: int = 0,
+                            tail_groups: Counter | None = None, tail_tokens: int = 0,
                             dtype: torch.dtype = torch.bfloat16, reps: int = 3) -> dict[str, float | str]:
     """Lower bound on one training step's time, by part (seconds; see the module docstring).
 
@@ -176,14 +177,17 @@ def required_kernel_seconds(*, linear_groups: Counter, lora_layers: Counter, mem
     scaled to the causal work of the real lengths, sum L (L + 1) / 2 over rows x max^2
     (a kernel that skipped all padding and all masked entries; choice-likelihood's block mask
     hides more than a causal one, which this does not credit). scored_tokens: tokens the
-    choice-likelihood head scores (0 for letter scoring, whose head is C rows at one position).
-    LoRA runs in the faster of float32 and `dtype`.
+    positions the choice-likelihood head reads (0 for letter scoring, whose head is C rows at one
+    position). tail_groups: linear groups that run on `tail_tokens` tokens only (the last
+    layer's MLP at the head's positions, `loraens.last_layer`). LoRA runs in the faster of
+    float32 and `dtype`.
     """
     rows, length, tokens = len(lengths), max(lengths), sum(lengths)
     att = attention_seconds(rows, length, heads, kv_heads, head_dim, dtype, reps)
     causal_share = sum(n * (n + 1) / 2 for n in lengths) / (rows * length ** 2)
     out = {
-        "linear": linear_seconds(linear_groups, tokens, dtype, reps),
+        "linear": linear_seconds(linear_groups, tokens, dtype, reps)
+        + (linear_seconds(tail_groups, tail_tokens, dtype, reps) if tail_groups and tail_tokens else 0.0),
         "attention": layers * min(att.values()) * causal_share,
         "attention_impl": min(att, key=att.get),
         "lora": min(lora_seconds(lora_layers, members, tokens, rank, d, reps) for d in {torch.float32, dtype}),

@@ -73,20 +73,37 @@ def test_input_groups_stack_the_weights_that_share_an_input(base_model):
 @pytest.mark.parametrize("scoring", [Scoring.LETTER, Scoring.CHOICE_LIKELIHOOD])
 def test_step_bound_times_the_step_that_the_mfu_estimate_counts(base_model, tokenizer, scoring):
     """bench.step_bound on a real (tiny) step: every part timed, the head only for choice-likelihood,
-    and its linear FLOPs are the 4 N per real token that `loraens_step_flops` counts."""
+    and its linear FLOPs are those `loraens_step_flops` counts: 4 N per real token, less the last
+    layer's MLP (3 x 32 x 64 weights in the tiny Llama) at the positions the head does not read."""
     import numpy as np
 
-    from bench.bench import linear_params, loraens_step_flops, make_task, step_bound
+    from bench.bench import (
+        flop_model,
+        head_positions,
+        linear_params,
+        loraens_step_flops,
+        make_task,
+        step_bound,
+    )
 
     attach_members(base_model, EnsembleConfig(num_members=2, rank=2, target_modules=["q_proj", "v_proj"]))
     questions = make_questions(4)
     task = make_task(tokenizer, scoring, questions, questions)
     chunk = np.array([[0, 1], [2, 3]])  # member k's questions in row k
     bound = step_bound(base_model, task, chunk)
-    tokens = sum(task.train_q[i].num_tokens for i in chunk.reshape(-1))
-    assert bound["linear_flops"] == 4 * linear_params(base_model) * tokens
+    qs = [task.train_q[i] for i in chunk.reshape(-1)]
+    tokens = sum(q.num_tokens for q in qs)
+    if scoring is Scoring.LETTER:
+        kept = 4  # one answer position per question
+    else:  # the prompt's last token, and each choice token but the last
+        kept = sum(1 + sum(len(c) - 1 for c in q.continuations) for q in qs)
+    assert kept == sum(head_positions(q, scoring) for q in qs) < tokens
+    assert bound["linear_flops"] == 4 * linear_params(base_model) * tokens - 4 * 3 * 32 * 64 * (tokens - kept)
     assert (bound["head"] > 0) == (scoring is Scoring.CHOICE_LIKELIHOOD)
     assert all(0 < bound[part] < 1 for part in ("linear", "attention", "lora"))
-    cfg = base_model.config
-    flops = loraens_step_flops(task, chunk, linear_params(base_model), 0, cfg.hidden_size, cfg.vocab_size)
-    assert flops >= bound["linear_flops"]  # the estimate adds the head (choice-likelihood) to the same linear work
+    fm = flop_model(base_model)
+    assert (fm.last_mlp, fm.last_mlp_lora) == (3 * 32 * 64, 0)  # LoRA on q and v only
+    lora = fm.lora * tokens  # 6 r (in + out) per token: q 32 -> 32, v 32 -> 16, in 2 layers
+    assert fm.lora == 2 * 6 * 2 * ((32 + 32) + (32 + 16))
+    head = 4 * 32 * base_model.config.vocab_size * kept if scoring is Scoring.CHOICE_LIKELIHOOD else 0
+    assert loraens_step_flops(task, chunk, fm) == bound["linear_flops"] + lora + head

@@ -153,3 +153,70 @@ def test_bias_softcap_or_trainable_weight_take_the_plain_path(head_data, use_bia
     if trainable:
         got.sum().backward()
         assert weight.grad is not None  # a trainable head gets its gradient
+
+
+# ---------------------------------------------------------------- positions shared by several targets
+
+
+def shared_reference(hidden, weight, targets, rows, weights):
+    """float64 log-softmax at `hidden[rows]`, and the gradient of sum(weights * lp) to `hidden`."""
+    h = hidden.double().requires_grad_(True)
+    lp = torch.log_softmax(h @ weight.double().T, -1)[rows, targets]
+    (lp * weights.double()).sum().backward()
+    return lp.detach(), h.grad
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("block_elements", [None, 8 * 256])
+def test_shared_positions_equal_one_row_per_target(head_data, exact, block_elements, monkeypatch):
+    """Positions read by 1, 3 or 5 targets (one target twice, one position's targets in two
+    blocks): the same values and gradient as giving every target its own copy of the row."""
+    if block_elements:
+        monkeypatch.setattr(head_mod, "BLOCK_ELEMENTS", block_elements)
+    hidden, weight, _ = head_data
+    hidden = hidden[:8]
+    rows = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2, 2, 3, 4, 5, 6, 7, 7])
+    targets = torch.tensor([5, 900, 2999, 17, 3, 256, 3, 1200, 2000, 40, 41, 42, 43, 255, 256])
+    weights = torch.linspace(0.5, 1.5, len(targets))
+    h = hidden.clone().requires_grad_(True)
+    lp = token_log_probs(h, weight, targets, rows=rows, exact=exact)
+    (lp * weights).sum().backward()
+    # The same computation with each target on its own copy of its row (the path before sharing).
+    h_rep = hidden.clone().requires_grad_(True)
+    lp_rep = token_log_probs(h_rep[rows], weight, targets, exact=exact)
+    (lp_rep * weights).sum().backward()
+    assert lp.shape == (15,) and lp[4] == lp[6]  # a repeated (position, target) pair reads one value
+    assert (lp - lp_rep).abs().max() < 1e-6
+    assert (h.grad.double() - h_rep.grad.double()).norm() / h_rep.grad.double().norm() < 5e-3
+    if exact:
+        ref_lp, ref_grad = shared_reference(hidden, weight, targets, rows, weights)
+        assert (lp.double() - ref_lp).abs().max() < 5e-4
+        assert (h.grad.double() - ref_grad).norm() / ref_grad.norm() < 5e-3
+
+
+def test_shared_positions_pass_gradcheck(monkeypatch):
+    monkeypatch.setattr(head_mod, "BLOCK_ELEMENTS", 3 * 256)  # 3 blocks of the 600 columns
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(600, 8, generator=gen, dtype=torch.float64) * 0.3
+    rows = torch.tensor([0, 0, 0, 1, 2, 2])
+    targets = torch.tensor([0, 300, 599, 255, 256, 256])
+    assert torch.autograd.gradcheck(lambda h: token_log_probs(h, weight, targets, rows=rows), (hidden,))
+
+
+def test_near_certain_target_keeps_its_small_log_probability_beside_others_at_its_position():
+    """At one position the argmax target has 1 - p ~ 1e-11 while two unlikely targets share the
+    row: the likely one's log p stays ~-1e-11 (no cancellation against the others' terms)."""
+    gen = torch.Generator().manual_seed(4)
+    weight = (torch.randn(2000, 32, generator=gen) * 0.3).to(torch.bfloat16)
+    hidden = (weight[:2].float() * 25).to(torch.bfloat16)
+    logits = hidden.double() @ weight.double().T
+    best = logits.argmax(-1)
+    rows = torch.tensor([0, 0, 0, 1])
+    targets = torch.stack([best[0], torch.tensor(1500), torch.tensor(7), best[1]])
+    shifted = logits[rows] - logits[rows, targets][:, None]
+    rest = shifted.exp().scatter(1, targets[:, None], 0.0).sum(-1)
+    ref = torch.where(rest < 1, -torch.log1p(rest), -(1 + rest).log())  # float64, no cancellation
+    lp = token_log_probs(hidden, weight, targets, rows=rows)
+    assert (-ref[0]) < 1e-6  # near-certain
+    assert ((lp.double() - ref).abs() <= 1e-2 * ref.abs()).all()

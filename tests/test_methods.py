@@ -348,9 +348,9 @@ def test_top_layers_trains_without_backward_through_the_frozen_bottom(make_base,
     model = make_base()
     attach_members(model, ens_config(top_layers=1))
     seen = []
-    for layer in model.model.layers:  # does autograd track each layer's output?
-        layer.register_forward_hook(lambda mod, args, out: seen.append(
-            (out[0] if isinstance(out, tuple) else out).requires_grad))
+    for layer in model.model.layers:  # does autograd track each layer's MLP output?
+        # (The MLP, not the layer: the last layer runs through `loraens.last_layer`'s wrapper.)
+        layer.mlp.register_forward_hook(lambda mod, args, out: seen.append(out.requires_grad))
     enc = letter_encoder.encode_all(questions[:4])
     lp = member_log_probs(model, collate(enc, num_choices=5).repeat_members(3), 3, Scoring.LETTER,
                           letter_encoder.letter_ids)

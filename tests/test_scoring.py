@@ -63,6 +63,26 @@ def test_packed_choice_likelihood_equals_unpacked(base_model, cloze_encoder, que
     assert_matches_reference(lp, refs, [q.num_choices for q in encoded])
 
 
+def test_choice_head_runs_once_per_distinct_position(base_model, cloze_encoder, questions, monkeypatch):
+    """The prompt's last token predicts every choice's first token: one head row for all of them,
+    so a question with choices of n_1..n_C tokens needs 1 + sum(n_c - 1) rows, not sum(n_c)."""
+    import loraens.scoring as scoring_mod
+
+    seen, original = [], scoring_mod.token_log_probs
+
+    def spy(hidden, weight, targets, *args, **kw):
+        seen.append((hidden.shape[0], len(targets)))
+        return original(hidden, weight, targets, *args, **kw)
+
+    monkeypatch.setattr(scoring_mod, "token_log_probs", spy)
+    encoded = cloze_encoder.encode_all(questions[:6])
+    scored(base_model, encoded, 2, Scoring.CHOICE_LIKELIHOOD)
+    distinct = sum(1 + sum(len(c) - 1 for c in q.continuations) for q in encoded)
+    tokens = sum(len(c) for q in encoded for c in q.continuations)
+    assert seen == [(2 * distinct, 2 * tokens)]
+    assert distinct < tokens - 6  # every question has 3-5 choices
+
+
 def test_sum_and_mean_normalization_differ(base_model, cloze_encoder, questions):
     encoded = cloze_encoder.encode_all(questions[:3])
     s = scored(base_model, encoded, 1, Scoring.CHOICE_LIKELIHOOD, normalization=Normalization.SUM)

@@ -79,9 +79,14 @@ def vocab_block(rows: int, vocab: int) -> int:
 
 
 class _TokenLogProb(torch.autograd.Function):
-    """`log softmax(h W^T)[k, targets[k]]` for each row k, with gradients to `h` only.
+    """`log softmax(h W^T)[rows[k], targets[k]]` for each k, with gradients to `h` only.
 
-    The vocabulary is processed in blocks (`vocab_block`). The forward keeps, per row, the
+    `hidden` [U, H] holds the distinct positions; `rows` [K] says which one each target is
+    scored at, and the (row, target) pairs are distinct (`token_log_probs` makes them so).
+    Choice-likelihood shares a position among targets: the prompt's last token predicts the
+    first token of every choice, so one full-vocabulary row serves all of them.
+
+    The vocabulary is processed in blocks (`vocab_block`). The forward keeps, per position, the
     running max `m` of the logits and `s = log sum exp(logit - m)`, and returns
     `(logit[target] - m) - s`, with the target's logit taken from the same block logits: the
     result is never above 0, and a near-certain token keeps its small `1 - p` (as a
@@ -89,18 +94,20 @@ class _TokenLogProb(torch.autograd.Function):
 
     For the backward it saves each block's `e = exp(logit - m_b)` (m_b: the block's row max),
     in bf16 when `h` is bf16 (the precision the gradient GEMM runs at anyway), so the backward
-    is one scaling pass per block, `-grad * e * exp(m_b - m - s)`, and the GEMM: no logits are
-    recomputed or re-exponentiated. The target's own term is summed apart from the rest, so
-    `1 - p` is the sum of the other terms (no cancellation) and `log p = -log1p(rest / target)`
-    keeps a near-certain token's tiny `1 - p` in both the value and the gradient.
+    is one scaling pass per block, `-G * e * exp(m_b - m - s)` with G the row's summed output
+    gradient, and the GEMM: no logits are recomputed or re-exponentiated. The targets' own terms
+    are summed apart from the rest, so target k's `1 - p` is a sum of the other terms (no
+    cancellation) and `log p = -log1p(rest / target)` keeps a near-certain token's tiny `1 - p`
+    in both the value and the gradient. The other targets of the same position enter `rest` as
+    (sum of the position's targets) - (its own), in float64: exact to ~1e-16 of the sum, and
+    exactly 0 for a position with one target.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
                 exact: bool = True) -> torch.Tensor:
         block = vocab_block(hidden.shape[0], weight.shape[0])
         keep = ctx.needs_input_grad[0]
-        rows = torch.arange(len(targets), device=targets.device)
         acc = torch.promote_types(hidden.dtype, torch.float32)
         save_dtype = hidden.dtype if hidden.dtype == torch.bfloat16 else acc
         target_logit = torch.zeros(len(targets), dtype=acc, device=hidden.device)  # [K]
@@ -108,61 +115,79 @@ class _TokenLogProb(torch.autograd.Function):
         fast = not exact and hidden.dtype == weight.dtype  # the bf16 product alone: one GEMM fewer
         for v0 in range(0, weight.shape[0], block):
             w = weight[v0:v0 + block]
-            logits = F.linear(hidden, w).to(acc) if fast else exact_logits(hidden, w)  # [K, block] float32 (or float64)
+            logits = F.linear(hidden, w).to(acc) if fast else exact_logits(hidden, w)  # [U, block] float32 (or float64)
             inside = (targets >= v0) & (targets < v0 + block)
             at = (rows[inside], targets[inside] - v0)
             target_logit[inside] = logits[at]
-            m_b = logits.amax(dim=-1)  # [K]
+            m_b = logits.amax(dim=-1)  # [U]
             e = logits.sub_(m_b[:, None]).exp_()  # exp(logit - m_b), in place
-            e[at] = 0.0  # the target's own term is kept apart (below), so 1 - p is a sum, not a difference
-            sums.append(e.sum(-1))  # [K]
+            e[at] = 0.0  # the targets' own terms are kept apart (below), so 1 - p is a sum, not a difference
+            sums.append(e.sum(-1))  # [U]
             maxes.append(m_b)
             if keep:
                 saved.append(e.to(save_dtype))  # a fresh tensor per block: no copy when the dtype matches
-        m_blocks = torch.stack(maxes, -1)  # [K, blocks]
-        m = m_blocks.amax(-1)  # [K]
-        rest = (torch.stack(sums, -1) * (m_blocks - m[:, None]).exp()).sum(-1)  # sum over v != target of exp(l_v - m)
-        t = (target_logit - m).exp()  # exp(l_target - m), in (0, 1]
-        s = (t + rest).log()  # log sum exp(logit - m)
+        m_blocks = torch.stack(maxes, -1)  # [U, blocks]
+        m = m_blocks.amax(-1)  # [U]
+        rest_all = (torch.stack(sums, -1) * (m_blocks - m[:, None]).exp()).sum(-1)  # [U]: the non-target terms
+        t = (target_logit - m[rows]).exp()  # [K]: exp(l_target - m), in (0, 1]
+        wide = torch.promote_types(acc, torch.float64)
+        t_all = torch.zeros(len(m), dtype=wide, device=t.device).index_add_(0, rows, t.to(wide))  # [U]
+        rest = rest_all[rows] + (t_all[rows] - t.to(wide)).to(acc)  # [K]: sum over v != target of exp(l_v - m)
+        total = rest_all + t_all.to(acc)  # [U]: sum over v of exp(l_v - m)
+        s = total.log()  # [U]
         # log p = (l_t - m) - s; when the target dominates (rest < t), -log1p(rest / t) keeps a tiny 1 - p.
-        out = torch.where(rest < t, -torch.log1p(rest / t), (target_logit - m) - s)
+        out = torch.where(rest < t, -torch.log1p(rest / t), (target_logit - m[rows]) - s[rows])
         ctx.block, ctx.hidden_dtype = block, hidden.dtype
-        ctx.save_for_backward(weight, targets, rest / (t + rest), (m_blocks - (m + s)[:, None]).exp(), *saved)
+        ctx.save_for_backward(weight, targets, rows, rest / total[rows], t / total[rows],
+                              (m_blocks - (m + s)[:, None]).exp(), *saved)
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        weight, targets, one_minus_p, block_scale, *saved = ctx.saved_tensors  # [K], [K, blocks]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        weight, targets, rows, one_minus_p, p, block_scale, *saved = ctx.saved_tensors  # [K] x 4, [U, blocks]
         block = ctx.block
-        rows = torch.arange(len(targets), device=targets.device)
-        # d out_k / d logit_kv = onehot(target_k) - p_kv; the target's 1 - p was summed in the forward.
-        target_grad = grad * one_minus_p  # [K]
-        coef = -grad[:, None] * block_scale  # [K, blocks]: -grad_k * exp(m_b - m - s)
-        grad_hidden = torch.zeros(len(targets), weight.shape[1], dtype=one_minus_p.dtype, device=one_minus_p.device)  # [K, H]
+        grad = grad.to(one_minus_p.dtype)
+        # d out_k / d logit_uv = [u = rows_k] (onehot(target_k) - p_uv): row u's softmax term is
+        # scaled by G_u, the sum of its targets' gradients.
+        g_row = torch.zeros(len(block_scale), dtype=grad.dtype, device=grad.device).index_add_(0, rows, grad)  # [U]
+        # At target k: grad_k (1 - p_k) - (G_u - grad_k) p_k, with 1 - p_k from the forward (no cancellation).
+        target_grad = grad * one_minus_p - (g_row[rows] - grad) * p  # [K]
+        coef = -g_row[:, None] * block_scale  # [U, blocks]: -G_u * exp(m_b - m - s)
+        grad_hidden = torch.zeros(len(block_scale), weight.shape[1], dtype=grad.dtype, device=grad.device)  # [U, H]
         for i, v0 in enumerate(range(0, weight.shape[0], block)):
             e = saved[i]
-            grad_logits = e * coef[:, i:i + 1].to(e.dtype)  # -grad * p, [K, block], in e's dtype
+            grad_logits = e * coef[:, i:i + 1].to(e.dtype)  # -G * p, [U, block], in e's dtype
             inside = (targets >= v0) & (targets < v0 + block)
             grad_logits[rows[inside], targets[inside] - v0] = target_grad[inside].to(e.dtype)
             w = weight[v0:v0 + block].to(ctx.hidden_dtype)
             grad_hidden.add_(grad_logits.to(ctx.hidden_dtype) @ w)
-        return grad_hidden.to(ctx.hidden_dtype), None, None, None
+        return grad_hidden.to(ctx.hidden_dtype), None, None, None, None
 
 
 def token_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     bias: torch.Tensor | None = None, softcap: float | None = None,
-                    exact: bool = True) -> torch.Tensor:
-    """Log-probability of `targets` [K] under the output head at `hidden` [K, H]; float32 [K].
+                    exact: bool = True, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probability of `targets` [K] under the output head; float32 [K].
 
-    `weight` [V, H] is the head's (frozen) weight. A head with a bias, soft-capped logits
-    (Gemma) or a trainable weight takes the plain float32 path.
+    `hidden` [U, H] holds the positions; target k is scored at `hidden[rows[k]]` (`rows` [K]
+    long; None: U = K, one target per position). A position shared by several targets costs one
+    row of the head, not one per target. `weight` [V, H] is the head's (frozen) weight. A head
+    with a bias, soft-capped logits (Gemma) or a trainable weight takes the plain float32 path.
     `exact=False` (training): for bf16 `hidden` and `weight`, the logits are the bf16 product
     alone (rounded by up to ~0.06 at |logit| ~ 16), without the residual GEMM; everything after
     the GEMM stays float32. Other dtypes are unaffected.
     """
+    if rows is None:
+        rows = torch.arange(len(targets), device=targets.device)
     if bias is None and not softcap and not weight.requires_grad:
-        return _TokenLogProb.apply(hidden, weight, targets, exact)
+        # One output per distinct (position, target) pair; repeats read it back (and their
+        # gradients add up there).
+        pairs, inverse = torch.unique(rows * weight.shape[0] + targets, return_inverse=True)
+        if len(pairs) == len(targets):
+            return _TokenLogProb.apply(hidden, weight, targets, rows, exact)
+        out = _TokenLogProb.apply(hidden, weight, pairs % weight.shape[0], pairs // weight.shape[0], exact)
+        return out[inverse]
     logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    return logits.log_softmax(-1)[rows, targets]
