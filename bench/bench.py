@@ -1232,7 +1232,8 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
                    "where that is faster; each product in the faster of its two layouts), the attention core of "
                    "every layer (the faster of bare bmm + softmax and `scaled_dot_product_attention`, forward and "
                    "backward, timed at the padded length and scaled to the causal work of the real lengths), the "
-                   "LoRA updates (faster of float32 and bf16) and, for choice-likelihood, the full-vocabulary head. "
+                   "LoRA updates (faster of float32 and bf16) and, for choice-likelihood, the full-vocabulary head "
+                   "at the positions it reads (the last layer's MLP, like the step, at those positions only). "
                    "Best of 3 calls each. Norms, rotary, SwiGLU, residual adds, casts, the loss, the optimizer and "
                    "Python are counted as free, so model FLOPs over this time is an upper bound on MFU with this "
                    "torch on this machine (not with hand-written kernels that fuse elementwise work into the "
@@ -1262,9 +1263,12 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
         out.append("")
     out.append("Model FLOPs per training step on real (unpadded) tokens: 4 N per token for the frozen base (forward "
                "2 N + activation gradients 2 N; no weight gradients), N = decoder linear weights (embedding excluded); "
-               "+ 6 r (in + out) per token per LoRA layer; + 4 H V per scored choice token for the choice-likelihood "
-               "head. Attention scores (~2% here) and padding are not counted, so this is a lower bound on the work "
-               "done and MFU is conservative.\n")
+               "+ 6 r (in + out) per token per LoRA layer; the last layer's MLP only at the positions the head "
+               "reads, as loraens runs it (`loraens.last_layer`); + 4 H V per distinct position that predicts a "
+               "choice token for the choice-likelihood head (the prompt's last token predicts every choice's first "
+               "token, and its head row is computed once). Only the work this algorithm needs is counted: what it "
+               "skips (the head at every position, the last MLP elsewhere, padding) would raise the count without "
+               "being useful. Attention scores (~2% here) are not counted, so MFU is conservative.\n")
 
     comp = [r for r in results if r.compiled]
     if comp:
@@ -1329,7 +1333,8 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
         out.append("")
         out.append("FLOP bound: model FLOPs of a full-depth step over those of a top-K step from the cache, on the "
                    "timed batches (the counting of (d)). The choice-likelihood head over the full vocabulary at every "
-                   "choice token runs in both (its log-softmax needs every logit), so that mode cannot gain K/L-fold.\n")
+                   "position that predicts a choice token runs in both (its log-softmax needs every logit), and so does "
+                   "the last layer, so neither mode can gain L/K-fold.\n")
         out.append("Both sides train the same M members on the same batches, interleaved. First epoch: every timed "
                    "question meets the cache for the first time, so its frozen bottom layers run once (without "
                    "gradient) before the top K; later epochs read the bottom from the cache and run only the top K "

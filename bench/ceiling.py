@@ -176,8 +176,8 @@ def required_kernel_seconds(*, linear_groups: Counter, lora_layers: Counter, mem
     real tokens as if packed without padding. Attention is timed on [rows, max length] and
     scaled to the causal work of the real lengths, sum L (L + 1) / 2 over rows x max^2
     (a kernel that skipped all padding and all masked entries; choice-likelihood's block mask
-    hides more than a causal one, which this does not credit). scored_tokens: tokens the
-    positions the choice-likelihood head reads (0 for letter scoring, whose head is C rows at one
+    hides more than a causal one, which this does not credit). scored_tokens: the positions
+    the choice-likelihood head reads (0 for letter scoring, whose head is C rows at one
     position). tail_groups: linear groups that run on `tail_tokens` tokens only (the last
     layer's MLP at the head's positions, `loraens.last_layer`). LoRA runs in the faster of
     float32 and `dtype`.
