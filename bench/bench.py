@@ -1399,8 +1399,11 @@ NOT_MEASURED = """## Levers not used, and what these figures are not
 
 - Choice-likelihood: the question is computed once per question and member because all choices
   are packed into ONE sequence with a block attention mask (the same saving as reusing the
-  question's KV cache for every choice, without a second pass); the head runs only at the choice
-  tokens. There is no separate KV-cache path.
+  question's KV cache for every choice, without a second pass); the head runs only at the positions
+  that predict a choice token, once per distinct position (the prompt's last token predicts every
+  choice's first token), and the last layer's MLP runs only at the positions the head reads
+  (`loraens.last_layer`; for letter scoring, the answer position). There is no separate KV-cache
+  path.
 - Member-axis chunking (`--train.member_chunk`) and gradient checkpointing
   (`--train.gradient_checkpointing`) are off by default: a step's activations grow with the rows
   M x B, not with M at a fixed number of rows (see (c)), and at the sequence lengths of these tasks
