@@ -7,6 +7,7 @@ import pytest
 from bench.bench import (
     ModeResult,
     full_batches,
+    m16_target_row,
     make_task,
     matrix_units,
     mfu_target_rows,
@@ -80,3 +81,19 @@ def test_full_batches_are_the_first_full_steps_or_none(tokenizer):
     for k in range(2):  # each member sees every question once in its 4 steps of 3
         assert sorted(np.concatenate([s[k] for s in steps]).tolist()) == list(range(12))
     assert full_batches(task, m=2, b=3, count=5) == []  # 12 questions give only 4 steps of 3
+
+
+def test_m16_row_names_the_memory_steps_and_the_sweep():
+    r = ModeResult("letter", 4, 5, [1, 16], 3)
+    r.bf16[16] = 27.3
+    mem = [{"side": "loraens", "m": 16}, {"side": "loraens", "m": 16, "error": "killed"},
+           {"side": "peft", "m": 16}, {"side": "loraens", "m": 5}]
+    row = m16_target_row([r], mem)
+    assert row == ("| M = 16 fits and runs | 1 of 2 memory subprocesses of three M = 16 steps each ran ((c), (c2)); "
+                   "trained in the sweep of (a) at 27.30 member-examples/s (letter) | **not met** |")
+    assert m16_target_row([r], mem[:1]).endswith("| **met** |")
+
+
+def test_m16_row_is_none_when_nothing_ran_at_16():
+    r = ModeResult("letter", 4, 5, [1, 5], 3)
+    assert m16_target_row([r], [{"side": "loraens", "m": 5}]) is None

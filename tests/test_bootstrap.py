@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import loraens.bootstrap as bootstrap
+from loraens import bootstrap
 from loraens.bootstrap import (
     bootstrap_ci,
     format_ci,

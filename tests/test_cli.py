@@ -18,7 +18,6 @@ from loraens.run import load_run
 from .conftest import make_questions
 
 
-
 def _train_args(run, model_dir, mirror, *extra: str) -> list[str]:
     return ["train", "--output_dir", str(run), "--model.name", str(model_dir), "--model.dtype", "float32",
             "--data.dataset", "arc_easy", "--data.data_dir", str(mirror), "--ensemble.num_members", "2",

@@ -14,7 +14,7 @@ from loraens.metrics import compute_metrics, ensemble_probs
 from loraens.predict import predict
 from loraens.prefix import prefix_cache_of
 from loraens.scoring import member_log_probs
-from loraens.train import train_members, train_step
+from loraens.train import train_members
 
 
 def cfg(cache: bool, **kw) -> EnsembleConfig:

@@ -88,7 +88,7 @@ def test_report_html_loads_in_a_headless_browser(two_runs, tmp_path):
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
            (out.with_suffix(".html")).as_uri()]
-    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120).stdout
     images = re.search(r'data-images="(\d+)"', dom)
     loaded = re.search(r'data-images-loaded="(\d+)"', dom)
     errors = re.search(r'data-errors="(\d+)"', dom)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,9 +107,9 @@ def test_changing_a_cell_setting_reruns_that_cell_only(tmp_path, tiny_setup, mon
     path = write_sweep(tmp_path, model_dir, mirror)
     spec = load_sweep(path)
     run_sweep(spec, progress=False, log=lambda line: None)
-    raw = yaml.safe_load(open(path))
+    raw = yaml.safe_load(Path(path).read_text())
     raw["variants"][1]["config"]["ensemble"]["dropout"] = 0.3
-    open(path, "w").write(yaml.safe_dump(raw))
+    Path(path).write_text(yaml.safe_dump(raw))
     changed = load_sweep(path)
     assert [is_complete(c) for c in cells(changed)] == [True, False]
 

@@ -20,11 +20,23 @@ import loraens.train as train_mod
 from loraens.batching import collate
 from loraens.config import EnsembleConfig, Normalization, Scoring, TrainConfig
 from loraens.data import MCQAExample
-from loraens.ensemble import active_members, attach_members, export_member, lora_parameters, member_layers
+from loraens.ensemble import (
+    active_members,
+    attach_members,
+    export_member,
+    lora_parameters,
+    member_layers,
+)
 from loraens.model import enable_gradient_checkpointing
 from loraens.predict import predict
 from loraens.scoring import member_log_probs
-from loraens.train import linear_schedule, member_batches, member_orders, train_members, train_step
+from loraens.train import (
+    linear_schedule,
+    member_batches,
+    member_orders,
+    train_members,
+    train_step,
+)
 
 # Final LoRA weights after a few AdamW steps at lr 1e-2. The two paths compute the same math in
 # fp32 in a different order (one bmm over members + packed/padded batches vs. per-adapter
@@ -75,9 +87,9 @@ def assert_weights_close(mine: dict, ref: dict, first_grads: dict) -> None:
         regime_count += int(regime.sum())
         total += regime.numel()
         torch.testing.assert_close(mine[key][~regime], ref[key][~regime], atol=WEIGHT_ATOL, rtol=0,
-                                   msg=lambda m: f"{key}: {m}")
+                                   msg=lambda m, key=key: f"{key}: {m}")
         torch.testing.assert_close(mine[key][regime], ref[key][regime], atol=EPS_REGIME_ATOL, rtol=0,
-                                   msg=lambda m: f"{key} (Adam eps regime): {m}")
+                                   msg=lambda m, key=key: f"{key} (Adam eps regime): {m}")
     assert regime_count <= 0.01 * total, f"{regime_count} of {total} weights had a near-zero first gradient"
 
 
@@ -110,7 +122,7 @@ def reference_member_training(peft_model, encoded, train: TrainConfig, cfg: Ense
     params = [p for p in peft_model.parameters() if p.requires_grad]
     assert params and all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    warmup = int(round(train.warmup_ratio * total))
+    warmup = round(train.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(total, warmup))
     peft_model.train()
     n, b = len(encoded), train.batch_size
@@ -418,8 +430,8 @@ def test_checkpointing_leaves_the_frozen_bottom_layers_out_of_the_backward(make_
         layers = model.model.layers
         # Hooks on a layer's first modules: checkpointing's recomputation stops early, as soon as it
         # has what the backward needs, so a hook at the end of a whole layer would not see it.
-        layers[0].input_layernorm.register_forward_hook(lambda mod, inp, out: bottom_calls.append(out.requires_grad))
-        layers[-1].self_attn.q_proj.register_forward_hook(lambda mod, inp, out: top_calls.append(1))
+        layers[0].input_layernorm.register_forward_hook(lambda mod, inp, out, calls=bottom_calls: calls.append(out.requires_grad))
+        layers[-1].self_attn.q_proj.register_forward_hook(lambda mod, inp, out, calls=top_calls: calls.append(1))
         train_step(model, encoded, chunk, 1, 2, 5, Scoring.LETTER, letter_encoder.letter_ids, Normalization.MEAN)
         results.append([p.grad.clone() for p in lora_parameters(model)])
         assert bottom_calls == [False]  # run once, outside autograd: never recomputed

@@ -196,8 +196,8 @@ def test_predictive_entropy_matches_scipy() -> None:
             lambda: predictive_entropy(
                 np.full((2, 1, 4), 0.25), np.ones((2, 5), bool), normalize_by_choices=True
             ),
-            r"`choice_mask` should have shape \[N, C\] = \[2, 4\] to match `member_probs`"
-            r".*\(2, 5\)",
+            (r"`choice_mask` should have shape \[N, C\] = \[2, 4\] to match `member_probs`"
+             r".*\(2, 5\)"),
         ),
         (
             lambda: uncertainty_scores(np.full((2, 1, 2), 0.5), [[True, True], [False, False]]),

@@ -341,9 +341,8 @@ def coerce(value: Any, hint: Any, flag: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+            return None
         inner = [a for a in args if a is not type(None)]
         return coerce(value, inner[0], flag)
     if origin is list:

@@ -14,7 +14,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from .attention import GROUPED_EAGER  # noqa: F401  (registers the attention implementation)
 from .config import DType, ModelConfig
@@ -106,7 +111,7 @@ def load_base_model(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTok
     """
     gguf = resolve_gguf(config)
     source = str(converted_gguf_dir(gguf)) if gguf is not None else config.name
-    kwargs = dict(trust_remote_code=config.trust_remote_code)
+    kwargs = {"trust_remote_code": config.trust_remote_code}
     if gguf is None and config.gguf_file:
         kwargs["gguf_file"] = config.gguf_file
     try:

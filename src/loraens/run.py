@@ -17,6 +17,7 @@ those of the epoch with the best ensemble NLL on the validation split.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import shutil
@@ -228,7 +229,7 @@ def train_run(config: RunConfig, progress: bool = True) -> RunResult:
             return False
         nll = last[watch]["ensemble"]["nll"]
         if best["epoch"] is None or nll < best["nll"]:  # the first epoch is always kept: members/ is never empty
-            best.update(nll=nll if nll == nll else float("inf"), epoch=summary.epoch, metrics=dict(last), bad=0)
+            best.update(nll=float("inf") if math.isnan(nll) else nll, epoch=summary.epoch, metrics=dict(last), bad=0)
             export_members(ens, run_dir)  # members/ always holds the best epoch so far
             return False
         best["bad"] += 1

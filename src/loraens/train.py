@@ -132,7 +132,7 @@ def train_members(
     params = lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, linear_schedule(total, int(round(train.warmup_ratio * total)))
+        optimizer, linear_schedule(total, round(train.warmup_ratio * total))
     )
     # Dropout masks come from torch's global generator: seed it from the run seed, so a run (or a
     # sweep cell resumed in a fresh process) is reproducible from its config alone.
