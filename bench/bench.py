@@ -1051,13 +1051,13 @@ def bf16_peak(peaks: dict, results: list[ModeResult]) -> float:
     return max([peaks["bf16"]] + [x["linear_gflops"] * 1e9 for r in results for x in r.mfu])
 
 
-def m16_target_row(results: list[ModeResult], mem: list[dict]) -> str | None:
+def m16_target_row(results: list[ModeResult], mem: list[dict]) -> str:
     """The targets table's "M = 16 fits and runs" row: what ran at M = 16 in the memory
-    subprocesses of (c)/(c2) and in (a)'s sweep; None when nothing ran at M = 16."""
+    subprocesses of (c)/(c2) and in (a)'s sweep."""
     m16 = [r for r in mem if r["side"] == "loraens" and r["m"] == 16]
     swept16 = [r for r in results if 16 in r.sweep and 16 in r.bf16]
     if not (m16 or swept16):
-        return None
+        return "| M = 16 fits and runs | not run | not measured |"
     ok = all("error" not in r for r in m16)
     ran = []
     if m16:
@@ -1389,11 +1389,7 @@ def render(args, info: dict, peaks: dict, results: list[ModeResult], mem: list[d
                    + ", ".join(f"{s} {x:.2f}x" for s, x in pairs) + f" | {verdict(max(x for _, x in pairs) <= 1.3)} |")
     else:
         out.append("| peak RSS at M = 5 <= 1.3x M = 1 | not run | not measured |")
-    row16 = m16_target_row(results, mem)
-    if row16:
-        out.append(row16)
-    else:
-        out.append("| M = 16 fits and runs | not run | not measured |")
+    out.append(m16_target_row(results, mem))
     out += mfu_target_rows(results, peak, args.batch_size)
     if pre:
         ratios = [(r.mode, r.prefix["warm"] / r.prefix["full"], r.prefix["cold"] / r.prefix["full"]) for r in pre]
@@ -1440,7 +1436,7 @@ NOT_MEASURED = """## Levers not used, and what these figures are not
   "loraens tokens (packed)" column of (a)); attention moves q, k and v to the padded
   per-question rows and back. `bench/bench_levers.py` times it on and off ("+ packed tokens").
   A prototype on an AMX machine gained nothing (0.99-1.01x: its GEMMs are so fast there that the
-  token moves cost what the padding saved); on AVX-512 BF16 machines it pays (BENCHMARKS.md).
+  token moves cost what the padding saved); on AVX-512 BF16 machines it pays (section (h)).
 - MFU is an estimate from counted model FLOPs (see (d)), not a profiler measurement. The bf16
   peak depends on the CPU's matrix instructions (Setup names them): with AMX tiles it is about
   five times the AVX-512 BF16 peak, while the elementwise work of a step (norms, rotary, SwiGLU,

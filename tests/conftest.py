@@ -30,7 +30,8 @@ from loraens.prompts import LETTERS, EncodedQuestion, PromptEncoder
 # machine two spinning threads made a training step ~25x slower than one thread.
 torch.set_num_threads(1)
 
-WORDS = ["red", "blue", "green", "black", "white", "sky", "sea", "tree", "stone", "water", "fire", "cat", "dog", "bird", "fish", "sun", "moon", "small", "large", "hot", "cold", "fast", "slow", "what", "which", "is", "the", "of", "a", "colour", "animal", "lives", "in"]
+WORDS = ("red blue green black white sky sea tree stone water fire cat dog bird fish sun moon "
+         "small large hot cold fast slow what which is the of a colour animal lives in").split()
 
 
 # ---------------------------------------------------------------- tokenizer

@@ -94,6 +94,6 @@ def test_m16_row_names_the_memory_steps_and_the_sweep():
     assert m16_target_row([r], mem[:1]).endswith("| **met** |")
 
 
-def test_m16_row_is_none_when_nothing_ran_at_16():
+def test_m16_row_says_not_measured_when_nothing_ran_at_16():
     r = ModeResult("letter", 4, 5, [1, 5], 3)
-    assert m16_target_row([r], [{"side": "loraens", "m": 5}]) is None
+    assert m16_target_row([r], [{"side": "loraens", "m": 5}]) == "| M = 16 fits and runs | not run | not measured |"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from loraens import bootstrap
+import loraens.bootstrap as bootstrap
 from loraens.bootstrap import (
     bootstrap_ci,
     format_ci,

@@ -21,12 +21,7 @@ from loraens.data import (
     parse_row,
     select_mmlu_subjects,
 )
-from loraens.mmlu_subjects import (
-    MMLU_SUBJECT_GROUP,
-    MMLU_SUBJECTS,
-    MMLUGroup,
-    subjects_in_group,
-)
+from loraens.mmlu_subjects import MMLU_SUBJECT_GROUP, MMLU_SUBJECTS, MMLUGroup, subjects_in_group
 
 MIRROR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mcqa"
 needs_mirror = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"no local mirror at {MIRROR}")

@@ -10,12 +10,7 @@ import pytest
 import torch
 
 from loraens.ensemble_size import _subsets, ensemble_size_curve
-from loraens.metrics import (
-    METRIC_NAMES,
-    compute_metrics,
-    ensemble_probs,
-    evaluate_ensemble,
-)
+from loraens.metrics import METRIC_NAMES, compute_metrics, ensemble_probs, evaluate_ensemble
 
 
 def _member_probs(n: int, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

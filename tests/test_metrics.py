@@ -360,7 +360,7 @@ def test_bad_inputs_raise_clear_errors(call, pattern: str) -> None:
 # --------------------------------------------------------------------------- MCE, adaptive ECE
 
 # Imported here, not at the top, so this section is a pure append to the file.
-from loraens.metrics import (
+from loraens.metrics import (  # noqa: E402
     CALIBRATION_METRIC_NAMES,
     adaptive_ece,
     calibration_metrics,

@@ -12,14 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraens.config import (
-    DType,
-    EnsembleConfig,
-    ModelConfig,
-    PromptConfig,
-    Scoring,
-    TrainConfig,
-)
+from loraens.config import DType, EnsembleConfig, ModelConfig, PromptConfig, Scoring, TrainConfig
 from loraens.data import load_mcqa
 from loraens.ensemble import attach_members
 from loraens.model import converted_gguf_dir, default_gguf_path, load_base_model

@@ -20,23 +20,11 @@ import loraens.train as train_mod
 from loraens.batching import collate
 from loraens.config import EnsembleConfig, Normalization, Scoring, TrainConfig
 from loraens.data import MCQAExample
-from loraens.ensemble import (
-    active_members,
-    attach_members,
-    export_member,
-    lora_parameters,
-    member_layers,
-)
+from loraens.ensemble import active_members, attach_members, export_member, lora_parameters, member_layers
 from loraens.model import enable_gradient_checkpointing
 from loraens.predict import predict
 from loraens.scoring import member_log_probs
-from loraens.train import (
-    linear_schedule,
-    member_batches,
-    member_orders,
-    train_members,
-    train_step,
-)
+from loraens.train import linear_schedule, member_batches, member_orders, train_members, train_step
 
 # Final LoRA weights after a few AdamW steps at lr 1e-2. The two paths compute the same math in
 # fp32 in a different order (one bmm over members + packed/padded batches vs. per-adapter

@@ -22,12 +22,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .mmlu_subjects import (
-    MMLU_SUBJECT_GROUP,
-    MMLU_SUBJECTS,
-    MMLUGroup,
-    subjects_in_group,
-)
+from .mmlu_subjects import MMLU_SUBJECT_GROUP, MMLU_SUBJECTS, MMLUGroup, subjects_in_group
 
 logger = logging.getLogger(__name__)
 

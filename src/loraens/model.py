@@ -14,12 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .attention import GROUPED_EAGER  # noqa: F401  (registers the attention implementation)
 from .config import DType, ModelConfig

@@ -17,15 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
-from .bootstrap import (
-    _ci,
-    _paired,
-    bootstrap_ci,
-    format_ci,
-    metric_cis,
-    metric_resamples,
-    paired_bootstrap,
-)
+from .bootstrap import _ci, _paired, bootstrap_ci, format_ci, metric_cis, metric_resamples, paired_bootstrap
 from .ensemble_size import ensemble_size_curve
 from .metrics import adaptive_ece, compute_metrics, ece, ensemble_probs, mce, nll
 from .ood import ood_metrics, roc_points
