@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from loraens.batching import length_sorted_batches
 from loraens.bootstrap import format_ci, metric_cis, paired_metric_diffs
-from loraens.compiling import AUTO_MIN_MEMBER_QUESTIONS, compile_decoder_layers
+from loraens.fast.compiling import AUTO_MIN_MEMBER_QUESTIONS, compile_decoder_layers
 from loraens.config import (
     DType,
     EnsembleConfig,
@@ -69,7 +69,7 @@ from loraens.ensemble import (
     lora_parameters,
     member_layers,
 )
-from loraens.last_layer import supports_last_layer_at
+from loraens.fast.last_layer import supports_last_layer_at
 from loraens.metrics import ensemble_probs
 from loraens.model import enable_gradient_checkpointing, load_base_model
 from loraens.predict import predict

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from loraens.head import token_log_probs
+from loraens.fast.head import token_log_probs
 
 
 def float32_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

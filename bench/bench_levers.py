@@ -42,7 +42,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from loraens.attention import GROUPED_EAGER
+from loraens.fast.attention import GROUPED_EAGER
 from loraens.config import ModelConfig, Scoring
 from loraens.data import load_mcqa
 from loraens.ensemble import member_layers

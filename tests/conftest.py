@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from loraens.config import Normalization, PromptConfig, Scoring
+from loraens.config import Normalization, PromptConfig, Scoring, SpeedConfig
 from loraens.data import MCQAExample
+from loraens.fast.prefix import PrefixCache
 from loraens.prompts import LETTERS, EncodedQuestion, PromptEncoder
+from loraens.scoring import Scorer
 
 # The models here are tiny: intra-op threads only add synchronisation, and on a busy 2-core CI
 # machine two spinning threads made a training step ~25x slower than one thread.
@@ -140,7 +142,13 @@ def cloze_encoder(tokenizer) -> PromptEncoder:
     return encoder(tokenizer, Scoring.CHOICE_LIKELIHOOD)
 
 
-# ---------------------------------------------------------------- unpacked references
+def scorer(scoring: Scoring, letter_ids: tuple[int, ...] = (), normalization: Normalization = Normalization.MEAN,
+           cache: PrefixCache | None = None, **speed) -> Scorer:
+    """A `Scorer` for the tests: `speed` sets `SpeedConfig` fields, `cache` a frozen-prefix cache."""
+    return Scorer(scoring, tuple(letter_ids), normalization, SpeedConfig(**speed), cache)
+
+
+# ---------------------------------------------------------------- references that share no code
 
 
 def letter_reference(model, q: EncodedQuestion, letter_ids: tuple[int, ...]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""loraens.attention: grouped-query eager attention against transformers' eager attention."""
+"""loraens.fast.attention: grouped-query eager attention against transformers' eager attention."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from loraens.attention import GROUPED_EAGER, grouped_eager_attention
+from loraens.fast.attention import GROUPED_EAGER, grouped_eager_attention
 
 
 def _tiny_llama(attn: str, kv_heads: int) -> LlamaForCausalLM:

@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from loraens.batching import collate
-from loraens.compiling import (
+from loraens.fast.compiling import (
     compile_decision,
     compile_decoder_layers,
     cpp_compiler,
@@ -21,15 +21,16 @@ from loraens.config import (
     Scoring,
     TrainConfig,
 )
-from loraens.ensemble import attach_members, member_layers
+from loraens.ensemble import attach_members, first_lora_layer, member_layers
+from loraens.fast.prefix import prefix_cache_for
 from loraens.predict import predict
-from loraens.scoring import member_log_probs
 from loraens.train import planned_steps
+from tests.conftest import scorer
 
 
 def scores_and_grads(model, batch, letter_ids) -> tuple[torch.Tensor, torch.Tensor]:
     """Member log-probs [M, N, C] and the gradient of their sum w.r.t. every member's A, flattened."""
-    lp = member_log_probs(model, batch, 2, Scoring.LETTER, letter_ids)
+    lp = scorer(Scoring.LETTER, letter_ids).log_probs(model, batch, 2)
     layers = list(member_layers(model).values())
     grads = torch.autograd.grad(lp[torch.isfinite(lp)].sum(), [layer.lora_A for layer in layers])
     return lp.detach(), torch.cat([g.flatten() for g in grads])
@@ -60,18 +61,17 @@ def test_compiled_layers_match_eager_scores_and_gradients(make_base, letter_enco
     # Evaluation runs the compiled layers eagerly: no new graph, the eager model's probabilities.
     ids = [str(i) for i in range(len(enc))]
     graphs = counters["stats"]["unique_graphs"]
-    want = predict(eager, enc, ids, 2, Scoring.LETTER, letter_encoder.letter_ids, progress=False).member_probs
-    got = predict(compiled, enc, ids, 2, Scoring.LETTER, letter_encoder.letter_ids, progress=False).member_probs
+    want = predict(eager, enc, ids, 2, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False).member_probs
+    got = predict(compiled, enc, ids, 2, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False).member_probs
     assert counters["stats"]["unique_graphs"] == graphs
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # The eager stance ends with predict, also when it raises (no letter ids: the head has no rows).
     assert torch._dynamo.eval_frame._stance.stance == "default"
     with pytest.raises(IndexError):
-        predict(compiled, enc, ids, 2, Scoring.LETTER, (), progress=False)
+        predict(compiled, enc, ids, 2, scorer(Scoring.LETTER), progress=False)
     assert torch._dynamo.eval_frame._stance.stance == "default"
     # ... unless asked to run them compiled, which traces the no_grad forward anew.
-    got = predict(compiled, enc, ids, 2, Scoring.LETTER, letter_encoder.letter_ids, progress=False,
-                  compiled=True).member_probs
+    got = predict(compiled, enc, ids, 2, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False, compiled=True).member_probs
     assert counters["stats"]["unique_graphs"] > graphs
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -79,10 +79,11 @@ def test_compiled_layers_match_eager_scores_and_gradients(make_base, letter_enco
 def test_with_a_frozen_prefix_only_the_trained_layers_are_compiled(make_base):
     model = make_base()
     attach_members(model, EnsembleConfig(num_members=2, rank=4, alpha=8.0, seed=0, top_layers=1))
+    cache = prefix_cache_for(model, first_lora_layer(model))
     bottom, top = model.model.layers
-    assert layers_to_compile(model) == (1, 2)
-    assert layers_to_compile(make_base()) is None  # no prefix cache: every layer compiles
-    assert compile_decoder_layers(model) == 1
+    assert layers_to_compile(model, cache) == (1, 2)
+    assert layers_to_compile(model, None) is None  # no prefix cache: every layer compiles
+    assert compile_decoder_layers(model, cache) == 1
     assert bottom._compiled_call_impl is None and top._compiled_call_impl is not None
 
 
@@ -108,7 +109,7 @@ def _train(**kw) -> TrainConfig:
     ({"compile": "false"}, 10_000, 5, False),
 ])
 def test_compile_decision(monkeypatch, kw, steps, members, expected):
-    monkeypatch.setattr("loraens.compiling.cpp_compiler", lambda: "g++")
+    monkeypatch.setattr("loraens.fast.compiling.cpp_compiler", lambda: "g++")
     use, note = compile_decision(_train(**kw), steps, members)
     assert use is expected
     assert bool(note) is use  # a note whenever the layers are compiled, silence otherwise
@@ -117,7 +118,7 @@ def test_compile_decision(monkeypatch, kw, steps, members, expected):
 
 
 def test_compile_decision_counts_only_the_compiled_share_of_layers(monkeypatch):
-    monkeypatch.setattr("loraens.compiling.cpp_compiler", lambda: "g++")
+    monkeypatch.setattr("loraens.fast.compiling.cpp_compiler", lambda: "g++")
     # 5,000 member-questions pay back at full depth, but 8 of 30 compiled layers save 8/30 as much.
     assert compile_decision(_train(batch_size=8), 125, 5, (8, 30)) == (False, "")
     use, note = compile_decision(_train(batch_size=8), 469, 5, (8, 30))  # 18,760 x 8/30 = 5,002
@@ -126,7 +127,7 @@ def test_compile_decision_counts_only_the_compiled_share_of_layers(monkeypatch):
 
 
 def test_compile_auto_without_a_compiler_runs_eagerly_and_says_how_to_fix(monkeypatch):
-    monkeypatch.setattr("loraens.compiling.cpp_compiler", lambda: None)
+    monkeypatch.setattr("loraens.fast.compiling.cpp_compiler", lambda: None)
     use, note = compile_decision(_train(batch_size=8), 600, 5)
     assert not use
     assert "600 steps" in note and "g++" in note and "--train.compile false" in note
@@ -178,7 +179,7 @@ def test_auto_compiled_run_falls_back_to_eager_only_inside_the_run(tiny_setup, t
         return real_train_members(*args, **kwargs)
 
     monkeypatch.setattr(run_mod, "compile_decision", lambda train, steps, members, layers=None: (True, "compiling"))
-    monkeypatch.setattr(run_mod, "compile_decoder_layers", lambda model: seen.setdefault("compiled", True))
+    monkeypatch.setattr(run_mod, "compile_decoder_layers", lambda model, cache: seen.setdefault("compiled", True))
     monkeypatch.setattr(run_mod, "train_members", recording_train_members)
     before = torch._dynamo.config.suppress_errors
     config = RunConfig.from_dict({"output_dir": str(tmp_path / "run"),

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import loraens.head as head_mod
-from loraens.head import exact_logits, token_log_probs
+import loraens.fast.head as head_mod
+from loraens.fast.head import exact_logits, token_log_probs
 
 
 @pytest.fixture

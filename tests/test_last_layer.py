@@ -1,4 +1,4 @@
-"""loraens.last_layer: the last decoder layer's MLP only where the head reads, against the full layer."""
+"""loraens.fast.last_layer: the last decoder layer's MLP only where the head reads, against the full layer."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from loraens.attention import GROUPED_EAGER
 from loraens.config import EnsembleConfig, Scoring
 from loraens.ensemble import attach_members
-from loraens.last_layer import _LastLayerAt, member_slots, supports_last_layer_at
+from loraens.fast.last_layer import _LastLayerAt, member_slots, supports_last_layer_at
+from loraens.fast.prefix import PrefixCache
+from loraens.fast.support import GROUPED_EAGER
 from loraens.model import enable_gradient_checkpointing
-from loraens.prefix import enable_prefix_cache
 from tests.conftest import randomize_lora_B
 from tests.test_packing import (
     ARCHITECTURES,
@@ -114,25 +114,26 @@ def test_over_the_prefix_cache_and_with_checkpointing(tokenizer, cloze_encoder, 
     batch = member_batch(encoded, MEMBERS)
     results = {}
     for name in ("cache", "checkpointing"):
+        cache = None
         if name == "cache":
             model = tiny_model(tokenizer)
             layers = attach_members(model, EnsembleConfig(num_members=MEMBERS, rank=4, alpha=8.0, seed=0, top_layers=1,
                                                           target_modules=("q_proj", "v_proj", "down_proj")))
             randomize_lora_B(layers)
-            enable_prefix_cache(model, split=1)
+            cache = PrefixCache(first_lora_layer=1)
         else:
             model = model_of(tokenizer, "llama")
             enable_gradient_checkpointing(model)
         model.train()
         with mock.patch.object(_LastLayerAt, "_run", autospec=True, side_effect=_LastLayerAt._run) as spy:
-            got = scores_and_grads(model, batch, MEMBERS, Scoring.CHOICE_LIKELIHOOD, (), pack_tokens=True)
+            got = scores_and_grads(model, batch, MEMBERS, Scoring.CHOICE_LIKELIHOOD, (), True, cache)
         if name == "checkpointing":
             assert spy.call_count == 2  # the pruned layer's forward, and its recomputation in the backward
         else:
             assert spy.call_count == 1
-            assert model.loraens_prefix_cache.misses == len(encoded)  # each question's bottom ran once, then cached
+            assert cache.misses == len(encoded)  # each question's bottom ran once, then cached
         with full_last_layer():
-            want = scores_and_grads(model, batch, MEMBERS, Scoring.CHOICE_LIKELIHOOD, (), pack_tokens=True)
+            want = scores_and_grads(model, batch, MEMBERS, Scoring.CHOICE_LIKELIHOOD, (), True, cache)
         results[name] = (got, want)
     for (lp, grads), (ref_lp, ref_grads) in results.values():
         finite = torch.isfinite(ref_lp)

@@ -37,8 +37,8 @@ from loraens.methods import (
 )
 from loraens.metrics import accuracy, ensemble_probs, nll
 from loraens.predict import Predictions, predict
-from loraens.scoring import member_log_probs
 from loraens.train import base_log_probs, choice_kl, train_members, train_step
+from tests.conftest import scorer
 
 
 def ens_config(**kw) -> EnsembleConfig:
@@ -48,8 +48,7 @@ def ens_config(**kw) -> EnsembleConfig:
 def scores(model, encoder, questions, m: int) -> torch.Tensor:
     """Member probabilities [N, M, C] of the letter-scored questions."""
     enc = encoder.encode_all(questions)
-    return predict(model, enc, [q.id for q in questions], m, Scoring.LETTER, encoder.letter_ids,
-                   progress=False).member_probs
+    return predict(model, enc, [q.id for q in questions], m, scorer(Scoring.LETTER, encoder.letter_ids), progress=False).member_probs
 
 
 # --------------------------------------------------------------------------- MC dropout
@@ -191,9 +190,9 @@ def test_kl_is_zero_at_initialisation_and_positive_after_training(make_base, let
     model = make_base()
     layers = attach_members(model, ens_config())  # B = 0: every member is the base model
     enc = letter_encoder.encode_all(questions[:8])
-    ref = base_log_probs(model, enc, Scoring.LETTER, letter_encoder.letter_ids, progress=False)  # [N, C]
+    ref = base_log_probs(model, enc, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)  # [N, C]
     batch = collate(enc, num_choices=5).repeat_members(3)
-    lp = member_log_probs(model, batch, 3, Scoring.LETTER, letter_encoder.letter_ids)  # [M, N, C]
+    lp = scorer(Scoring.LETTER, letter_encoder.letter_ids).log_probs(model, batch, 3)  # [M, N, C]
     kl = choice_kl(lp, ref[None].expand(3, -1, -1))
     assert torch.allclose(kl, torch.zeros_like(kl), atol=1e-6)
     # So at init the regularised loss and its gradient equal the plain ones.
@@ -201,13 +200,12 @@ def test_kl_is_zero_at_initialisation_and_positive_after_training(make_base, let
     grads = []
     for coef in (0.0, 1.0):
         model.zero_grad()
-        train_step(model, enc, chunk, 1, 3, 5, Scoring.LETTER, letter_encoder.letter_ids, Normalization.MEAN,
-                   kl_coef=coef, base_lp=ref)
+        train_step(model, enc, chunk, scorer(Scoring.LETTER, letter_encoder.letter_ids, Normalization.MEAN), TrainConfig(kl_coef=coef), 5, ref)
         grads.append([p.grad.clone() for layer in layers.values() for p in (layer.lora_A, layer.lora_B)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     randomize_B(layers, std=0.3)
-    lp = member_log_probs(model, batch, 3, Scoring.LETTER, letter_encoder.letter_ids)
+    lp = scorer(Scoring.LETTER, letter_encoder.letter_ids).log_probs(model, batch, 3)
     assert (choice_kl(lp, ref[None].expand(3, -1, -1)) > 1e-4).all()
 
 
@@ -229,12 +227,10 @@ def test_kl_regulariser_keeps_members_closer_to_the_base(make_base, letter_encod
     for coef in (0.0, 5.0):
         model = make_base()
         attach_members(model, cfg)
-        train_members(model, enc, TrainConfig(epochs=3, lr=0.05, batch_size=4, kl_coef=coef), cfg, Scoring.LETTER,
-                      letter_encoder.letter_ids, progress=False)
-        ref = base_log_probs(model, enc, Scoring.LETTER, letter_encoder.letter_ids, progress=False)
+        train_members(model, enc, TrainConfig(epochs=3, lr=0.05, batch_size=4, kl_coef=coef), cfg, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
+        ref = base_log_probs(model, enc, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
         with torch.no_grad():
-            lp = member_log_probs(model.eval(), collate(enc, num_choices=5).repeat_members(2), 2, Scoring.LETTER,
-                                  letter_encoder.letter_ids)
+            lp = scorer(Scoring.LETTER, letter_encoder.letter_ids).log_probs(model.eval(), collate(enc, num_choices=5).repeat_members(2), 2)
         kls.append(choice_kl(lp, ref[None].expand(2, -1, -1)).mean().item())
     assert kls[1] < 0.5 * kls[0]
 
@@ -244,10 +240,10 @@ def test_lora_disabled_is_the_base_model(make_base, letter_encoder, questions, r
     plain = make_base()
     enc = letter_encoder.encode_all(questions[:4])
     ids = [q.id for q in questions[:4]]
-    ref = predict(_attach_zero(plain), enc, ids, 1, Scoring.LETTER, letter_encoder.letter_ids, progress=False)
+    ref = predict(_attach_zero(plain), enc, ids, 1, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
     randomize_B(attach_members(model, ens_config()), std=0.5)
     with lora_disabled(model):
-        out = predict(model, enc, ids, 1, Scoring.LETTER, letter_encoder.letter_ids, progress=False)
+        out = predict(model, enc, ids, 1, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
     torch.testing.assert_close(out.member_probs, ref.member_probs, atol=1e-6, rtol=0)
 
 
@@ -287,8 +283,7 @@ def test_regulariser_shrinks_what_it_penalises(make_base, letter_encoder, questi
     for coef in (0.0, value):
         model = make_base()
         randomize_B(attach_members(model, cfg), std=0.3)
-        train_members(model, enc, TrainConfig(epochs=2, lr=0.02, batch_size=4, **{setting: coef}), cfg,
-                      Scoring.LETTER, letter_encoder.letter_ids, progress=False)
+        train_members(model, enc, TrainConfig(epochs=2, lr=0.02, batch_size=4, **{setting: coef}), cfg, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
         norms.append(size(model).detach())
     assert (norms[1] < 0.8 * norms[0]).all()
 
@@ -352,8 +347,7 @@ def test_top_layers_trains_without_backward_through_the_frozen_bottom(make_base,
         # (The MLP, not the layer: the last layer runs through `loraens.last_layer`'s wrapper.)
         layer.mlp.register_forward_hook(lambda mod, args, out: seen.append(out.requires_grad))
     enc = letter_encoder.encode_all(questions[:4])
-    lp = member_log_probs(model, collate(enc, num_choices=5).repeat_members(3), 3, Scoring.LETTER,
-                          letter_encoder.letter_ids)
+    lp = scorer(Scoring.LETTER, letter_encoder.letter_ids).log_probs(model, collate(enc, num_choices=5).repeat_members(3), 3)
     assert seen == [False] * (len(seen) - 1) + [True]  # only the top layer is part of the backward graph
     lp[..., 0].sum().backward()
     assert all(p.grad is not None for layer in member_layers(model).values() for p in (layer.lora_A, layer.lora_B))
@@ -370,13 +364,12 @@ def test_regularised_gradient_of_a_member_does_not_depend_on_the_others(make_bas
         model = make_base()
         layers = attach_members(model, ens_config())
         randomize_B(layers, std=0.3)
-        ref = base_log_probs(model, enc, Scoring.LETTER, letter_encoder.letter_ids, progress=False)
+        ref = base_log_probs(model, enc, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
         if perturb:  # change members 1 and 2 only
             with torch.no_grad():
                 for layer in layers.values():
                     layer.lora_B[1:] += 0.5
-        train_step(model, enc, chunk, 1, 3, 5, Scoring.LETTER, letter_encoder.letter_ids, Normalization.MEAN,
-                   base_lp=ref, **reg)
+        train_step(model, enc, chunk, scorer(Scoring.LETTER, letter_encoder.letter_ids, Normalization.MEAN), TrainConfig(**reg), 5, ref)
         grads.append([p.grad[0].clone() for layer in layers.values() for p in (layer.lora_A, layer.lora_B)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

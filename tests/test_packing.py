@@ -1,4 +1,4 @@
-"""loraens.packing: the decoder on each member's real tokens end to end, against the padded rows."""
+"""loraens.fast.packing: the decoder on each member's real tokens end to end, against the padded rows."""
 
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from loraens import attention
-from loraens.attention import GROUPED_EAGER
 from loraens.batching import Batch, collate
-from loraens.compiling import compile_decoder_layers
 from loraens.config import EnsembleConfig, Normalization, Scoring
-from loraens.ensemble import attach_members, lora_parameters
-from loraens.packing import can_pack, pack, padding_mask, to_packed, to_rows
-from loraens.scoring import member_log_probs
+from loraens.ensemble import attach_members, first_lora_layer, lora_parameters
+from loraens.fast import attention
+from loraens.fast.compiling import compile_decoder_layers
+from loraens.fast.packing import pack, padding_mask, to_packed, to_rows
+from loraens.fast.prefix import PrefixCache, prefix_cache_for
+from loraens.fast.support import GROUPED_EAGER, can_pack
+from tests.conftest import scorer
 
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -50,9 +51,10 @@ def with_members(model, members: int = 3):
     return model
 
 
-def scores_and_grads(model, batch: Batch, members: int, scoring: Scoring, letter_ids, pack_tokens: bool):
+def scores_and_grads(model, batch: Batch, members: int, scoring: Scoring, letter_ids, pack_tokens: bool,
+                     cache: PrefixCache | None = None):
     """Member log-probs [M, B, C] and the gradient of their sum w.r.t. every LoRA parameter, flattened."""
-    lp = member_log_probs(model, batch, members, scoring, letter_ids, Normalization.SUM, pack_tokens=pack_tokens)
+    lp = scorer(scoring, letter_ids, Normalization.SUM, cache, pack_tokens=pack_tokens).log_probs(model, batch, members)
     grads = torch.autograd.grad(lp[torch.isfinite(lp)].sum(), lora_parameters(model))
     return lp.detach(), torch.cat([g.flatten() for g in grads])
 
@@ -147,7 +149,7 @@ def test_packed_scores_equal_a_plain_forward_per_question(tokenizer, letter_enco
         for p in lora_parameters(model):
             p.zero_()  # the base model alone, so the plain HF forward is the reference
     enc = (letter_encoder if scoring is Scoring.LETTER else cloze_encoder).encode_all(questions)
-    lp = member_log_probs(model, collate(enc), 1, scoring, letter_encoder.letter_ids, Normalization.MEAN)[0]
+    lp = scorer(scoring, letter_encoder.letter_ids, Normalization.MEAN).log_probs(model, collate(enc), 1)[0]
     for i, q in enumerate(enc):
         want = reference(model, q, scoring, letter_encoder.letter_ids, Normalization.MEAN)
         torch.testing.assert_close(lp[i, : q.num_choices], want, atol=1e-5, rtol=1e-5)
@@ -159,8 +161,8 @@ def test_bf16_packed_matches_padded_within_rounding(tokenizer, cloze_encoder, qu
         p.data = p.data.float()  # LoRA weights stay float32, as load_base_model + attach_members keep them
     batch = member_batch(cloze_encoder.encode_all(questions), 3)
     with torch.no_grad():
-        packed = member_log_probs(model, batch, 3, Scoring.CHOICE_LIKELIHOOD, pack_tokens=True)
-        padded = member_log_probs(model, batch, 3, Scoring.CHOICE_LIKELIHOOD, pack_tokens=False)
+        packed = scorer(Scoring.CHOICE_LIKELIHOOD, pack_tokens=True).log_probs(model, batch, 3)
+        padded = scorer(Scoring.CHOICE_LIKELIHOOD, pack_tokens=False).log_probs(model, batch, 3)
     finite = torch.isfinite(padded)
     torch.testing.assert_close(packed[finite], padded[finite], atol=0.05, rtol=0.0)
 
@@ -171,7 +173,7 @@ def test_other_attention_implementations_run_padded(tokenizer, letter_encoder, q
     assert not can_pack(model)
     batch = collate(letter_encoder.encode_all(questions[:4]))
     with mock.patch.object(attention, "_packed_attention", side_effect=AssertionError("packed")):
-        member_log_probs(model, batch, 2, Scoring.LETTER, letter_encoder.letter_ids)
+        scorer(Scoring.LETTER, letter_encoder.letter_ids).log_probs(model, batch, 2)
 
 
 @pytest.mark.parametrize("scoring", [Scoring.LETTER, Scoring.CHOICE_LIKELIHOOD])
@@ -185,13 +187,15 @@ def test_packed_top_layers_over_the_prefix_cache_equal_padded(tokenizer, letter_
         for layer in layers.values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.2)
     model.train()
+    cache = prefix_cache_for(model, first_lora_layer(model))
     enc = (letter_encoder if scoring is Scoring.LETTER else cloze_encoder).encode_all(questions)
     batch = member_batch(enc, 3)
     with mock.patch.object(attention, "_packed_attention", wraps=attention._packed_attention) as spy:
-        runs = [(pack_tokens, scores_and_grads(model, batch, 3, scoring, letter_encoder.letter_ids, pack_tokens))
+        runs = [(pack_tokens, scores_and_grads(model, batch, 3, scoring, letter_encoder.letter_ids, pack_tokens,
+                                               cache))
                 for pack_tokens in (True, False, True)]  # packed from a cold cache, padded, packed from a warm one
     assert spy.call_count == 2  # the top layer of each packed run (the bottom fills the cache padded)
-    assert model.loraens_prefix_cache.hits > 0
+    assert cache.hits > 0
     lp_padded, g_padded = runs[1][1]
     finite = torch.isfinite(lp_padded)
     for _, (lp, g) in runs[::2]:

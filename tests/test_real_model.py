@@ -19,6 +19,7 @@ from loraens.model import converted_gguf_dir, default_gguf_path, load_base_model
 from loraens.predict import predict
 from loraens.prompts import PromptEncoder, letter_token_ids
 from loraens.train import train_members
+from tests.conftest import scorer
 
 MIRROR = Path(os.environ.get("LORAENS_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "mcqa")
 
@@ -43,7 +44,7 @@ def test_default_model_scores_and_trains_members():
     encoder = PromptEncoder(tokenizer, PromptConfig(scoring=Scoring.CHOICE_LIKELIHOOD))
     val = load_mcqa("arc_easy", "validation", data_dir=MIRROR, limit=24, seed=0)
     questions = encoder.encode_all(val)
-    before = predict(model, questions, [e.id for e in val], 2, Scoring.CHOICE_LIKELIHOOD, progress=False)
+    before = predict(model, questions, [e.id for e in val], 2, scorer(Scoring.CHOICE_LIKELIHOOD), progress=False)
     # At init B = 0: both members are the base model. Zero-shot choice likelihood of this model
     # is about 49% on ARC-Easy (300 questions); 24 questions cannot pin that down, so only ask
     # for clearly better than the 25% of chance... and valid distributions.
@@ -53,10 +54,9 @@ def test_default_model_scores_and_trains_members():
     assert accuracy > 0.3
 
     train = load_mcqa("arc_easy", "train", data_dir=MIRROR, limit=16, seed=0)
-    summaries = train_members(model, encoder.encode_all(train), TrainConfig(epochs=1, batch_size=8, lr=1e-3),
-                              config, Scoring.CHOICE_LIKELIHOOD, progress=False)
+    summaries = train_members(model, encoder.encode_all(train), TrainConfig(epochs=1, batch_size=8, lr=1e-3), config, scorer(Scoring.CHOICE_LIKELIHOOD), progress=False)
     assert summaries[0].step == 2 and all(torch.isfinite(torch.tensor(summaries[0].train_loss)))
-    after = predict(model, questions, [e.id for e in val], 2, Scoring.CHOICE_LIKELIHOOD, progress=False)
+    after = predict(model, questions, [e.id for e in val], 2, scorer(Scoring.CHOICE_LIKELIHOOD), progress=False)
     # Each member moved, and differently: own init and own data order.
     assert (after.member_probs - before.member_probs).abs().max() > 1e-3
     assert (after.member_probs[:, 0] - after.member_probs[:, 1]).abs().max() > 1e-4

@@ -20,7 +20,7 @@ from loraens.data import MCQAExample
 from loraens.ensemble import attach_members, export_member
 from loraens.predict import Predictions, predict
 from loraens.prompts import PromptEncoder, PromptError, letter_token_ids
-from loraens.scoring import member_log_probs
+from tests.conftest import scorer
 
 # Packed vs unpacked fp32 forwards differ by summation order only (different sequence lengths,
 # SDPA mask layouts, restricted vs full output head). Measured: <= 2e-6 for letter and mean
@@ -37,7 +37,7 @@ def ens_config(**kw) -> EnsembleConfig:
 def scored(model, encoded, m, scoring, letter_ids=(), normalization=Normalization.MEAN, c=None):
     with torch.no_grad():
         batch = collate(encoded, num_choices=c).repeat_members(m)
-        return member_log_probs(model, batch, m, scoring, letter_ids, normalization)
+        return scorer(scoring, letter_ids, normalization).log_probs(model, batch, m)
 
 
 def assert_matches_reference(lp, refs, choice_counts):
@@ -139,7 +139,7 @@ def test_zero_B_members_give_identical_distributions(make_base, letter_encoder, 
     assert batch.num_rows == 12
     assert torch.equal(batch.input_ids[8:12], batch.input_ids[:4])
     with torch.no_grad():
-        lp = member_log_probs(model, batch, 3, scoring, enc.letter_ids)
+        lp = scorer(scoring, enc.letter_ids).log_probs(model, batch, 3)
     assert lp.shape == (3, 4, 5)
     for k in range(3):
         assert torch.equal(lp[k], lp[0])
@@ -149,7 +149,7 @@ def test_zero_B_members_give_identical_distributions(make_base, letter_encoder, 
 def test_rows_not_divisible_by_members_is_an_error(base_model, letter_encoder, questions):
     batch = collate(letter_encoder.encode_all(questions[:3]))
     with pytest.raises(ValueError, match="cannot be split among 2 members"):
-        member_log_probs(base_model, batch, 2, Scoring.LETTER, letter_encoder.letter_ids)
+        scorer(Scoring.LETTER, letter_encoder.letter_ids).log_probs(base_model, batch, 2)
 
 
 def test_collate_block_mask_by_hand():
@@ -191,7 +191,7 @@ def test_predict_is_in_input_order(make_base, letter_encoder, cloze_encoder, que
     model = make_base()
     randomize_B(attach_members(model, ens_config(num_members=2)), std=0.2)
     model.train()
-    preds = predict(model, encoded, ids, 2, scoring, enc.letter_ids, batch_size=3, progress=False)
+    preds = predict(model, encoded, ids, 2, scorer(scoring, enc.letter_ids), batch_size=3, progress=False)
     assert model.training  # restored
     assert preds.member_probs.shape == (7, 2, 5)
     assert preds.ids == ids

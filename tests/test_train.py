@@ -23,8 +23,8 @@ from loraens.data import MCQAExample
 from loraens.ensemble import active_members, attach_members, export_member, lora_parameters, member_layers
 from loraens.model import enable_gradient_checkpointing
 from loraens.predict import predict
-from loraens.scoring import member_log_probs
 from loraens.train import linear_schedule, member_batches, member_orders, train_members, train_step
+from tests.conftest import scorer
 
 # Final LoRA weights after a few AdamW steps at lr 1e-2. The two paths compute the same math in
 # fp32 in a different order (one bmm over members + packed/padded batches vs. per-adapter
@@ -61,7 +61,7 @@ def first_step_grads(model, encoded, train: TrainConfig, cfg: EnsembleConfig, sc
     first = member_batches(orders, lengths, train.batch_size, train.bucket_window, cfg.seed, 1)[0]
     c = max(q.num_choices for q in encoded)
     probe.train()
-    train_step(probe, encoded, first, 1, cfg.num_members, c, scoring, letter_ids, normalization)
+    train_step(probe, encoded, first, scorer(scoring, letter_ids, normalization), TrainConfig(), c)
     return [{f"{n}.{w}": getattr(layer, f"lora_{w}").grad[k].clone()
              for n, layer in member_layers(probe).items() for w in ("A", "B")} for k in range(cfg.num_members)]
 
@@ -173,7 +173,7 @@ def test_vectorised_training_equals_separate_peft_training(make_base, letter_enc
         return norms
 
     monkeypatch.setattr(train_mod, "clip_grad_norm_per_member", spy)
-    summaries = train_members(model, encoded, train, cfg, scoring, enc.letter_ids, normalization, progress=False)
+    summaries = train_members(model, encoded, train, cfg, scorer(scoring, enc.letter_ids, normalization), progress=False)
     assert [s.step for s in summaries] == [3, 4]
     assert len(seen_norms) == 4
     clipped = seen_norms[0] > max_norm
@@ -227,7 +227,7 @@ def test_train_members_uses_the_member_orders(make_base, letter_encoder, questio
     model = ensemble(make_base, randomize_B, cfg)
     encoded = letter_encoder.encode_all(questions[:7])
     train = TrainConfig(epochs=1, lr=1e-3, warmup_ratio=0.0, batch_size=3, bucket_window=bucket_window)
-    train_members(model, encoded, train, cfg, Scoring.LETTER, letter_encoder.letter_ids, progress=False)
+    train_members(model, encoded, train, cfg, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
     assert sorted(c.shape[1] for c in calls) == [1, 3, 3]  # 7 questions in batches of 3
     got = np.concatenate(calls, axis=1)  # [M, n]: each member's questions in the order it saw them
     for row in got:
@@ -303,8 +303,7 @@ def test_scheduler_lrs_seen_by_the_optimizer(make_base, letter_encoder, question
     cfg = ens_config(num_members=2)
     model = ensemble(make_base, randomize_B, cfg)
     train = TrainConfig(epochs=1, lr=0.1, warmup_ratio=0.25, batch_size=1)
-    train_members(model, letter_encoder.encode_all(questions[:4]), train, cfg, Scoring.LETTER,
-                  letter_encoder.letter_ids, progress=False)
+    train_members(model, letter_encoder.encode_all(questions[:4]), train, cfg, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
     assert lrs == pytest.approx([0.05, 0.1, 0.1 * 2 / 3, 0.1 / 3])
 
 
@@ -323,7 +322,7 @@ def test_grad_accum_gives_the_same_update(make_base, letter_encoder, cloze_encod
                             max_grad_norm=0.5)
         if accum == 1:
             first_grads = first_step_grads(model, encoded, train, cfg, scoring, enc.letter_ids, Normalization.MEAN)
-        summaries.append(train_members(model, encoded, train, cfg, scoring, enc.letter_ids, progress=False))
+        summaries.append(train_members(model, encoded, train, cfg, scorer(scoring, enc.letter_ids), progress=False))
         models.append(model)
     for k in range(2):
         assert_weights_close(lora_state(models[1], k), lora_state(models[0], k), first_grads[k])
@@ -333,7 +332,8 @@ def test_grad_accum_gives_the_same_update(make_base, letter_encoder, cloze_encod
 @pytest.mark.parametrize("scoring", [Scoring.LETTER, Scoring.CHOICE_LIKELIHOOD])
 def test_train_step_gradient_does_not_depend_on_micro_batches(make_base, letter_encoder, cloze_encoder, questions,
                                                               randomize_B, scoring):
-    """b = 3 split into 1, 2 (sizes 2+1) or 3 micro-batches: the same gradient and loss (uneven weights)."""
+    """b = 3 (an epoch's short last batch) split into 1, 2 (sizes 2+1) or 3 micro-batches: the same
+    gradient and loss (uneven weights)."""
     enc = encoder_for(scoring, letter_encoder, cloze_encoder)
     encoded = enc.encode_all(questions[:6])
     cfg = ens_config(num_members=2)
@@ -343,13 +343,12 @@ def test_train_step_gradient_does_not_depend_on_micro_batches(make_base, letter_
     results = []
     for accum in (1, 2, 3):
         copy_ = copy.deepcopy(model)
-        loss = train_step(copy_, encoded, chunk, accum, 2, 5, scoring, enc.letter_ids, Normalization.MEAN)
+        loss = train_step(copy_, encoded, chunk, scorer(scoring, enc.letter_ids, Normalization.MEAN), TrainConfig(batch_size=6, grad_accum=accum), 5)
         results.append((loss, [p.grad.clone() for p in lora_parameters(copy_)]))
     (loss1, grads1) = results[0]
     # Hand check of the loss: member k's mean NLL over its 3 questions.
     with torch.no_grad():
-        lp = member_log_probs(model, collate([encoded[i] for i in chunk.reshape(-1)], num_choices=5), 2, scoring,
-                              enc.letter_ids, Normalization.MEAN)
+        lp = scorer(scoring, enc.letter_ids, Normalization.MEAN).log_probs(model, collate([encoded[i] for i in chunk.reshape(-1)], num_choices=5), 2)
     expected = -lp.gather(-1, torch.tensor([[encoded[i].answer] for i in chunk.reshape(-1)]).view(2, 3, 1)).mean((1, 2))
     torch.testing.assert_close(loss1, expected, atol=1e-6, rtol=1e-6)
     for loss, grads in results[1:]:
@@ -380,8 +379,7 @@ def test_member_chunks_and_gradient_checkpointing_give_the_same_step(make_base, 
         layer.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
         if checkpointing:
             enable_gradient_checkpointing(copy_)
-        loss = train_step(copy_, encoded, chunk, 1, 3, 5, scoring, enc.letter_ids, Normalization.MEAN,
-                          kl_coef=0.3, base_lp=base_lp, member_chunk=member_chunk)
+        loss = train_step(copy_, encoded, chunk, scorer(scoring, enc.letter_ids, Normalization.MEAN), TrainConfig(kl_coef=0.3, member_chunk=member_chunk), 5, base_lp)
         return loss, [p.grad.clone() for p in lora_parameters(copy_)], calls
 
     loss0, grads0, calls0 = step()
@@ -420,7 +418,7 @@ def test_checkpointing_leaves_the_frozen_bottom_layers_out_of_the_backward(make_
         # has what the backward needs, so a hook at the end of a whole layer would not see it.
         layers[0].input_layernorm.register_forward_hook(lambda mod, inp, out, calls=bottom_calls: calls.append(out.requires_grad))
         layers[-1].self_attn.q_proj.register_forward_hook(lambda mod, inp, out, calls=top_calls: calls.append(1))
-        train_step(model, encoded, chunk, 1, 2, 5, Scoring.LETTER, letter_encoder.letter_ids, Normalization.MEAN)
+        train_step(model, encoded, chunk, scorer(Scoring.LETTER, letter_encoder.letter_ids, Normalization.MEAN), TrainConfig(), 5)
         results.append([p.grad.clone() for p in lora_parameters(model)])
         assert bottom_calls == [False]  # run once, outside autograd: never recomputed
         assert len(top_calls) == (2 if checkpointing else 1)  # the LoRA layer is
@@ -449,8 +447,7 @@ def test_active_members_rejects_a_range_outside_the_ensemble(make_base):
 
 def member_nll(model, encoded, m, letter_ids) -> torch.Tensor:
     """Mean NLL of the correct choice, per member: [M]."""
-    preds = predict(model, encoded, [str(i) for i in range(len(encoded))], m, Scoring.LETTER, letter_ids,
-                    progress=False)
+    preds = predict(model, encoded, [str(i) for i in range(len(encoded))], m, scorer(Scoring.LETTER, letter_ids), progress=False)
     p = preds.member_probs[torch.arange(len(encoded)), :, preds.targets]  # [N, M]
     return -p.log().mean(0)
 
@@ -474,7 +471,7 @@ def test_training_lowers_every_members_loss(make_base, letter_encoder, randomize
     model = ensemble(make_base, randomize_B, cfg, b_std=0.0)  # the default start: every member = base
     before = member_nll(model, encoded, 3, letter_encoder.letter_ids)
     train = TrainConfig(epochs=15, lr=2e-2, warmup_ratio=0.0, batch_size=4, max_grad_norm=1.0)
-    summaries = train_members(model, encoded, train, cfg, Scoring.LETTER, letter_encoder.letter_ids, progress=False)
+    summaries = train_members(model, encoded, train, cfg, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
     assert summaries[-1].step == 30
     after = member_nll(model, encoded, 3, letter_encoder.letter_ids)
     assert torch.all(after < 0.5 * before), (before, after)
@@ -485,7 +482,7 @@ def test_training_lowers_every_members_loss(make_base, letter_encoder, randomize
 def test_no_questions_is_an_error(base_model):
     attach_members(base_model, ens_config())
     with pytest.raises(ValueError, match="No training questions"):
-        train_members(base_model, [], TrainConfig(), ens_config(), Scoring.LETTER, progress=False)
+        train_members(base_model, [], TrainConfig(), ens_config(), scorer(Scoring.LETTER), progress=False)
 
 
 def test_choice_likelihood_gradients_are_finite_with_padding(make_base, cloze_encoder, questions, randomize_B):
@@ -496,7 +493,7 @@ def test_choice_likelihood_gradients_are_finite_with_padding(make_base, cloze_en
     assert len({q.num_tokens for q in encoded}) > 1
     model.train()
     chunk = np.array([[0, 1, 2, 3], [3, 2, 1, 0]])
-    train_step(model, encoded, chunk, 1, 2, 5, Scoring.CHOICE_LIKELIHOOD, (), Normalization.MEAN)
+    train_step(model, encoded, chunk, scorer(Scoring.CHOICE_LIKELIHOOD, (), Normalization.MEAN), TrainConfig(), 5)
     for p in lora_parameters(model):
         assert torch.isfinite(p.grad).all()
         assert p.grad.abs().sum() > 0

@@ -1,4 +1,4 @@
-"""Pad encoded questions into tensors, with each question's choices packed into one sequence.
+"""Pad encoded questions into tensors; for choice-likelihood, all of a question's choices in one row.
 
 For choice-likelihood scoring a question becomes ONE row: the prompt, then every choice's
 tokens. A block attention mask lets each choice attend to the prompt and to its own earlier
@@ -24,9 +24,9 @@ class Batch:
     position_ids:    [R, T] long.
     attention_mask:  [R, 1, T, T] bool (True = may attend), or None for plain causal attention.
     answer_pos:      [R] long, position whose next-token logits score the letters (letter mode).
-    score_pos:       [R, C, L] long, positions whose next-token logits score choice tokens (cloze).
-    score_tokens:    [R, C, L] long, the choice tokens being scored (cloze).
-    score_mask:      [R, C, L] bool, which (choice, token) slots are real (cloze).
+    score_pos:       [R, C, L] long, positions whose next-token logits score choice tokens (choice-likelihood).
+    score_tokens:    [R, C, L] long, the choice tokens being scored (choice-likelihood).
+    score_mask:      [R, C, L] bool, which (choice, token) slots are real (choice-likelihood).
     choice_mask:     [R, C] bool, which choices exist (questions may have 3, 4 or 5).
     targets:         [R] long, index of the correct choice.
     lengths:         [R] long, number of real (non-padding) tokens of each row.
@@ -64,7 +64,7 @@ def collate(questions: list[EncodedQuestion], num_choices: int | None = None) ->
     if not questions:
         raise ValueError("collate() needs at least one question.")
     c = max(max(q.num_choices for q in questions), num_choices or 0)
-    cloze = bool(questions[0].continuations)
+    likelihood = bool(questions[0].continuations)
     r = len(questions)
     t = max(q.num_tokens for q in questions)
     input_ids = torch.zeros(r, t, dtype=torch.long)
@@ -75,7 +75,7 @@ def collate(questions: list[EncodedQuestion], num_choices: int | None = None) ->
     lengths = torch.tensor([q.num_tokens for q in questions], dtype=torch.long)
     for i, q in enumerate(questions):
         choice_mask[i, : q.num_choices] = True
-    if not cloze:
+    if not likelihood:
         for i, q in enumerate(questions):
             n = len(q.prompt_ids)
             input_ids[i, :n] = torch.tensor(q.prompt_ids)

@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,10 +123,12 @@ class PromptConfig:
 
     scoring: Scoring = Scoring.CHOICE_LIKELIHOOD  # answer letter logits, or each choice's token likelihood
     normalization: Normalization = Normalization.MEAN  # choice-likelihood only
+    # --prompt.scoring letter: the prompt lists the choices, one `choice_template` line each.
     letter_template: str = "Question: {question}\n{choices}\nAnswer:"
     choice_template: str = "{letter}. {choice}"  # one line of {choices} in the letter template
-    cloze_template: str = "Question: {question}\nAnswer:"
-    continuation_template: str = " {choice}"  # appended to the cloze prompt for each choice
+    # --prompt.scoring choice-likelihood: the prompt, then each choice's `continuation_template`.
+    likelihood_template: str = "Question: {question}\nAnswer:"
+    continuation_template: str = " {choice}"  # appended to the choice-likelihood prompt for each choice
     max_length: int = 512  # longest prompt (in tokens) kept; longer prompts are cut from the left
 
     def __post_init__(self) -> None:
@@ -133,8 +136,8 @@ class PromptConfig:
         self.normalization = _enum(Normalization, self.normalization, "prompt.normalization")
         _check("{question}" in self.letter_template and "{choices}" in self.letter_template,
                "prompt.letter_template", "must contain {question} and {choices}", self.letter_template)
-        _check("{question}" in self.cloze_template, "prompt.cloze_template", "must contain {question}",
-               self.cloze_template)
+        _check("{question}" in self.likelihood_template, "prompt.likelihood_template", "must contain {question}",
+               self.likelihood_template)
         _check("{choice}" in self.continuation_template, "prompt.continuation_template",
                "must contain {choice}", self.continuation_template)
         _check(self.max_length >= 8, "prompt.max_length", "must be at least 8", self.max_length)
@@ -195,8 +198,8 @@ class TrainConfig:
     # Stop when the ensemble's NLL on --data.val_split has not improved for this many epochs, and
     # keep the members of the best epoch. Null = train all epochs.
     early_stopping_patience: int | None = None
-    # torch.compile the decoder layers: about a minute of compilation on 2 CPU cores, then ~1.4x
-    # faster steps (BENCHMARKS.md, section (g)). auto: only for runs of at least 5000 member-questions
+    # torch.compile the decoder layers: the first step compiles, later steps run faster (measured:
+    # BENCHMARKS.md, the compile section). auto: only for runs of at least 5000 member-questions
     # (steps x members x batch_size, x K/L when a frozen-prefix cache leaves K of L layers to compile),
     # without member_chunk or checkpointing, with a C++ compiler. Evaluation always runs eagerly.
     compile: CompileMode = CompileMode.AUTO
@@ -236,6 +239,23 @@ class TrainConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Speed levers of the member forward (loraens.fast); off gives the same results, slower."""
+
+    # The members' low-rank update and its backward as one autograd.Function (fewer passes over
+    # the activations); off: plain autograd through the same float32 products.
+    fused_update: bool = True
+    pack_tokens: bool = True  # run the decoder on each member's real tokens end to end, no padding
+    # Choice-likelihood: one full-vocabulary head row per distinct position (the prompt's last token
+    # predicts every choice's first token); off: one row per choice token.
+    shared_head_positions: bool = True
+    last_layer_trim: bool = True  # the last decoder layer's MLP only at the positions the head reads
+    # Training's choice-likelihood head takes the bf16 logits alone (one GEMM fewer); evaluation
+    # always keeps the float32-exact logits that NLL and ECE are measured on.
+    bf16_train_head: bool = True
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs; saved as `config.yaml` in the run folder."""
 
@@ -245,6 +265,7 @@ class RunConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def __post_init__(self) -> None:
         if self.train.early_stopping_patience is not None and not self.train.eval_every_epoch:
@@ -315,9 +336,30 @@ def section_fields(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+# Old config keys still read, with a warning: old key -> new key (both with their section).
+RENAMED_KEYS = {"prompt.cloze_template": "prompt.likelihood_template"}
+
+
+def _renamed(raw: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """`raw` with old key names (`RENAMED_KEYS`) replaced by the new ones, warning once per key."""
+    out = dict(raw)
+    for old, new in RENAMED_KEYS.items():
+        section, _, key = old.rpartition(".")
+        if f"{section}." != prefix or key not in out:
+            continue
+        new_key = new.rpartition(".")[2]
+        if new_key in out:
+            raise ConfigError(f"The config sets both `{old}` (its old name) and `{new}`; keep only `{new}`.")
+        warnings.warn(f"The config key `{old}` is now `{new}`; the old name is read for now and will stop "
+                      "working in a later version.", FutureWarning, stacklevel=4)
+        out[new_key] = out.pop(key)
+    return out
+
+
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"`{prefix.rstrip('.') or 'config'}` must be a mapping, but got {raw!r}.")
+    raw = _renamed(raw, prefix)
     hints = section_fields(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)

@@ -40,11 +40,8 @@ class MemberLoraLinear(nn.Module):
     base dtype; the update is computed in float32).
     """
 
-    # True: the update and its backward in one `_MemberLoraAdd` (fewer passes over memory). False:
-    # plain autograd through the same float32 products; `bench/bench_levers.py` times the two.
-    fused_update: bool = True
-
-    def __init__(self, base: nn.Linear, num_members: int, rank: int, alpha: float, dropout: float) -> None:
+    def __init__(self, base: nn.Linear, num_members: int, rank: int, alpha: float, dropout: float,
+                 fused_update: bool = True) -> None:
         super().__init__()
         self.base = base
         self.num_members = num_members
@@ -56,6 +53,9 @@ class MemberLoraLinear(nn.Module):
         self.enabled = True  # False: the frozen base alone (see `lora_disabled`)
         self.force_dropout = False  # True: dropout also in eval mode (MC dropout, see `mc_dropout`)
         self.active: slice | None = None  # members [start, stop) only (see `active_members`)
+        # True: the update and its backward in one `_MemberLoraAdd` (fewer passes over memory).
+        # False: plain autograd through the same float32 products (`--speed.fused_update`).
+        self.fused_update = fused_update
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M*B, ..., in_features] with member-major rows -> [M*B, ..., out_features].
@@ -95,11 +95,10 @@ class _MemberLoraAdd(torch.autograd.Function):
     - the scaling multiplies the [M, B*T, r] product, not the [M, B*T, out] update;
     - the update is added into the base output in one pass (cast included), instead of a cast
       and an add that each write a new tensor;
-    - the backward forms the A gradient as (g B)^T x, a layout that ran 2.7x faster on this CPU
-      than x^T (g B) at SmolLM2's shapes (146 against 391 us per bmm in a profiled step).
-    Dropout keeps the plain autograd path (its masks would have to be saved). A small lever:
-    `bench/bench_levers.py` (SmolLM2-135M, M = 5, B = 4) measured 1-2% less time per training
-    step on a quiet machine, and an A/B while the machine was loaded 5%.
+    - the backward forms the A gradient as (g B)^T x, a bmm layout that ran faster on CPU than
+      x^T (g B) at SmolLM2's shapes (docs/design.md).
+    Dropout keeps the plain autograd path (its masks would have to be saved). A small lever;
+    measured: BENCHMARKS.md, the levers section (`bench/bench_levers.py`).
     """
 
     @staticmethod
@@ -135,11 +134,14 @@ class _MemberLoraAdd(torch.autograd.Function):
         return grad_out, grad_x, grad_a, grad_b, None
 
 
-def attach_members(model: nn.Module, config: EnsembleConfig) -> dict[str, MemberLoraLinear]:
+def attach_members(model: nn.Module, config: EnsembleConfig, fused_update: bool = True) -> dict[str, MemberLoraLinear]:
     """Freeze `model` and replace each targeted `nn.Linear` by a `MemberLoraLinear`.
 
     Targets match the last component of a module name (``q_proj`` matches
     ``model.layers.3.self_attn.q_proj``), as in PEFT. Returns the new layers by module name.
+    `fused_update`: `--speed.fused_update` of the new layers. Nothing else changes: the
+    frozen-prefix cache for `--ensemble.top_layers` is the run builder's to create
+    (`loraens.run.build_ensemble`, with `first_lora_layer`).
     """
     model.requires_grad_(False)
     targets = set(config.target_modules)
@@ -162,15 +164,18 @@ def attach_members(model: nn.Module, config: EnsembleConfig) -> dict[str, Member
         if allowed is not None and layer_index(name) not in allowed:
             continue
         parent_name, _, child = name.rpartition(".")
-        layer = MemberLoraLinear(module, config.num_members, config.rank, config.alpha, config.dropout)
+        layer = MemberLoraLinear(module, config.num_members, config.rank, config.alpha, config.dropout,
+                                 fused_update)
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         found[name] = layer
     init_members(found, config)
-    if allowed is not None and config.prefix_cache:
-        from .prefix import enable_prefix_cache
-
-        enable_prefix_cache(model, min(allowed))
     return found
+
+
+def first_lora_layer(model: nn.Module) -> int:
+    """Index of the lowest decoder layer that holds a `MemberLoraLinear` (0 if none has an index)."""
+    indices = [i for i in map(layer_index, member_layers(model)) if i is not None]
+    return min(indices) if len(indices) == len(member_layers(model)) and indices else 0
 
 
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")

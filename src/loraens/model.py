@@ -1,6 +1,6 @@
 """Load the frozen base model and its tokenizer: hub id, local folder, or GGUF file.
 
-GGUF files are dequantized by `transformers` (about 20-30 s for SmolLM2-135M on 2 cores). We do
+GGUF files are dequantized by `transformers`, which takes a while even for a small model. We do
 that once and cache the result as a normal safetensors folder, so every later load takes seconds.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .attention import GROUPED_EAGER  # noqa: F401  (registers the attention implementation)
+from .fast import attention as _attention  # noqa: F401  (registers the attention implementations)
 from .config import DType, ModelConfig
 
 DEFAULT_MODEL_ALIAS = "smollm2-135m"

@@ -13,9 +13,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batching import collate, length_sorted_batches
-from .config import Normalization, Scoring
 from .prompts import EncodedQuestion
-from .scoring import member_log_probs
+from .scoring import Scorer
 
 
 @dataclass
@@ -51,9 +50,7 @@ def predict(
     questions: list[EncodedQuestion],
     ids: list[str],
     num_members: int,
-    scoring: Scoring,
-    letter_ids: tuple[int, ...] = (),
-    normalization: Normalization = Normalization.MEAN,
+    scorer: Scorer,
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "predict",
@@ -66,7 +63,7 @@ def predict(
 
     Decoder layers compiled for training (`--train.compile`) run eagerly here unless `compiled`:
     a compiled `no_grad` forward needs a compilation of its own and was still slower than eager
-    once compiled (BENCHMARKS.md, section (g)).
+    once compiled (measured: BENCHMARKS.md, the compile section).
     """
     if not questions:
         raise ValueError("predict() got no questions; check the dataset, split and --limit.")
@@ -80,7 +77,7 @@ def predict(
     with nullcontext() if compiled else torch.compiler.set_stance("force_eager"):
         for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
             batch = collate([questions[i] for i in idx], num_choices=c).repeat_members(num_members)
-            lp = member_log_probs(model, batch, num_members, scoring, letter_ids, normalization)  # [M, B, C]
+            lp = scorer.log_probs(model, batch, num_members)  # [M, B, C]
             out[idx] = lp.exp().transpose(0, 1).float()
     model.train(was_training)
     targets = torch.tensor([q.answer for q in questions], dtype=torch.long)

@@ -1,4 +1,4 @@
-"""Turn a question into token ids, for letter scoring or choice-likelihood (cloze) scoring.
+"""Turn a question into token ids, for letter scoring or choice-likelihood scoring.
 
 - letter: one prompt that lists the choices as "A. ...", "B. ..."; the distribution over choices
   is the next-token softmax restricted to the letter tokens " A", " B", ... at the answer position.
@@ -40,7 +40,7 @@ class EncodedQuestion:
 
     @property
     def num_tokens(self) -> int:
-        """Length of the packed sequence: prompt plus every continuation."""
+        """Length of the question's row: the prompt, then every continuation (choice-likelihood)."""
         return len(self.prompt_ids) + sum(len(c) for c in self.continuations)
 
 
@@ -70,7 +70,7 @@ class PromptEncoder:
             text = self.config.letter_template.format(question=example.question, choices=lines)
             ids = self._tokens(text, special=True)
             return EncodedQuestion(self._cut(ids, 0), (), n, example.answer)
-        text = self.config.cloze_template.format(question=example.question)
+        text = self.config.likelihood_template.format(question=example.question)
         prompt = self._tokens(text, special=True)
         conts = tuple(
             tuple(self._tokens(self.config.continuation_template.format(choice=c), special=False)) for c in example.choices

@@ -32,14 +32,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compiling import compile_decision, compile_decoder_layers, layers_to_compile
 from .config import CompileMode, RunConfig
 from .data import load_mcqa
-from .ensemble import attach_members, export_member, import_member
+from .ensemble import attach_members, export_member, first_lora_layer, import_member
+from .fast.compiling import compile_decision, compile_decoder_layers, layers_to_compile
+from .fast.prefix import prefix_cache_for
 from .metrics import evaluate_ensemble
 from .model import enable_gradient_checkpointing, load_base_model
 from .predict import Predictions, predict
 from .prompts import PromptEncoder
+from .scoring import Scorer
 from .train import EpochSummary, planned_steps, train_members
 
 
@@ -50,14 +52,13 @@ class LoadedEnsemble:
     config: RunConfig
     model: nn.Module
     encoder: PromptEncoder
+    scorer: Scorer
 
     def predict(self, examples: list, progress: bool = True, desc: str = "predict") -> Predictions:
         """Member probabilities [N, M, C] for `examples` (records with question/choices/answer/id)."""
-        return predict(
-            self.model, self.encoder.encode_all(examples), [e.id for e in examples],
-            self.config.ensemble.num_members, self.config.prompt.scoring, self.encoder.letter_ids,
-            self.config.prompt.normalization, self.config.train.eval_batch_size, progress, desc,
-        )
+        return predict(self.model, self.encoder.encode_all(examples), [e.id for e in examples],
+                       self.config.ensemble.num_members, self.scorer, self.config.train.eval_batch_size, progress,
+                       desc)
 
 
 @dataclass
@@ -75,10 +76,18 @@ def split_key(dataset: str, split: str) -> str:
 
 
 def build_ensemble(config: RunConfig) -> LoadedEnsemble:
-    """Load the base model and attach freshly initialised members."""
+    """Load the base model, attach freshly initialised members, and build the run's `Scorer`.
+
+    With `--ensemble.top_layers` (and `--ensemble.prefix_cache`, the default) the frozen layers
+    below the members get a frozen-prefix cache, which the scorer holds.
+    """
     model, tokenizer = load_base_model(config.model)
-    attach_members(model, config.ensemble)
-    return LoadedEnsemble(config, model, PromptEncoder(tokenizer, config.prompt))
+    attach_members(model, config.ensemble, fused_update=config.speed.fused_update)
+    cache = None
+    if config.ensemble.top_layers is not None and config.ensemble.prefix_cache:
+        cache = prefix_cache_for(model, first_lora_layer(model))
+    encoder = PromptEncoder(tokenizer, config.prompt)
+    return LoadedEnsemble(config, model, encoder, Scorer.from_prompt(config.prompt, encoder, config.speed, cache))
 
 
 def load_examples(config: RunConfig, split: str, limit: int | None, dataset: str | None = None) -> list:
@@ -190,11 +199,12 @@ def train_run(config: RunConfig, progress: bool = True) -> RunResult:
         enable_gradient_checkpointing(ens.model)
     train_q = ens.encoder.encode_all(train_examples)
     use_compile, note = compile_decision(config.train, planned_steps(len(train_q), config.train),
-                                         config.ensemble.num_members, layers_to_compile(ens.model))
+                                         config.ensemble.num_members,
+                                         layers_to_compile(ens.model, ens.scorer.prefix_cache))
     if note:
         print(f"loraens: {note}")
     if use_compile:
-        compile_decoder_layers(ens.model)
+        compile_decoder_layers(ens.model, ens.scorer.prefix_cache)
     # Under `auto` a long run must not die in Inductor: on a compiler error, dynamo runs that frame
     # eagerly. Only for this run's training and evaluation; the setting is restored afterwards.
     fallback = (torch._dynamo.config.patch(suppress_errors=True)
@@ -236,8 +246,7 @@ def train_run(config: RunConfig, progress: bool = True) -> RunResult:
         return best["bad"] >= patience
 
     with fallback:
-        epochs = train_members(ens.model, train_q, config.train, config.ensemble, config.prompt.scoring,
-                               ens.encoder.letter_ids, config.prompt.normalization, on_epoch_end, progress)
+        epochs = train_members(ens.model, train_q, config.train, config.ensemble, ens.scorer, on_epoch_end, progress)
         if best["epoch"] is not None and best["epoch"] != epochs[-1].epoch:
             # Early stopping: the final predictions and metrics are those of the best epoch.
             for path in epoch_predictions_dir(run_dir, best["epoch"]).glob("*.safetensors"):

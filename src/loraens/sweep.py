@@ -414,8 +414,8 @@ def derive_methods(ens: LoadedEnsemble, cell: Cell, test_key: str, val_key: str,
             out["early_stop_ensemble"] = _entry(test_e[pick - 1]["ensemble"], m, m * per_member, best_epoch=pick)
     questions = {key: ens.encoder.encode_all(_examples(cfg, key, test_key, cell)) for key in (test_key,)}
     run = lambda members, desc: predict(
-        ens.model, questions[test_key], test.ids, members, cfg.prompt.scoring, ens.encoder.letter_ids,
-        cfg.prompt.normalization, cfg.train.eval_batch_size, progress=False, desc=desc)
+        ens.model, questions[test_key], test.ids, members, ens.scorer, cfg.train.eval_batch_size, progress=False,
+        desc=desc)
     if "weight_average" in wanted:
         t0 = time.perf_counter()
         with weight_averaged(ens.model):

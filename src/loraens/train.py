@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batching import collate
-from .config import EnsembleConfig, Normalization, Scoring, TrainConfig
+from .config import EnsembleConfig, TrainConfig
 from .ensemble import (
     active_members,
     clip_grad_norm_per_member,
@@ -33,7 +33,7 @@ from .ensemble import (
     lora_parameters,
 )
 from .prompts import EncodedQuestion
-from .scoring import member_log_probs
+from .scoring import Scorer
 
 
 @dataclass
@@ -61,8 +61,7 @@ def member_batches(orders: np.ndarray, lengths: np.ndarray, batch_size: int, win
     With `window > 1`, each member sorts its questions by length within windows of `window`
     batches before splitting them, and all members then visit the batches in one shared shuffled
     order. At every step the members' questions are different but of similar length, so the
-    padding to a common length stays small (on ARC-Easy, window 8 pads to 1.35x the mean length
-    instead of 2.4x), while each batch is still a random draw from the member's own order. The
+    padding to a common length stays small (docs/design.md gives the measured padding), while each batch is still a random draw from the member's own order. The
     window shrinks on small sets so that an epoch always spans at least 4 windows.
     """
     m, n = orders.shape
@@ -106,9 +105,7 @@ def train_members(
     questions: list[EncodedQuestion],
     train: TrainConfig,
     ensemble: EnsembleConfig,
-    scoring: Scoring,
-    letter_ids: tuple[int, ...] = (),
-    normalization: Normalization = Normalization.MEAN,
+    scorer: Scorer,
     on_epoch_end: Callable[[EpochSummary], bool | None] | None = None,
     progress: bool = True,
 ) -> list[EpochSummary]:
@@ -127,8 +124,7 @@ def train_members(
     total = planned_steps(n, train)
     base_lp = None
     if train.kl_coef > 0:
-        base_lp = base_log_probs(model, questions, scoring, letter_ids, normalization, train.eval_batch_size,
-                                 progress)  # [N, C]
+        base_lp = base_log_probs(model, questions, scorer, train.eval_batch_size, progress)  # [N, C]
     params = lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -152,9 +148,7 @@ def train_members(
             if step >= total:
                 break
             # chunk: [M, b] question indices, member k's in row k; the last batch may be shorter
-            losses += train_step(model, questions, chunk, train.grad_accum, m, c, scoring, letter_ids,
-                                 normalization, train.kl_coef, base_lp, train.delta_l2,
-                                 train.member_chunk) * chunk.shape[1]
+            losses += train_step(model, questions, chunk, scorer, train, c, base_lp) * chunk.shape[1]
             seen += chunk.shape[1]
             if train.max_grad_norm is not None:
                 clip_grad_norm_per_member(params, train.max_grad_norm)
@@ -180,39 +174,34 @@ def train_step(
     model: nn.Module,
     questions: list[EncodedQuestion],
     chunk: np.ndarray,
-    grad_accum: int,
-    num_members: int,
+    scorer: Scorer,
+    train: TrainConfig,
     num_choices: int,
-    scoring: Scoring,
-    letter_ids: tuple[int, ...],
-    normalization: Normalization,
-    kl_coef: float = 0.0,
     base_lp: torch.Tensor | None = None,
-    delta_l2: float = 0.0,
-    member_chunk: int | None = None,
 ) -> torch.Tensor:
     """Accumulate gradients for one optimizer step; returns each member's mean loss, [M].
 
-    `member_chunk` members run per forward/backward (None: all M at once); the gradients are the
-    same, the activation memory is that of member_chunk * b rows instead of M * b.
-
-    `chunk` [M, b] holds question indices, member k's in row k. The loss of member k is its mean
-    cross-entropy, plus `kl_coef` * mean KL(member || base) over its questions (`base_lp` [N, C]
-    holds the frozen base's log-probabilities), plus `delta_l2` * its squared update norm.
+    `chunk` [M, b] holds question indices, member k's in row k. The step runs
+    `train.grad_accum` micro-batches, each in groups of `train.member_chunk` members per
+    forward/backward (None: all M at once; the gradients are the same, the activation memory is
+    that of member_chunk * b rows instead of M * b). The loss of member k is its mean
+    cross-entropy, plus `train.kl_coef` * mean KL(member || base) over its questions (`base_lp`
+    [N, C] holds the frozen base's log-probabilities), plus `train.delta_l2` * its squared update
+    norm.
     """
+    num_members = chunk.shape[0]
+    kl_coef, delta_l2 = train.kl_coef, train.delta_l2
     b = chunk.shape[1]
-    group = member_chunk or num_members
+    group = train.member_chunk or num_members
     total = torch.zeros(num_members)
-    for micro in np.array_split(np.arange(b), min(grad_accum, b)):
+    for micro in np.array_split(np.arange(b), min(train.grad_accum, b)):
         for k0 in range(0, num_members, group):
             k1 = min(k0 + group, num_members)
             idx = chunk[k0:k1, micro]  # [members of this group, mb]
             members = nullcontext() if k1 - k0 == num_members else active_members(model, k0, k1)
             with members:  # the backward too: gradient checkpointing re-runs the forward in it
                 batch = collate([questions[i] for i in idx.reshape(-1)], num_choices=num_choices)  # member-major
-                # exact_head=False: the training loss does not need float32-exact head logits (one GEMM fewer).
-                lp = member_log_probs(model, batch, k1 - k0, scoring, letter_ids, normalization,
-                                      exact_head=False)  # [k1-k0, mb, C]
+                lp = scorer.log_probs(model, batch, k1 - k0, training=True)  # [k1-k0, mb, C]
                 targets = batch.targets.view(k1 - k0, -1, 1)
                 per_member = -lp.gather(-1, targets).squeeze(-1).mean(1)  # [k1-k0]
                 if kl_coef > 0:
@@ -241,16 +230,14 @@ def choice_kl(lp: torch.Tensor, ref_lp: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def base_log_probs(model: nn.Module, questions: list[EncodedQuestion], scoring: Scoring,
-                   letter_ids: tuple[int, ...] = (), normalization: Normalization = Normalization.MEAN,
-                   batch_size: int = 16,
+def base_log_probs(model: nn.Module, questions: list[EncodedQuestion], scorer: Scorer, batch_size: int = 16,
                    progress: bool = True) -> torch.Tensor:
     """The frozen base model's log-distribution over each question's choices, [N, C] (-inf if masked)."""
     from .predict import predict
 
     with lora_disabled(model):
-        preds = predict(model, questions, [str(i) for i in range(len(questions))], 1, scoring, letter_ids,
-                        normalization, batch_size, progress, desc="base model (KL reference)")
+        preds = predict(model, questions, [str(i) for i in range(len(questions))], 1, scorer, batch_size, progress,
+                        desc="base model (KL reference)")
     probs = preds.member_probs[:, 0]
     # A real choice never gets log 0 (which would make the KL infinite); padded choices stay -inf.
     return torch.where(preds.choice_mask, probs.clamp_min(1e-30).log(), torch.tensor(float("-inf")))

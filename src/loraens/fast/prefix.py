@@ -13,8 +13,8 @@ depend on which batch first needed it; in bfloat16 the result can still differ f
 pass by rounding (matmul blocking depends on the batch shape), which `tests/test_prefix.py` bounds.
 
 Supported: decoder bodies whose forward takes `inputs_embeds` and loops over `.layers` then
-`.norm` without rescaling the embeddings (Llama, Mistral, Qwen2/3). Other architectures fall back
-to the full-depth forward.
+`.norm` without rescaling the embeddings (`loraens.fast.support`: Llama, Mistral, Qwen2/3).
+Other architectures fall back to the full-depth forward.
 """
 
 from __future__ import annotations
@@ -28,16 +28,20 @@ from torch import nn
 
 from .packing import KWARG as PACKING_KWARG
 from .packing import Packing, to_packed
+from .support import SUPPORTED_MODEL_TYPES, has_llama_layout, model_type
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MAX_BYTES = 2 * 1024**3  # stop adding entries beyond this (7B models on big eval sets)
 
 
 class PrefixCache:
-    """Hidden states after layer `split - 1` per question row: row tokens -> [n_tokens, H]."""
+    """Hidden states entering layer `first_lora_layer`, per question row: row tokens -> [n_tokens, H].
 
-    def __init__(self, split: int, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        self.split = split  # index of the lowest layer that has LoRA
+    Built by the run builder (`loraens.run.build_ensemble`, through `prefix_cache_for`) and held by
+    the `Scorer` that runs the member forward; nothing is attached to the model.
+    """
+
+    def __init__(self, first_lora_layer: int, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.first_lora_layer = first_lora_layer  # index of the lowest decoder layer with LoRA members
         self.max_bytes = max_bytes
         self.store: dict[bytes, torch.Tensor] = {}
         self.bytes = 0
@@ -52,22 +56,20 @@ class PrefixCache:
         return len(self.store)
 
 
-def enable_prefix_cache(model: nn.Module, split: int, max_bytes: int = DEFAULT_MAX_BYTES) -> PrefixCache | None:
-    """Attach a `PrefixCache` to `model` if its architecture supports it and `split` > 0."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if split <= 0:
+def prefix_cache_for(model: nn.Module, first_lora_layer: int,
+                     max_bytes: int = DEFAULT_MAX_BYTES) -> PrefixCache | None:
+    """A `PrefixCache` for `model` if its architecture supports it and layers lie below the LoRA ones.
+
+    None when `first_lora_layer` is 0 (no frozen layers below) or the model lacks the Llama
+    layout (with a warning: the full-depth forward runs instead, same results, slower).
+    """
+    if first_lora_layer <= 0:
         return None
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        warnings.warn(f"The frozen-prefix cache supports {SUPPORTED_MODEL_TYPES}, not {model_type!r}; "
+    if not has_llama_layout(model):
+        warnings.warn(f"The frozen-prefix cache supports {SUPPORTED_MODEL_TYPES}, not {model_type(model)!r}; "
                       "training and evaluation run the full depth instead (same results, slower).", stacklevel=2)
         return None
-    cache = PrefixCache(split, max_bytes)
-    model.loraens_prefix_cache = cache
-    return cache
-
-
-def prefix_cache_of(model: nn.Module) -> PrefixCache | None:
-    return getattr(model, "loraens_prefix_cache", None)
+    return PrefixCache(first_lora_layer, max_bytes)
 
 
 @contextmanager
@@ -112,7 +114,7 @@ def cached_hidden(decoder: nn.Module, cache: PrefixCache, input_ids: torch.Tenso
         rows = torch.tensor(list(first.values()), device=input_ids.device)
         width = int(lengths[rows].max())
         sub_mask = None if mask is None else mask[rows][..., :width, :width]
-        with torch.no_grad(), _layers(decoder, 0, cache.split, final_norm=False):
+        with torch.no_grad(), _layers(decoder, 0, cache.first_lora_layer, final_norm=False):
             bottom = decoder(input_ids=input_ids[rows, :width], attention_mask=sub_mask,
                              position_ids=position_ids[rows, :width], use_cache=False).last_hidden_state
         for j, (key, i) in enumerate(first.items()):
@@ -130,6 +132,6 @@ def cached_hidden(decoder: nn.Module, cache: PrefixCache, input_ids: torch.Tenso
         positions, packing = packed
         embeds = to_packed(embeds.view(r * t, -1), packing).view(*positions.shape, -1)  # [M, P, H]
         extra = {PACKING_KWARG: packing}
-    with _layers(decoder, cache.split, None, final_norm=True):
+    with _layers(decoder, cache.first_lora_layer, None, final_norm=True):
         return decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
                        **extra).last_hidden_state  # [R, T, H], or [M, P, H] packed

@@ -1,8 +1,8 @@
 """The last decoder layer's MLP runs only at the positions the output head reads.
 
 The head reads few positions: one per question for letter scoring (the answer position), and
-for choice-likelihood the positions that predict a choice token (on ARC-Easy with SmolLM2, 14.4
-of a question's 44 tokens). In every layer but the last, each position feeds later positions
+for choice-likelihood the positions that predict a choice token (about a third of an ARC-Easy
+question's tokens; docs/design.md). In every layer but the last, each position feeds later positions
 through attention, so all of them are needed. The last layer's output feeds only the head: at
 any other position, its residual add, norm and MLP are thrown away. `last_layer_at` runs them
 only at the kept positions.
@@ -10,14 +10,14 @@ only at the kept positions.
 The attention half of the layer still runs on every position, through the model's own attention
 module: the keys and values of all positions are needed, and leaving the module as it is keeps
 its rotary embeddings, q/k norms (Qwen3) and attention implementation (packed or padded)
-unchanged. The MLP holds 3/4 of a SmolLM2 layer's weights, so about 2/3 of the last layer's
-linear work is skipped on choice-likelihood batches and nearly 3/4 on letter batches: a few
-percent of a full-depth step, and more of a step with LoRA only in the top K layers (the
-frozen-prefix cache), where the last layer is one of K.
+unchanged. The MLP holds most of a layer's weights, so most of the last layer's linear work is
+skipped: a small share of a full-depth step, a larger one of a step with LoRA only in the top K
+layers (the frozen-prefix cache), where the last layer is one of K. Measured: BENCHMARKS.md, the
+levers section (`bench/bench_levers.py --top-layers 8`).
 
 The result at a kept position is the full layer's: the same operations on the same values
 (up to bf16 GEMM blocking, as everywhere). Supported: decoder layers with Llama's residual
-layout (`prefix.SUPPORTED_MODEL_TYPES`: Llama, Mistral, Qwen2/3); others run the full layer.
+layout (`loraens.fast.support.has_llama_layout`); others run the full layer.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from .prefix import SUPPORTED_MODEL_TYPES
+from .support import has_llama_layout
 
 
 class _LastLayerAt(nn.Module):
@@ -64,7 +64,7 @@ class _LastLayerAt(nn.Module):
 
 def supports_last_layer_at(model: nn.Module) -> bool:
     """Whether `model`'s decoder layers have the layout `last_layer_at` relies on."""
-    return getattr(getattr(model, "config", None), "model_type", None) in SUPPORTED_MODEL_TYPES
+    return has_llama_layout(model)
 
 
 @contextmanager

@@ -1,28 +1,19 @@
 """`torch.compile` of the decoder layers (`--train.compile`).
 
-A bf16 training step on CPU spends a large share of its time outside the GEMMs (about half on a
-CPU with AMX tiles, a quarter on one with AVX-512 BF16 only, whose GEMMs are slower): RMSNorm's float32
+A bf16 training step spends a large share of its time outside the GEMMs: RMSNorm's float32
 round trip, rotary embeddings, SwiGLU, softmax and the casts around the member-axis LoRA update
-are each a separate pass over memory (`bench/bench.py`, section (d)). Inductor fuses those
-elementwise chains into a few C++ loops. Every decoder layer runs the same code, so one compiled
-graph serves all of them (the layers' weights are graph inputs), and `dynamic=True` keeps one
-graph for every sequence length, so length-bucketed batches do not recompile.
+are each a separate pass over memory. Inductor fuses those elementwise chains into a few loops.
+Every decoder layer runs the same code, so one compiled graph serves all of them (the layers'
+weights are graph inputs), and `dynamic=True` keeps one graph for every sequence length, so
+length-bucketed batches do not recompile.
 
-The first training step pays for compilation (about a minute on 2 CPU cores for SmolLM2-135M),
-so it pays back only on longer runs. Evaluation runs the same layers eagerly (`predict`): a
-`no_grad` pass would compile a second graph and was slower than eager even after that
-(`BENCHMARKS.md`, section (g)).
-
-`BENCHMARKS.md`, section (g), measured 1.36-1.48x faster steps at M = 5 members x B = 4
-questions over three runs on an AMX machine, repaying a cold compilation after 79-143 steps:
-1,600-2,900 member-questions; on an AVX-512 BF16 machine 1.12-1.21x over two runs, repaying
-after 166-309 steps: 3,300-6,200 member-questions. The saving per step grows with the step's
-work (M x B), the compilation does not, so `--train.compile auto` (the default) compiles runs of
-at least `AUTO_MIN_MEMBER_QUESTIONS` = steps x M x B. That is above the AMX payback and inside
-the AVX-512 one, where a run just above it may lose about 12 s; a real run is
-well above it (one ARC-Easy epoch with 5 members is 11,255 member-questions).
-Inductor's on-disk cache makes later runs compile faster (a first compiled step of 16 s instead
-of 34 s, SmolLM2-135M, M = 5, B = 4).
+The first training step pays for compilation, so it pays back only on longer runs. Evaluation
+runs the same layers eagerly (`predict`): a `no_grad` pass would compile a second graph and was
+slower than eager even after that. The saving per step grows with the step's work (M x B), the
+compilation does not, so `--train.compile auto` (the default) compiles runs of at least
+`AUTO_MIN_MEMBER_QUESTIONS` = steps x M x B, a threshold set from the measured payback.
+Measured (speed-up, payback in member-questions, compiled vs eager evaluation): BENCHMARKS.md,
+the compile section.
 """
 
 from __future__ import annotations
@@ -32,9 +23,9 @@ import shutil
 
 from torch import nn
 
-from .config import CompileMode, TrainConfig
-from .prefix import prefix_cache_of
-from .scoring import decoder_of
+from ..config import CompileMode, TrainConfig
+from .prefix import PrefixCache
+from .support import decoder_of
 
 AUTO_MIN_MEMBER_QUESTIONS = 5000  # optimizer steps x members x questions per member
 
@@ -60,7 +51,8 @@ def compile_decision(train: TrainConfig, total_steps: int, num_members: int,
     member-questions count K / L of their number.
     """
     if train.compile is CompileMode.TRUE:
-        return True, "compiling the decoder layers (--train.compile true); the first step takes about a minute"
+        return True, ("compiling the decoder layers (--train.compile true); the first training step takes longer "
+                      "while it compiles")
     k, n_layers = compiled_layers or (1, 1)
     work = total_steps * num_members * train.batch_size * k // n_layers
     if train.compile is CompileMode.FALSE or work < AUTO_MIN_MEMBER_QUESTIONS:
@@ -73,9 +65,9 @@ def compile_decision(train: TrainConfig, total_steps: int, num_members: int,
     if cpp_compiler() is None:
         return False, (f"--train.compile auto: this run is long enough for compiling to pay ({size}), but no C++ "
                        "compiler was found ($CXX, g++, c++, clang++), so the layers run eagerly. Install g++ for "
-                       "about 1.4x faster steps, or pass --train.compile false to silence this.")
+                       "faster steps, or pass --train.compile false to silence this.")
     return True, (f"compiling the decoder layers (--train.compile auto: {size}); the first training step takes "
-                  "up to a minute longer, later steps about 1.4x less")
+                  "longer while it compiles, later steps less")
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -86,27 +78,25 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def layers_to_compile(model: nn.Module) -> tuple[int, int] | None:
+def layers_to_compile(model: nn.Module, cache: PrefixCache | None) -> tuple[int, int] | None:
     """(K, L) when `compile_decoder_layers` would compile only K of the L decoder layers (with a
-    frozen-prefix cache, the K layers at and above its split); None when it compiles them all."""
-    cache = prefix_cache_of(model)
+    frozen-prefix cache, the K layers from its first LoRA layer up); None when it compiles them all."""
     if cache is None:
         return None
     n_layers = len(_decoder_layers(model))
-    return n_layers - cache.split, n_layers
+    return n_layers - cache.first_lora_layer, n_layers
 
 
-def compile_decoder_layers(model: nn.Module, dynamic: bool = True) -> int:
+def compile_decoder_layers(model: nn.Module, cache: PrefixCache | None = None, dynamic: bool = True) -> int:
     """Compile the decoder layers of `model` in place; returns how many were compiled.
 
-    All layers, or with a frozen-prefix cache (`--ensemble.top_layers`) only those at and above
-    its split: the frozen layers below run only without gradients, once per question, and like
+    All layers, or with a frozen-prefix cache (`--ensemble.top_layers`) only those from its
+    first LoRA layer up: the frozen layers below run only without gradients, once per question, and like
     evaluation (`predict`), a `no_grad` pass would need a compilation of its own and is not faster
     compiled. `nn.Module.compile` wraps each layer's forward and keeps the module (its parameters,
     LoRA members and state dict) as it is, so saving, exporting and the prefix cache work unchanged.
     """
-    cache = prefix_cache_of(model)
-    trained = _decoder_layers(model)[cache.split if cache is not None else 0:]
+    trained = _decoder_layers(model)[cache.first_lora_layer if cache is not None else 0:]
     for layer in trained:
         layer.compile(dynamic=dynamic)
     return len(trained)

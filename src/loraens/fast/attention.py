@@ -8,11 +8,10 @@ stacked along the query axis instead: the scores of a group are one [g*T, d] x [
 against its own K, with no copies. The arithmetic per score is the same as "eager" (softmax in
 float32, as there); only the GEMM blocking differs.
 
-Registered with transformers under `GROUPED_EAGER` (the default of `--model.attn_implementation`)
-with eager's additive float masks. A small lever: `bench/bench_levers.py` (SmolLM2-135M, M = 5,
-B = 4) measured 0-2% less time per training step than "eager" on a quiet machine, and an A/B
-while the machine was loaded 4% (letter) and 7% (choice-likelihood). K and V are kept for the
-backward once per key/value head instead of once per query head (3x less for SmolLM2).
+Registered with transformers under `GROUPED_EAGER` (the CPU default of
+`--model.attn_implementation`) with eager's additive float masks. K and V are kept for the
+backward once per key/value head instead of once per query head. A small lever; measured:
+BENCHMARKS.md, the levers section (`bench/bench_levers.py`).
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from .packing import KWARG, Packing, to_packed, to_rows
-
-GROUPED_EAGER = "loraens_grouped_eager"
+from .support import GROUPED_EAGER
 
 
 def grouped_eager_attention(

@@ -5,10 +5,9 @@ vocabulary (49,152 rows for SmolLM2). That head is the largest single GEMM of a 
 with LoRA only in the top layers (the prefix cache) it is a large share of the step.
 
 The plain way computes it in float32: the bf16 weight is cast to float32 on every forward (a copy
-of the whole embedding), the GEMMs run at the float32 rate (about a quarter of the bf16 rate
-with AMX), and the log-softmax writes a second [K, V] float32 tensor that the backward reads.
-bf16 logits alone would be fast but round each logit by up to ~0.06 at |logit| ~ 16, which
-blurs NLL and ECE.
+of the whole embedding), the GEMMs run at the float32 rate (a fraction of the bf16 rate), and the log-softmax writes a second [K, V] float32 tensor that the backward reads.
+bf16 logits alone would be fast but round each logit by up to 2^-8 of its size, which blurs
+NLL and ECE.
 
 `token_log_probs` keeps the float32 accuracy at bf16 speed:
 
@@ -22,8 +21,8 @@ blurs NLL and ECE.
   bf16 (half the memory of the two logit parts), so the backward is one scaling pass and one bf16
   GEMM per block, accumulated in float32.
 - Both run over blocks of the vocabulary sized so that a block's float32 logits (~4 MB) stay in
-  cache: the elementwise passes (cast, max, exp, sum, scale, cast) are memory-bound; on this
-  machine `torch.exp` streams 50-80 GB/s over 1-17 MB tensors and 20 GB/s over 67 MB.
+  cache: the elementwise passes (cast, max, exp, sum, scale, cast) are memory-bound, and run
+  several times faster from cache than from DRAM (docs/design.md).
 
 Training does not need the float32-exact logits (`exact=False`, which `train_step` passes): the
 bf16 product alone, one GEMM fewer, everything after it unchanged. The loss and its gradient then
@@ -32,9 +31,7 @@ measured in evaluation, which keeps the exact logits, and `bench/bench.py` secti
 the trained ensemble with float32 PEFT. `bench/bench_levers.py` times it on and off ("+ bf16
 training head"; a frozen-prefix step gains most, since the head is a larger share of it).
 
-Forward and backward at the SmolLM2 head (V = 49,152, H = 576), medians over 3 alternating
-rounds (`python bench/bench_head.py --rounds 3`): 240 tokens 0.216 s with the float32 head
-against 0.094 s here (2.30x), 480 tokens 0.371 s against 0.161 s (2.30x).
+Measured against the float32 head: BENCHMARKS.md, the head section (`python bench/bench_head.py`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Token packing: the decoder runs on real tokens only, never on padding.
 
 A padded batch holds R = M*B member-major rows of T tokens, but only `lengths[r]` of row r are
-real: on length-bucketed ARC-Easy batches (M = 5, B = 4) the rows hold 1.12x the real tokens for
-letter scoring and 1.16x for choice-likelihood (BENCHMARKS.md, previous runs). Every linear layer, norm and elementwise op of a
-decoder layer acts on each token alone, so padding costs them as much as a real token.
+real, and every linear layer, norm and elementwise op of a decoder layer acts on each token
+alone, so padding costs them as much as a real token (how much padding a bucketed batch holds:
+docs/design.md, "Choices we measured").
 
 Here the B rows of each member are packed end to end into one row of P tokens (P: the longest
 member's total, so only the members' totals are padded):
@@ -11,7 +11,7 @@ member's total, so only the members' totals are padded):
     padded [R, T]  --pack-->  packed [M, P]
 
 The decoder runs on the packed rows; `MemberLoraLinear` still sees member k's tokens in row k.
-Only attention needs the rows apart: `loraens.attention` moves q, k and v to the padded layout
+Only attention needs the rows apart: `loraens.fast.attention` moves q, k and v to the padded layout
 [R, H, T, d] (`to_rows`), attends there with the batch's own [R, 1, T, T] mask, and moves the
 output back (`to_packed`). Each move is a gather of a few MB per layer, and its backward is the
 opposite gather (no scatter-add): every real slot of one layout is read by exactly one slot of
@@ -21,9 +21,8 @@ Positions come with the tokens, so rotary embeddings are those of the padded row
 result is the padded forward's up to bf16 rounding (GEMM blocking depends on the shapes), which
 `tests/test_packing.py` checks against the padded forward.
 
-Supported: decoders whose attention modules pass the forward's keyword arguments to the
-attention function (Llama, Mistral, Qwen2/3 in transformers 5), with `loraens.attention`'s
-grouped eager attention. Other models run the padded forward.
+Supported: `loraens.fast.support.can_pack` (the Llama layout with `loraens.fast.attention`'s
+grouped eager attention). Other models run the padded forward.
 """
 
 from __future__ import annotations
@@ -31,11 +30,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
-from .batching import Batch
+from ..batching import Batch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 KWARG = "loraens_packing"  # the decoder forward's keyword argument that carries a `Packing`
 
 
@@ -83,15 +80,6 @@ def to_rows(x: torch.Tensor, packing: Packing) -> torch.Tensor:
 def to_packed(x: torch.Tensor, packing: Packing) -> torch.Tensor:
     """Padded [R*T, F] -> packed [M*P, F] (padding slots zero)."""
     return _Relayout.apply(x, packing.packed_src, packing.row_src)
-
-
-def can_pack(model: nn.Module) -> bool:
-    """Whether `model`'s decoder can run on packed rows (see the module docstring)."""
-    from .attention import GROUPED_EAGER
-
-    config = getattr(model, "config", None)
-    return (getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES
-            and getattr(config, "_attn_implementation", None) == GROUPED_EAGER)
 
 
 def pack(batch: Batch, num_members: int) -> tuple[torch.Tensor, torch.Tensor, Packing]:
