@@ -22,7 +22,7 @@ from loraens.fast import attention
 from loraens.fast.compiling import compile_decoder_layers
 from loraens.fast.packing import pack, padding_mask, to_packed, to_rows
 from loraens.fast.prefix import PrefixCache, prefix_cache_for
-from loraens.fast.support import GROUPED_EAGER, can_pack
+from loraens.fast.support import FLEX, GROUPED_EAGER, SDPA_PACKED, can_pack
 from tests.conftest import scorer
 
 ARCHITECTURES = {
@@ -238,3 +238,61 @@ def test_packed_gradients_with_checkpointing_and_member_chunks_equal_padded(toke
         assert spy.call_count >= lean.config.num_hidden_layers  # packed, and recomputed in the backward
     # Each chunk's gradient is zero outside its member's slice, so their sum is the whole gradient.
     torch.testing.assert_close(sum(grads), want, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the GPU attention implementations
+
+
+@pytest.mark.parametrize("attn", [SDPA_PACKED, FLEX])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("scoring", [Scoring.LETTER, Scoring.CHOICE_LIKELIHOOD])
+def test_sdpa_and_flex_packed_equal_grouped_eager_padded(tokenizer, letter_encoder, cloze_encoder, questions, attn,
+                                                         arch, scoring):
+    """The CUDA implementations (run here on the CPU: SDPA's math kernel, FlexAttention eagerly)
+    give the scores and LoRA gradients of the padded grouped-eager forward. FlexAttention has no
+    backward on the CPU: there only its scores are compared (its gradients in the CUDA run)."""
+    enc = (letter_encoder if scoring is Scoring.LETTER else cloze_encoder).encode_all(questions)
+    batch = member_batch(enc, 3)
+    ref = with_members(tiny_model(tokenizer, arch)).train()
+    lp_ref, g_ref = scores_and_grads(ref, batch, 3, scoring, letter_encoder.letter_ids, pack_tokens=False)
+    model = with_members(tiny_model(tokenizer, arch, attn=attn)).train()
+    assert can_pack(model)
+    spied = "_flex" if attn == FLEX else "sdpa_attention"
+    backward = attn != FLEX or next(model.parameters()).device.type == "cuda"
+    with mock.patch.object(attention, spied, wraps=getattr(attention, spied)) as spy:
+        if backward:
+            lp, g = scores_and_grads(model, batch, 3, scoring, letter_encoder.letter_ids, pack_tokens=True)
+        else:
+            with torch.no_grad():
+                lp = scorer(scoring, letter_encoder.letter_ids, Normalization.SUM).log_probs(model, batch, 3)
+    assert spy.call_count >= model.config.num_hidden_layers  # that implementation ran in every layer
+    finite = torch.isfinite(lp_ref)
+    assert torch.equal(finite, torch.isfinite(lp))
+    torch.testing.assert_close(lp[finite], lp_ref[finite], atol=1e-5, rtol=1e-5)
+    if backward:  # another kernel (blockwise online softmax): float32 rounding of ~1e-4 of the largest gradient
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-3)
+
+
+def test_flex_block_mask_is_the_batch_mask(tokenizer, cloze_encoder, letter_encoder, questions):
+    """Dense view of the block mask, moved to the padded rows, equals `padding_mask` on real tokens."""
+    for enc in (cloze_encoder, letter_encoder):
+        batch = member_batch(enc.encode_all(questions[:6]), 2)
+        _, _, packing = pack(batch, 2)
+        block = attention.flex_block_mask(batch, packing, 2)
+        m, p = 2, packing.packed_src.numel() // 2
+        dense = block.to_dense() if hasattr(block, "to_dense") else None
+        assert dense is not None
+        # Token-level mask from the mask_mod itself, [M, P, P].
+        q = torch.arange(p)[:, None].expand(p, p)
+        kv = torch.arange(p)[None].expand(p, p)
+        token = torch.stack([block.mask_mod(torch.tensor(b), torch.tensor(0), q, kv) for b in range(m)])
+        r, t = batch.input_ids.shape
+        want = padding_mask(batch)[:, 0]  # [R, T, T]
+        src = packing.packed_src.view(m, p)
+        for b in range(m):
+            real = src[b] < r * t
+            rows, cols = src[b][real] // t, src[b][real] % t
+            sub = token[b][real][:, real]  # [n, n] between this packed row's real tokens
+            same = rows[:, None] == rows[None, :]
+            assert torch.equal(sub & same, want[rows[:, None], cols[:, None], cols[None, :]] & same)
+            assert not (sub & ~same).any()  # never across questions

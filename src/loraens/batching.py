@@ -30,6 +30,9 @@ class Batch:
     choice_mask:     [R, C] bool, which choices exist (questions may have 3, 4 or 5).
     targets:         [R] long, index of the correct choice.
     lengths:         [R] long, number of real (non-padding) tokens of each row.
+    segments:        [R, T] long, what each token is: -1 the prompt, k choice k (choice-likelihood),
+                     -2 padding. With the rows' order it fixes the attention mask: a token sees the
+                     earlier tokens of its own segment and of the prompt (`attention_mask`).
     """
 
     input_ids: torch.Tensor
@@ -42,6 +45,7 @@ class Batch:
     choice_mask: torch.Tensor
     targets: torch.Tensor
     lengths: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch on `device` (a no-op when it is already there)."""
@@ -81,7 +85,9 @@ def collate(questions: list[EncodedQuestion], num_choices: int | None = None) ->
             input_ids[i, :n] = torch.tensor(q.prompt_ids)
             answer_pos[i] = n - 1
         position_ids[:] = torch.arange(t)
-        return Batch(input_ids, position_ids, None, answer_pos, None, None, None, choice_mask, targets, lengths)
+        segments = torch.where(torch.arange(t)[None] < lengths[:, None], -1, -2)  # the prompt, then padding
+        return Batch(input_ids, position_ids, None, answer_pos, None, None, None, choice_mask, targets, lengths,
+                     segments)
 
     longest = max(len(cont) for q in questions for cont in q.continuations)
     score_pos = torch.zeros(r, c, longest, dtype=torch.long)
@@ -116,7 +122,7 @@ def collate(questions: list[EncodedQuestion], num_choices: int | None = None) ->
     # return NaN, which would leak into gradients even though the row is never scored.
     allowed |= torch.eye(t, dtype=torch.bool)[None] & (seg_q == -2)
     return Batch(input_ids, position_ids, allowed[:, None], answer_pos, score_pos, score_tokens, score_mask,
-                 choice_mask, targets, lengths)
+                 choice_mask, targets, lengths, segment)
 
 
 def length_sorted_batches(questions: list[EncodedQuestion], batch_size: int) -> list[list[int]]:

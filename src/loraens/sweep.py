@@ -31,6 +31,9 @@ import dataclasses
 import json
 import os
 import resource
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -251,21 +254,80 @@ def is_complete(cell: Cell, mc_passes: int | None = None) -> bool:
     return stored == current
 
 
-def run_sweep(spec: SweepSpec, progress: bool = True, log=print) -> list[dict[str, Any]]:
-    """Run every incomplete cell, then write the summary; returns the cell records."""
+def run_sweep(spec: SweepSpec, progress: bool = True, log=print,
+              worker: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """Run every incomplete cell, then write the summary; returns the cell records.
+
+    `worker` = (i, W): run only cells i, i + W, i + 2W, ... of the grid and write no summary
+    (one of the W worker processes of `run_sweep_workers`).
+    """
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
     grid = cells(spec)
-    done = sum(is_complete(c, spec.mc_dropout_passes) for c in grid)
-    log(f"loraens sweep {spec.name}: {len(grid)} cells, {done} already complete -> {out}")
+    if worker is None:
+        (out / "sweep.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
+        done = sum(is_complete(c, spec.mc_dropout_passes) for c in grid)
+        log(f"loraens sweep {spec.name}: {len(grid)} cells, {done} already complete -> {out}")
     for i, cell in enumerate(grid, 1):
+        if worker is not None and (i - 1) % worker[1] != worker[0]:
+            continue
         if is_complete(cell, spec.mc_dropout_passes):
             continue
         log(f"[{i}/{len(grid)}] {cell.title}")
         started = time.time()
         run_cell(cell, spec.mc_dropout_passes, progress)
         log(f"[{i}/{len(grid)}] {cell.title}: done in {time.time() - started:.0f} s")
+    if worker is not None:
+        return []
+    records = collect(spec)
+    html, md = write_summary(spec, records)
+    log(f"Wrote {md} and {html}")
+    return records
+
+
+def run_sweep_workers(spec: SweepSpec, devices: list[str | None], log=print) -> list[dict[str, Any]]:
+    """Spread the incomplete cells over one worker process per entry of `devices`, then write the summary.
+
+    Worker i runs cells i, i + W, ... (`run_sweep(worker=(i, W))`) in its own process, with
+    CUDA_VISIBLE_DEVICES set to devices[i] (one GPU each; None keeps the environment's). Its
+    output lines are passed to `log` prefixed with its number. Cells are resumable as always: a
+    worker that fails stops only itself, its finished cells are kept, and the error names it.
+    """
+    out = Path(spec.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = out / "sweep.yaml"  # the workers read the resolved sweep, so they see the same cells
+    resolved.write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
+    grid = cells(spec)
+    done = sum(is_complete(c, spec.mc_dropout_passes) for c in grid)
+    width = len(devices)
+    where = ", ".join(f"worker {i}: {'GPU ' + d if d is not None else 'same device setting'}"
+                      for i, d in enumerate(devices))
+    log(f"loraens sweep {spec.name}: {len(grid)} cells, {done} already complete, {width} workers ({where}) -> {out}")
+    procs = []
+    for i, device in enumerate(devices):
+        env = dict(os.environ)
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        cmd = [sys.executable, "-m", "loraens", "sweep", str(resolved), "--output_dir", str(out),
+               "--worker", f"{i}/{width}", "--quiet"]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      bufsize=1))
+
+    def relay(i: int, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log(f"[worker {i}] {line.rstrip()}")
+
+    threads = [threading.Thread(target=relay, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+    for t in threads:
+        t.start()
+    codes = [p.wait() for p in procs]
+    for t in threads:
+        t.join()
+    failed = [(i, c) for i, c in enumerate(codes) if c != 0]
+    if failed:
+        raise RuntimeError(f"sweep worker(s) {', '.join(f'{i} (exit code {c})' for i, c in failed)} failed; their "
+                           "finished cells are kept: rerun the same command to resume.")
     records = collect(spec)
     html, md = write_summary(spec, records)
     log(f"Wrote {md} and {html}")

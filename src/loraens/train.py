@@ -44,13 +44,17 @@ class EpochSummary:
     seconds: float
 
 
-def member_orders(n: int, num_members: int, epoch: int, seed: int, per_member: bool) -> np.ndarray:
-    """Question order of each member in `epoch`, shape [M, n].
+def member_orders(n: int, num_members: int, epoch: int, seed: int, per_member: bool,
+                  first_member: int = 0) -> np.ndarray:
+    """Question order of members first_member .. first_member + M - 1 in `epoch`, shape [M, n].
 
     With `per_member` each member draws its own permutation (a source of diversity); otherwise
-    all members see the same order.
+    all members see the same order. Member k's order depends on (seed, k, epoch) only, so a
+    process that trains a share of the members (torchrun) gives them the orders they would get
+    in one process.
     """
-    rows = [np.random.default_rng([seed, k if per_member else 0, epoch]).permutation(n) for k in range(num_members)]
+    members = range(first_member, first_member + num_members)
+    rows = [np.random.default_rng([seed, k if per_member else 0, epoch]).permutation(n) for k in members]
     return np.stack(rows)
 
 
@@ -108,12 +112,15 @@ def train_members(
     scorer: Scorer,
     on_epoch_end: Callable[[EpochSummary], bool | None] | None = None,
     progress: bool = True,
+    first_member: int = 0,
 ) -> list[EpochSummary]:
     """Fine-tune every member of `model` on `questions`; returns one summary per epoch.
 
     Each optimizer step takes `train.batch_size` questions per member (a different set per
     member when `ensemble.member_data_order`), split into `train.grad_accum` micro-batches.
-    `on_epoch_end` may return True to stop training (early stopping).
+    `on_epoch_end` may return True to stop training (early stopping). `first_member`: the
+    model's M = `ensemble.num_members` members are members first_member .. of a larger ensemble
+    (one torchrun process's share); they see those members' data orders.
     """
     m, b = ensemble.num_members, train.batch_size
     n = len(questions)
@@ -141,7 +148,7 @@ def train_members(
         if step >= total:
             break
         start = time.perf_counter()
-        orders = member_orders(n, m, epoch, ensemble.seed, ensemble.member_data_order)
+        orders = member_orders(n, m, epoch, ensemble.seed, ensemble.member_data_order, first_member)
         losses = torch.zeros(m)
         seen = 0
         for chunk in member_batches(orders, lengths, b, train.bucket_window, ensemble.seed, epoch):
@@ -202,7 +209,7 @@ def train_step(
             with members:  # the backward too: gradient checkpointing re-runs the forward in it
                 batch = collate([questions[i] for i in idx.reshape(-1)], num_choices=num_choices)  # member-major
                 lp = scorer.log_probs(model, batch, k1 - k0, training=True)  # [k1-k0, mb, C]
-                targets = batch.targets.view(k1 - k0, -1, 1)
+                targets = batch.targets.view(k1 - k0, -1, 1).to(lp.device)
                 per_member = -lp.gather(-1, targets).squeeze(-1).mean(1)  # [k1-k0]
                 if kl_coef > 0:
                     if base_lp is None:

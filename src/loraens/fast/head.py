@@ -40,8 +40,11 @@ import torch
 import torch.nn.functional as F
 
 # Vocabulary columns per block: about 2^20 float32 logits (4 MB) per block stay in the CPU's L2/L3
-# cache through the elementwise passes, which run several times faster there than from DRAM.
+# cache through the elementwise passes, which run several times faster there than from DRAM. A GPU
+# streams from its memory at several TB/s and pays a launch per kernel and block instead: large
+# blocks (2^27 logits, 512 MB) there, which covers the vocabulary in one or two blocks.
 BLOCK_ELEMENTS = 1 << 20
+CUDA_BLOCK_ELEMENTS = 1 << 27
 
 
 def _logit_parts(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -70,9 +73,10 @@ def exact_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _sum_parts(_logit_parts(hidden, weight))
 
 
-def vocab_block(rows: int, vocab: int) -> int:
+def vocab_block(rows: int, vocab: int, device: torch.device | str = "cpu") -> int:
     """Vocabulary columns per block for `rows` scored tokens (a multiple of 256, at most `vocab`)."""
-    return min(vocab, max(256, BLOCK_ELEMENTS // max(rows, 1) // 256 * 256))
+    elements = CUDA_BLOCK_ELEMENTS if torch.device(device).type == "cuda" else BLOCK_ELEMENTS
+    return min(vocab, max(256, elements // max(rows, 1) // 256 * 256))
 
 
 class _TokenLogProb(torch.autograd.Function):
@@ -103,7 +107,7 @@ class _TokenLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
                 exact: bool = True) -> torch.Tensor:
-        block = vocab_block(hidden.shape[0], weight.shape[0])
+        block = vocab_block(hidden.shape[0], weight.shape[0], hidden.device)
         keep = ctx.needs_input_grad[0]
         acc = torch.promote_types(hidden.dtype, torch.float32)
         save_dtype = hidden.dtype if hidden.dtype == torch.bfloat16 else acc

@@ -42,10 +42,13 @@ class Packing(NamedTuple):
     row_src:    [R*T] long: the packed slot (k*P + j) of each padded slot, or M*P (a zero row)
                 for padding.
     packed_src: [M*P] long: the padded slot (r*T + t) of each packed slot, or R*T for padding.
+    block_mask: FlexAttention's `BlockMask` over the packed rows (`loraens.fast.attention.
+                flex_block_mask`), when the model attends with "loraens_flex"; else None.
     """
 
     row_src: torch.Tensor
     packed_src: torch.Tensor
+    block_mask: object | None = None
 
 
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,12 @@ from torch import nn
 
 # Decoders with Llama's layer layout (see the module docstring).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-# `--model.attn_implementation` names registered by `loraens.fast.attention`.
-GROUPED_EAGER = "loraens_grouped_eager"
+# `--model.attn_implementation` names registered by `loraens.fast.attention`; each runs on packed
+# token rows (`loraens.fast.packing`) as well as on padded ones.
+GROUPED_EAGER = "loraens_grouped_eager"  # eager attention without repeating K/V (CPU)
+SDPA_PACKED = "loraens_sdpa"  # torch's fused scaled_dot_product_attention with the batch's mask (CUDA)
+FLEX = "loraens_flex"  # FlexAttention with a block mask built from each packed token's question and segment
+PACKED_ATTENTION = (GROUPED_EAGER, SDPA_PACKED, FLEX)
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -41,7 +45,7 @@ def attention_implementation(model: nn.Module) -> str | None:
 def can_pack(model: nn.Module) -> bool:
     """Whether `model`'s decoder can run on packed token rows (`loraens.fast.packing`).
 
-    The packed layout needs the Llama layout and an attention function that moves q, k and v to
-    the padded rows and back: loraens' own grouped eager attention.
+    The packed layout needs the Llama layout and an attention function that knows it: one of
+    loraens' own (`PACKED_ATTENTION`).
     """
-    return has_llama_layout(model) and attention_implementation(model) == GROUPED_EAGER
+    return has_llama_layout(model) and attention_implementation(model) in PACKED_ATTENTION
