@@ -22,7 +22,7 @@ once, in alternating order, so the machine's drift hits all of them alike. Varia
   every position.
 
 `--top-layers K` runs the ladder with LoRA in the top K layers only and the frozen-prefix cache
-filled beforehand (the later-epoch steps of `bench/bench.py` section (e)).
+filled beforehand (the later-epoch steps of `bench/bench.py` section (g)).
 
 Reported: median seconds per step and the median over steps of each variant's speed against
 `plain` measured at the same step.
@@ -35,9 +35,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from unittest import mock
+
+if not __package__:  # `python bench/bench_levers.py`: import bench/ as the package `bench`, from the checkout
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import numpy as np
 import torch
@@ -48,11 +53,9 @@ from loraens.data import load_mcqa
 from loraens.ensemble import member_layers
 from loraens.model import load_base_model
 from loraens.scoring import _head_positions, member_log_probs
+from loraens.train import member_batches, member_orders
 
-if __package__:  # imported as the package module bench.bench_levers
-    from . import bench as B
-else:  # `python bench/bench_levers.py` puts bench/ itself on sys.path, where bench.py is `bench`
-    import bench as B
+from bench.common import MODE_NAMES, build_loraens, loraens_step, make_task
 
 VARIANTS = {  # name: (fused member update, attention implementation, bf16 training head, packed tokens,
     #         one head row per distinct position, last layer at the head's positions)
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=7, help="timed steps (after one warm-up step)")
     p.add_argument("--modes", default="letter,choice-likelihood")
     p.add_argument("--dataset", default="arc_easy")
-    p.add_argument("--data-dir", default="/work/shared/data/mcqa")
+    p.add_argument("--data-dir", default=None,
+                   help="local mirror of the datasets (default: loraens' own lookup, $LORAENS_DATA_DIR, else the hub)")
     p.add_argument("--top-layers", type=int, default=None,
                    help="LoRA in the top K layers only, with the frozen-prefix cache filled before timing")
     args = p.parse_args(argv)
@@ -124,29 +128,29 @@ def main(argv: list[str] | None = None) -> None:
           + "\n")
     print("| scoring | variant | median s/step | speed vs plain (median over steps) |")
     print("|---|---|---:|---:|")
-    side = B.build_loraens(base, args.members, in_place=True, top_layers=args.top_layers)
+    side = build_loraens(base, args.members, in_place=True, top_layers=args.top_layers)
     for mode in args.modes.split(","):
         scoring = Scoring(mode)
-        task = B.make_task(tok, scoring, train_ex, train_ex[:4])
+        task = make_task(tok, scoring, train_ex, train_ex[:4])
         lengths = np.array([q.num_tokens for q in task.train_q])
-        orders = B.member_orders(len(task.train_q), args.members, 1, 0, True)
-        chunks = [c for c in B.member_batches(orders, lengths, args.batch_size, 8, 0, 1)
+        orders = member_orders(len(task.train_q), args.members, 1, 0, True)
+        chunks = [c for c in member_batches(orders, lengths, args.batch_size, 8, 0, 1)
                   if c.shape[1] == args.batch_size][: args.steps + 1]
         if args.top_layers:  # every timed step reads the frozen bottom from the cache, as in later epochs
             for chunk in chunks:
-                B.loraens_step(side, task, chunk)
+                loraens_step(side, task, chunk)
         times: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for i, chunk in enumerate(chunks):
             names = list(VARIANTS) if i % 2 else list(reversed(VARIANTS))
             for name in names:
                 with variant(side.model, *VARIANTS[name]):
                     t0 = time.perf_counter()
-                    B.loraens_step(side, task, chunk)
+                    loraens_step(side, task, chunk)
                     times[name].append(time.perf_counter() - t0)
         for name, ts in times.items():
             ts = ts[1:]  # drop the warm-up step
             speed = statistics.median(a / b for a, b in zip(times["plain"][1:], ts, strict=True))
-            print(f"| {B.MODE_NAMES[scoring]} | {name} | {statistics.median(ts):.2f} | {speed:.2f}x |", flush=True)
+            print(f"| {MODE_NAMES[scoring]} | {name} | {statistics.median(ts):.2f} | {speed:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ on real (unpadded) tokens (attention: scaled to the causal work of the real leng
 there is a choice. Everything else a step does is left out: norms, rotary embeddings, SwiGLU,
 residual adds, casts, the loss, the optimizer, Python. The sum is therefore a lower bound on the
 time of that step with the kernels this torch build has on this machine, and model FLOPs over that
-sum is an upper bound on the step's model-FLOP utilisation (`bench.py`, section (d)).
+sum is an upper bound on the step's model-FLOP utilisation (`bench.py`, section (e)).
 """
 
 from __future__ import annotations

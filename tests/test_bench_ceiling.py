@@ -59,7 +59,7 @@ def test_required_kernel_seconds_parts():
 def test_input_groups_stack_the_weights_that_share_an_input(base_model):
     """q/k/v and gate/up read one input each (LoRA-wrapped q/v included); o and down stand alone,
     and the groups hold every base weight, so their FLOPs are those the MFU estimate counts."""
-    from bench.bench import input_groups, linear_params
+    from bench.flops import input_groups, linear_params
 
     attach_members(base_model, EnsembleConfig(num_members=2, rank=2, target_modules=["q_proj", "v_proj"]))
     layers = base_model.model.layers
@@ -72,19 +72,13 @@ def test_input_groups_stack_the_weights_that_share_an_input(base_model):
 
 @pytest.mark.parametrize("scoring", [Scoring.LETTER, Scoring.CHOICE_LIKELIHOOD])
 def test_step_bound_times_the_step_that_the_mfu_estimate_counts(base_model, tokenizer, scoring):
-    """bench.step_bound on a real (tiny) step: every part timed, the head only for choice-likelihood,
+    """bench.flops.step_bound on a real (tiny) step: every part timed, the head only for choice-likelihood,
     and its linear FLOPs are those `loraens_step_flops` counts: 4 N per real token, less the last
     layer's MLP (3 x 32 x 64 weights in the tiny Llama) at the positions the head does not read."""
     import numpy as np
 
-    from bench.bench import (
-        flop_model,
-        head_positions,
-        linear_params,
-        loraens_step_flops,
-        make_task,
-        step_bound,
-    )
+    from bench.common import make_task
+    from bench.flops import flop_model, head_positions, linear_params, loraens_step_flops, step_bound
 
     attach_members(base_model, EnsembleConfig(num_members=2, rank=2, target_modules=["q_proj", "v_proj"]))
     questions = make_questions(4)

@@ -1,17 +1,12 @@
 """The benchmark's report logic: the MFU rows of the targets table, the CPU's matrix units, and
-the extra batches of (d) and (g)."""
+the extra batches of (e) and (f)."""
 
 import numpy as np
 import pytest
 
-from bench.bench import (
-    ModeResult,
-    full_batches,
-    m16_target_row,
-    make_task,
-    matrix_units,
-    mfu_target_rows,
-)
+from bench.common import full_batches, make_task, matrix_units
+from bench.measure import ModeResult
+from bench.targets import m16_target_row, mfu_target_rows
 from loraens.config import Scoring
 
 from .conftest import make_questions
@@ -20,7 +15,7 @@ PEAK = 400e9  # FLOP/s
 
 
 def result(mode: str, eager: float, mfu_b8: float, compiled: dict[int, float]) -> ModeResult:
-    """A mode's results with the given GFLOP/s: eager at B = 4 (and B = 8 in (d)), compiled at each B."""
+    """A mode's results with the given GFLOP/s: eager at B = 4 (and B = 8 in (e)), compiled at each B."""
     r = ModeResult(mode, 4, 5, [5], 3)
     r.gflops["bf16"] = eager
     r.mfu = [{"b": 4, "gflops": eager, "bound_gflops": 350.0}, {"b": 8, "gflops": mfu_b8, "bound_gflops": 230.0}]
@@ -33,9 +28,9 @@ def test_mfu_rows_give_each_configuration_and_the_best_one_per_mode():
     cl = result("choice-likelihood", 196.0, 172.0, {4: 220.0, 8: 212.0})  # 49%, 43%; compiled 55%, 53%
     rows = mfu_target_rows([letter, cl], PEAK, batch_size=4)
     assert rows[0] == ("| training step >= 60% of the bf16 matmul peak in model FLOPs | letter 49%, "
-                       "choice-likelihood 49% at B = 4 (estimate, see (d)) | **not met** |")
-    assert rows[1] == "| (B = 4, `--train.compile`: measured in (g)) | letter 61%, choice-likelihood 55% | **not met** |"
-    assert rows[2] == "| (B = 8, `--train.compile`: measured in (g)) | letter 62%, choice-likelihood 53% | **not met** |"
+                       "choice-likelihood 49% at B = 4 (estimate, see (e)) | **not met** |")
+    assert rows[1] == "| (B = 4, `--train.compile`: measured in (f)) | letter 61%, choice-likelihood 55% | **not met** |"
+    assert rows[2] == "| (B = 8, `--train.compile`: measured in (f)) | letter 62%, choice-likelihood 53% | **not met** |"
     assert rows[3] == ("| (the best configuration measured, per scoring mode) | letter 62% (compiled, B = 8), "
                        "choice-likelihood 55% (compiled, B = 4) | **not met** |")
     # Bounds: 350 / 400 = 87.5% at B = 4; 230 / 400 = 57.5% at B = 8, below 60%.
@@ -89,7 +84,7 @@ def test_m16_row_names_the_memory_steps_and_the_sweep():
     mem = [{"side": "loraens", "m": 16}, {"side": "loraens", "m": 16, "error": "killed"},
            {"side": "peft", "m": 16}, {"side": "loraens", "m": 5}]
     row = m16_target_row([r], mem)
-    assert row == ("| M = 16 fits and runs | 1 of 2 memory subprocesses of three M = 16 steps each ran ((c), (c2)); "
+    assert row == ("| M = 16 fits and runs | 1 of 2 memory subprocesses of three M = 16 steps each ran ((c), (d)); "
                    "trained in the sweep of (a) at 27.30 member-examples/s (letter) | **not met** |")
     assert m16_target_row([r], mem[:1]).endswith("| **met** |")
 
