@@ -4,21 +4,21 @@ One bf16 loraens ensemble (SmolLM2-135M, M members, B questions per member) trai
 length-bucketed batches, as in `bench/bench.py` section (a). At every step each variant runs
 once, in alternating order, so the machine's drift hits all of them alike. Variants:
 
-- `plain`: transformers' eager attention (`repeat_kv`) and the members' update through plain
-  autograd (`MemberLoraLinear.fused_update = False`): what loraens did before these levers;
+- `plain`: transformers' eager attention (`repeat_kv`) and every `--speed.*` lever off (the
+  members' update through plain autograd, and so on): what loraens did before these levers;
 - `+ fused update`: the member update as one `autograd.Function` (`ensemble._MemberLoraAdd`);
-- `+ grouped attention`: both levers on, with `loraens.attention`'s grouped eager attention;
+- `+ grouped attention`: both levers on, with `loraens.fast.attention`'s grouped eager attention;
 - `+ bf16 training head`: all three on: choice-likelihood's full-vocabulary head
-  takes the bf16 logits alone in training (`member_log_probs(exact_head=False)`), not the
+  takes the bf16 logits alone in training (`--speed.bf16_train_head`), not the
   float32-exact two-GEMM logits that the variants above use. No change for letter scoring.
 - `+ packed tokens`: all four on: the decoder runs on each member's real tokens end to end,
-  without padding (`loraens.packing`); the variants above run the padded rows.
+  without padding (`--speed.pack_tokens`); the variants above run the padded rows.
 - `+ shared head positions`: all five on: choice-likelihood's full-vocabulary head runs once per
-  distinct position (the prompt's last token predicts every choice's first token; `head.
-  token_log_probs(rows=...)`); the variants above run it once per choice token. No change for
+  distinct position (the prompt's last token predicts every choice's first token;
+  `--speed.shared_head_positions`); the variants above run it once per choice token. No change for
   letter scoring.
 - `+ last layer at head positions`: all six on (the defaults): the last decoder layer's MLP runs
-  only at the positions the head reads (`loraens.last_layer`); the variants above run it on
+  only at the positions the head reads (`--speed.last_layer_trim`); the variants above run it on
   every position.
 
 `--top-layers K` runs the ladder with LoRA in the top K layers only and the frozen-prefix cache
@@ -37,9 +37,9 @@ import argparse
 import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from unittest import mock
 
 if not __package__:  # `python bench/bench_levers.py`: import bench/ as the package `bench`, from the checkout
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -47,63 +47,44 @@ if not __package__:  # `python bench/bench_levers.py`: import bench/ as the pack
 import numpy as np
 import torch
 
-from loraens.fast.attention import GROUPED_EAGER
-from loraens.config import ModelConfig, Scoring
+from loraens.config import ModelConfig, Scoring, SpeedConfig
 from loraens.data import load_mcqa
 from loraens.ensemble import member_layers
+from loraens.fast.support import GROUPED_EAGER
 from loraens.model import load_base_model
-from loraens.scoring import _head_positions, member_log_probs
 from loraens.train import member_batches, member_orders
 
 from bench.common import MODE_NAMES, build_loraens, loraens_step, make_task
 
-VARIANTS = {  # name: (fused member update, attention implementation, bf16 training head, packed tokens,
-    #         one head row per distinct position, last layer at the head's positions)
-    "plain": (False, "eager", False, False, False, False),
-    "+ fused update": (True, "eager", False, False, False, False),
-    "+ grouped attention": (True, GROUPED_EAGER, False, False, False, False),
-    "+ bf16 training head": (True, GROUPED_EAGER, True, False, False, False),
-    "+ packed tokens": (True, GROUPED_EAGER, True, True, False, False),
-    "+ shared head positions": (True, GROUPED_EAGER, True, True, True, False),
-    "+ last layer at head positions": (True, GROUPED_EAGER, True, True, True, True),
+_OFF = SpeedConfig(fused_update=False, pack_tokens=False, shared_head_positions=False, last_layer_trim=False,
+                   bf16_train_head=False)
+# name: (attention implementation, the `--speed.*` levers on); each variant adds one lever to the one above.
+VARIANTS = {
+    "plain": ("eager", _OFF),
+    "+ fused update": ("eager", replace(_OFF, fused_update=True)),
+    "+ grouped attention": (GROUPED_EAGER, replace(_OFF, fused_update=True)),
+    "+ bf16 training head": (GROUPED_EAGER, replace(_OFF, fused_update=True, bf16_train_head=True)),
+    "+ packed tokens": (GROUPED_EAGER, replace(_OFF, fused_update=True, bf16_train_head=True, pack_tokens=True)),
+    "+ shared head positions": (GROUPED_EAGER, replace(SpeedConfig(), last_layer_trim=False)),
+    "+ last layer at head positions": (GROUPED_EAGER, SpeedConfig()),  # the defaults
 }
 
 
-def _every_head_position(batch, scoring):
-    """`scoring._head_positions` without sharing: one position per choice token (the head then
-    runs once per choice token, as before `+ shared head positions`)."""
-    if scoring is Scoring.LETTER:
-        return _head_positions(batch, scoring)
-    r, t = batch.input_ids.shape
-    slots = (torch.arange(r)[:, None, None] * t + batch.score_pos)[batch.score_mask]  # [K], grouped by row
-    return slots, torch.arange(len(slots))
-
-
 @contextmanager
-def variant(model: torch.nn.Module, fused: bool, attn: str, fast_head: bool, packed: bool, shared: bool,
-            last_layer: bool):
-    """Switch the levers of `model` (and of `train_step`'s scoring call) in place; restores the defaults on exit."""
-    layers = list(member_layers(model).values())
+def variant(model: torch.nn.Module, attn: str, speed: SpeedConfig):
+    """`model` with `speed.fused_update` in its member layers and attention `attn`; both are back
+    to the defaults on exit. The other levers go to the step's `Scorer` (`loraens_step(speed=...)`)."""
     config = model.config
     saved = config._attn_implementation
-    # Without the fast head, train_step's scoring call gets the exact head that evaluation uses.
-    overrides = {**({} if fast_head else {"exact_head": True}), **({} if packed else {"pack_tokens": False})}
-
-    def scoring_call(*args, **kwargs):  # overrides train_step's exact_head=False and the packing default
-        return member_log_probs(*args, **{**kwargs, **overrides})
-
-    head = mock.patch("loraens.train.member_log_probs", scoring_call) if overrides else nullcontext()
-    positions = nullcontext() if shared else mock.patch("loraens.scoring._head_positions", _every_head_position)
-    last = nullcontext() if last_layer else mock.patch("loraens.scoring.supports_last_layer_at", return_value=False)
+    layers = list(member_layers(model).values())
     try:
         for layer in layers:
-            layer.fused_update = fused
+            layer.fused_update = speed.fused_update
         config._attn_implementation = attn  # read by every attention module at each forward
-        with head, positions, last:
-            yield
+        yield
     finally:
         for layer in layers:
-            del layer.fused_update  # back to the class default
+            layer.fused_update = True  # the default
         config._attn_implementation = saved
 
 
@@ -143,9 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         for i, chunk in enumerate(chunks):
             names = list(VARIANTS) if i % 2 else list(reversed(VARIANTS))
             for name in names:
-                with variant(side.model, *VARIANTS[name]):
+                attn, speed = VARIANTS[name]
+                with variant(side.model, attn, speed):
                     t0 = time.perf_counter()
-                    loraens_step(side, task, chunk)
+                    loraens_step(side, task, chunk, speed=speed)
                     times[name].append(time.perf_counter() - t0)
         for name, ts in times.items():
             ts = ts[1:]  # drop the warm-up step

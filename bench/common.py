@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loraens.config import EnsembleConfig, Normalization, PromptConfig, Scoring
-from loraens.ensemble import attach_members, clip_grad_norm_per_member, lora_parameters
+from loraens.config import EnsembleConfig, Normalization, PromptConfig, Scoring, SpeedConfig, TrainConfig
+from loraens.ensemble import attach_members, clip_grad_norm_per_member, first_lora_layer, lora_parameters
+from loraens.fast.prefix import PrefixCache, prefix_cache_for
 from loraens.prompts import EncodedQuestion, PromptEncoder
+from loraens.scoring import Scorer
 from loraens.train import member_batches, member_orders, train_step
 
 RANK, ALPHA, TARGETS = 8, 16.0, ["q_proj", "v_proj"]
@@ -92,21 +94,30 @@ class LoraensSide:
     params: list
     opt: torch.optim.Optimizer
     m: int
+    cache: PrefixCache | None = None  # the frozen-prefix cache, with LoRA in the top layers only
 
 
 def build_loraens(base, m: int, in_place: bool = False, top_layers: int | None = None) -> LoraensSide:
+    """M members on `base` (or on a copy), as `loraens.run.build_ensemble` attaches them."""
     model = base if in_place else copy.deepcopy(base)
     attach_members(model, EnsembleConfig(num_members=m, rank=RANK, alpha=ALPHA, dropout=0.0,
                                          target_modules=TARGETS, seed=SEED, top_layers=top_layers))
+    cache = prefix_cache_for(model, first_lora_layer(model)) if top_layers is not None else None
     params = lora_parameters(model)
     model.train()
-    return LoraensSide(model, params, torch.optim.AdamW(params, lr=LR), m)
+    return LoraensSide(model, params, torch.optim.AdamW(params, lr=LR), m, cache)
 
 
-def loraens_step(side: LoraensSide, task: Task, chunk: np.ndarray, member_chunk: int | None = None) -> None:
+def side_scorer(side: LoraensSide, task: Task, speed: SpeedConfig | None = None) -> Scorer:
+    """The `Scorer` a run with this side's members and this task's scoring mode would use."""
+    return Scorer(task.scoring, task.letter_ids, NORM, speed or SpeedConfig(), side.cache)
+
+
+def loraens_step(side: LoraensSide, task: Task, chunk: np.ndarray, member_chunk: int | None = None,
+                 speed: SpeedConfig | None = None) -> None:
     """What one iteration of `train_members` does (without the LR scheduler and the progress bar)."""
-    train_step(side.model, task.train_q, chunk, 1, side.m, task.num_choices, task.scoring, task.letter_ids, NORM,
-               member_chunk=member_chunk)
+    train_step(side.model, task.train_q, chunk, side_scorer(side, task, speed), TrainConfig(member_chunk=member_chunk),
+               task.num_choices)
     clip_grad_norm_per_member(side.params, MAX_GRAD_NORM)
     side.opt.step()
     side.opt.zero_grad(set_to_none=True)

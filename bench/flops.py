@@ -22,7 +22,7 @@ from loraens.config import Scoring
 from loraens.ensemble import member_layers
 from loraens.fast.last_layer import supports_last_layer_at
 from loraens.prompts import EncodedQuestion
-from loraens.scoring import decoder_of
+from loraens.fast.support import decoder_of
 
 from .ceiling import best_seconds, required_kernel_seconds
 from .common import RANK, Task

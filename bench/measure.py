@@ -23,6 +23,7 @@ from loraens.config import DType, ModelConfig, Scoring
 from loraens.data import load_mcqa
 from loraens.model import load_base_model
 from loraens.predict import predict
+from loraens.scoring import Scorer
 from loraens.train import member_batches, member_orders
 
 from .common import (
@@ -309,7 +310,7 @@ def time_compiled_eval(cfg: BenchConfig, task: Task, model, label: str) -> dict[
     loraens' evaluation does. Then interleaved passes over the same questions."""
     def evaluate(compiled: bool) -> float:
         t0 = time.perf_counter()
-        predict(model, task.eval_q, task.eval_ids, cfg.members, task.scoring, task.letter_ids, NORM,
+        predict(model, task.eval_q, task.eval_ids, cfg.members, Scorer(task.scoring, task.letter_ids, NORM),
                 batch_size=cfg.eval_batch_size, progress=False, compiled=compiled)
         return time.perf_counter() - t0
 
@@ -372,7 +373,7 @@ def measure_eval(cfg: BenchConfig, task: Task, model, pm, label: str) -> tuple[d
     m, bs = cfg.members, cfg.eval_batch_size
 
     def run_ours(t: Task) -> torch.Tensor:
-        return predict(model, t.eval_q, t.eval_ids, m, t.scoring, t.letter_ids, NORM,
+        return predict(model, t.eval_q, t.eval_ids, m, Scorer(t.scoring, t.letter_ids, NORM),
                        batch_size=bs, progress=False).member_probs
 
     eval_jobs = [("loraens", run_ours), ("peft_loop", lambda t: peft_eval_loop(pm, t, m, bs)),

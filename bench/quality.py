@@ -13,10 +13,12 @@ import torch
 from loraens.bootstrap import metric_cis, paired_metric_diffs
 from loraens.config import DType, EnsembleConfig, ModelConfig, Scoring, TrainConfig
 from loraens.data import load_mcqa
-from loraens.ensemble import attach_members, member_layers
+from loraens.ensemble import attach_members, first_lora_layer, member_layers
+from loraens.fast.prefix import prefix_cache_for
 from loraens.metrics import ensemble_probs
 from loraens.model import load_base_model
 from loraens.predict import predict
+from loraens.scoring import Scorer
 from loraens.train import linear_schedule, member_batches, member_orders, train_members
 
 from .common import ALPHA, MAX_GRAD_NORM, MODE_NAMES, NORM, RANK, SEED, TARGETS, Task, log, make_task
@@ -76,15 +78,17 @@ def train_loraens_sides(cfg: BenchConfig, task: Task, train: TrainConfig, sides:
         ens = EnsembleConfig(num_members=m, rank=RANK, alpha=ALPHA, dropout=0.0, target_modules=TARGETS, seed=SEED,
                              top_layers=k)
         attach_members(base, ens)
+        cache = prefix_cache_for(base, first_lora_layer(base)) if k is not None else None
+        scorer = Scorer(scoring, task.letter_ids, NORM, prefix_cache=cache)
         if init_state is None:
             init_state = {n: (l.lora_A.detach().clone(), l.lora_B.detach().clone())
                           for n, l in member_layers(base).items()}
         t0 = time.perf_counter()
-        train_members(base, task.train_q, train, ens, scoring, task.letter_ids, NORM, progress=False)
+        train_members(base, task.train_q, train, ens, scorer, progress=False)
         t_train = time.perf_counter() - t0
         t0 = time.perf_counter()
-        probs[name] = predict(base, task.eval_q, task.eval_ids, m, scoring, task.letter_ids, NORM,
-                              batch_size=cfg.eval_batch_size, progress=False).member_probs
+        probs[name] = predict(base, task.eval_q, task.eval_ids, m, scorer, batch_size=cfg.eval_batch_size,
+                              progress=False).member_probs
         sides[name] = {"train_s": t_train, "eval_s": time.perf_counter() - t0, "k": k}
         log(f"[quality] {name}: trained in {t_train:.0f} s")
         del base
