@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from loraens.cli import main
-from loraens.predict import Predictions
+from loraens.predictions import Predictions
 
 
 def _fake_predictions(n: int, m: int, c: int, sharpness: float, seed: int, choices: int | None = None) -> Predictions:

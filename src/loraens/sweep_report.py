@@ -13,16 +13,13 @@ entry is mean [min, max] of those per-seed averages.
 
 from __future__ import annotations
 
-import base64
-import html
 from collections.abc import Iterable, Mapping, Sequence
-from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import numpy as np
 
 from . import plots
-from .report import _PAGE, Section
+from .pages import Section, write_page
 
 METHOD_LABELS = {
     "single": "single LoRA (mean of members)",
@@ -60,7 +57,7 @@ def build_sweep_report(cells: list[dict], output: str | Path, title: str = "lora
     builders = (_main_section, _epoch_section, _regulariser_section, _randomness_section, _size_section,
                 _cost_section)
     sections = [sec for build in builders if (sec := build(sweep)) is not None]
-    return _write(sections, output, title, _intro(sweep), notes)
+    return write_page(sections, output, title, _intro(sweep), notes)
 
 
 class _Sweep:
@@ -219,27 +216,6 @@ def _band(points: Mapping[float, list[float]], scale: float = 1.0) -> plots.Band
     return x, np.array([v.mean() for v in vals]), np.array([v.min() for v in vals]), np.array([v.max() for v in vals])
 
 
-def _table(sec: Section, header: list[str], rows: list[list[str]], bold: AbstractSet[tuple[int, int]] = frozenset()
-           ) -> None:
-    """Like `Section.table`, with the (row, column) entries in `bold` set in bold."""
-    def md(text: str, strong: bool) -> str:
-        text = text.replace("|", "\\|")
-        return f"**{text}**" if strong else text
-
-    def cell(text: str, strong: bool) -> str:
-        text = html.escape(text)
-        return f"<td><strong>{text}</strong></td>" if strong else f"<td>{text}</td>"
-
-    sec.markdown += ["| " + " | ".join(md(h, False) for h in header) + " |", "|" + "---|" * len(header)]
-    sec.markdown += ["| " + " | ".join(md(c, (i, j) in bold) for j, c in enumerate(r)) + " |"
-                     for i, r in enumerate(rows)]
-    sec.markdown.append("")
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(cell(c, (i, j) in bold) for j, c in enumerate(r)) + "</tr>"
-                   for i, r in enumerate(rows))
-    sec.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-
-
 def _best(column: Sequence[Stat | None], metric: str) -> set[int]:
     """Rows holding the best displayed mean of a column (ties all count); none if fewer than two values."""
     shown = {i: round(s[0] * _scale(metric), 1 if metric == "accuracy" else 3) for i, s in enumerate(column)
@@ -273,7 +249,7 @@ def _main_section(sweep: _Sweep) -> Section | None:
              for (m, v), r, n in zip(rows, stats, seeds)]
     bold = {(i, j + 1) for j in range(len(header) - 1)
             for i in _best([r[j] for r in stats], metrics[j % 3])}
-    _table(sec, header + ["n seeds"], table, bold)
+    sec.table(header + ["n seeds"], table, bold)
     return sec
 
 
@@ -316,8 +292,8 @@ def _epoch_section(sweep: _Sweep) -> Section | None:
         m = ece_means[d].get(e, {})
         return " / ".join(f"{m[k]:.3f}" if k in m else DASH for k in ("single", "ensemble"))
 
-    _table(sec, ["epoch"] + [f"{sweep.dataset_labels[d]} ECE single / ensemble" for d in datasets],
-           [[str(e)] + [pair(d, e) for d in datasets] for e in epochs])
+    sec.table(["epoch"] + [f"{sweep.dataset_labels[d]} ECE single / ensemble" for d in datasets],
+              [[str(e)] + [pair(d, e) for d in datasets] for e in epochs])
     sec.text("ECE on the test split, mean over seeds; single = mean over the members' ECE.")
     return sec
 
@@ -349,7 +325,7 @@ def _regulariser_section(sweep: _Sweep) -> Section | None:
                    "dataset mean.")
         sec.figures.append((caption, plots.grouped_bars([label for label, _ in figure_rows], panels)))
     header = ["variant"] + [f"{METRIC_LABELS[k]} {m}" for k in metrics for m in ("single", "ensemble")]
-    _table(sec, header, rows)
+    sec.table(header, rows)
     sec.text("Test split; mean [min, max] over seeds of the mean over the datasets named in the row (every dataset "
              "unless it says otherwise; a variant run on fewer datasets is compared with the base variant on the "
              "same datasets). Single = the mean of the members' metrics. Lower is better for ECE and NLL.")
@@ -376,8 +352,8 @@ def _randomness_section(sweep: _Sweep) -> Section | None:
                               "disagreement"),
                          _fmt(_over_seeds(sweep.by_dataset(v, "diversity", "mutual_information", only=datasets)),
                               "mutual_information")])
-    _table(sec, ["variant", "ensemble minus single NLL", "ensemble minus single ECE", "ensemble ACC",
-                 "disagreement", "mutual information"], rows)
+    sec.table(["variant", "ensemble minus single NLL", "ensemble minus single ECE", "ensemble ACC",
+               "disagreement", "mutual information"], rows)
     sec.text("Test split; mean [min, max] over seeds of the mean over the datasets named in the row; the base "
              "variant (members differ in both init and data order) is shown on the same datasets. A more negative "
              "difference means ensembling helps more. Disagreement is the mean share of members whose top choice "
@@ -418,8 +394,8 @@ def _size_section(sweep: _Sweep) -> Section | None:
     def entry(d: str, k: str, m: int) -> str:
         return _fmt(_stat(points[d].get(k, {}).get(m, [])), k)
 
-    _table(sec, ["m"] + [f"{sweep.dataset_labels[d]} {METRIC_LABELS[k]}" for d in datasets for k in metrics],
-           [[str(m)] + [entry(d, k, m) for d in datasets for k in metrics] for m in sizes])
+    sec.table(["m"] + [f"{sweep.dataset_labels[d]} {METRIC_LABELS[k]}" for d in datasets for k in metrics],
+              [[str(m)] + [entry(d, k, m) for d in datasets for k in metrics] for m in sizes])
     sec.text("Test split; mean [min, max] over seeds.")
     return sec
 
@@ -437,8 +413,8 @@ def _cost_section(sweep: _Sweep) -> Section | None:
     if not rows:
         return None
     sec = Section("Compute cost")
-    _table(sec, ["method", "trainable parameters", "training time per run (s)", "added inference time (s)",
-                 "peak memory (MB)", "predictions averaged"], rows)
+    sec.table(["method", "trainable parameters", "training time per run (s)", "added inference time (s)",
+               "peak memory (MB)", "predictions averaged"], rows)
     sec.text("Means over all runs of the variant, datasets and seeds together (times: mean [min, max] over those "
              "runs). Training time is per run (all members): the single-model methods are read from the members of "
              "the same vectorised run, so their training time is the whole run's. Added inference time is what a "
@@ -470,28 +446,3 @@ def _intro(sweep: _Sweep) -> str:
     if sweep.skipped:
         text += f" {sweep.skipped} run(s) whose status is not \"complete\" are left out."
     return text
-
-
-def _write(sections: list[Section], output: Path, title: str, intro: str, notes: str = "") -> tuple[Path, Path]:
-    """Same layout as `report._write`: `<output>.html`, `<output>.md` and `<output>_files/figure_N.png`."""
-    md, body = [f"# {title}", "", intro, ""], []
-    if notes.strip():
-        md += [notes.strip(), ""]
-        body.append(f'<div style="white-space: pre-wrap">{html.escape(notes.strip())}</div>')
-    fig_dir = output.parent / f"{output.name}_files"
-    fig_dir.mkdir(exist_ok=True)
-    count = 0
-    for sec in sections:
-        md += [f"## {sec.title}", "", *sec.markdown]
-        body.append(f"<h2>{html.escape(sec.title)}</h2>" + "".join(sec.html))
-        for caption, png in sec.figures:
-            count += 1
-            (fig_dir / f"figure_{count}.png").write_bytes(png)
-            md += [f"![{caption}](<{fig_dir.name}/figure_{count}.png>)", ""]
-            data = base64.b64encode(png).decode()
-            body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    html_path, md_path = output.parent / f"{output.name}.html", output.parent / f"{output.name}.md"
-    html_path.write_text(_PAGE.format(title=html.escape(title), intro=html.escape(intro), body="\n".join(body)))
-    md_path.write_text("\n".join(md))
-    return html_path, md_path
