@@ -118,7 +118,7 @@ def _band(ax: plt.Axes, band: Band, label: str) -> None:
 def metric_vs_epoch(panels: Mapping[str, Mapping[str, Mapping[str, Band]]], metrics: Sequence[str]) -> bytes:
     """Metric vs training epoch: one row per metric, one column per dataset, one line per model.
 
-    panels: dataset -> model (e.g. "single", "ensemble") -> metric -> (epochs, mean, low, high).
+    panels: dataset -> model (e.g. "mean member", "ensemble") -> metric -> (epochs, mean, low, high).
     `metrics` are the keys drawn, in row order; they are also the y-axis labels.
     """
     from matplotlib.ticker import MaxNLocator

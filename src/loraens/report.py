@@ -3,7 +3,11 @@
 Everything is computed from the run folders' prediction files (member probabilities
 [N, M, C]), so a report can be rebuilt at any time, with any number of bootstrap resamples.
 Every metric is shown with a seeded bootstrap 95% interval; differences between the ensemble
-and a single member use a paired bootstrap on the same questions.
+and member 0 or the mean member use a paired bootstrap on the same questions.
+
+Words, the same in the sweep report (`sweep_report.py`): "single member (member 0)" is member 0
+alone, one particular single LoRA; "mean member" is the mean over the members of each member's
+metric (the expected single LoRA), not the metric of some averaged prediction.
 """
 
 from __future__ import annotations
@@ -32,13 +36,15 @@ from .selective import accuracy_at_coverage, accuracy_coverage_curve, aurc
 from .uncertainty import DETECTION_SCORES, uncertainty_scores
 
 MAIN_METRICS = ("accuracy", "nll", "ece", "brier")
+MEMBER_0 = "single member (member 0)"  # member 0 alone: one particular single LoRA
+MEAN_MEMBER = "mean member"  # the mean over members of each member's metric
 
 
 def _split_section(run: str, key: str, preds: Predictions, n_resamples: int, seed: int) -> Section:
     """Metrics with intervals, calibration, selective prediction and ensemble size for one split."""
     mp = preds.member_probs.double().numpy()
     targets = preds.targets.numpy()
-    ens, single = ensemble_probs(mp).numpy(), mp[:, 0]
+    ens, member0 = ensemble_probs(mp).numpy(), mp[:, 0]
     sec = Section(f"{run} / {key}: N = {len(targets)} questions, M = {mp.shape[1]} members")
 
     # The same resampled questions for every model, so differences are paired.
@@ -48,8 +54,7 @@ def _split_section(run: str, key: str, preds: Predictions, n_resamples: int, see
     ens_p = compute_metrics(ens, targets)
     mem_p = [compute_metrics(mp[:, j], targets) for j in range(mp.shape[1])]
     mean_p = {k: float(np.mean([p[k] for p in mem_p])) for k in MAIN_METRICS}
-    models = (("single member (member 0)", mem_p[0], mem_r[0]), ("mean member", mean_p, mean_r),
-              ("ensemble", ens_p, ens_r))
+    models = ((MEMBER_0, mem_p[0], mem_r[0]), (MEAN_MEMBER, mean_p, mean_r), ("ensemble", ens_p, ens_r))
     sec.table(["model", "accuracy", "NLL", "ECE", "Brier"],
               [[name, *(_ci_text(p[k], r[k]) for k in MAIN_METRICS)] for name, p, r in models])
     sec.table(["paired difference (same questions)", "accuracy", "NLL", "ECE", "Brier"],
@@ -58,21 +63,21 @@ def _split_section(run: str, key: str, preds: Predictions, n_resamples: int, see
     sec.table(["model", "ECE (15 bins)", "MCE", "adaptive ECE"],
               [[name, *(format_ci(bootstrap_ci(fn, p, targets, n_resamples=n_resamples, seed=seed), 4)
                         for fn in (ece, mce, adaptive_ece))]
-               for name, p in (("single member", single), ("ensemble", ens))])
-    sec.figures.append(("Reliability diagram and confidence histogram: single member vs ensemble",
-                        plots.reliability_diagram({"single member": single, "ensemble": ens}, targets)))
+               for name, p in ((MEMBER_0, member0), ("ensemble", ens))])
+    sec.figures.append((f"Reliability diagram and confidence histogram: {MEMBER_0} vs ensemble",
+                        plots.reliability_diagram({MEMBER_0: member0, "ensemble": ens}, targets)))
 
     scores = uncertainty_scores(mp, preds.choice_mask.numpy())
-    correct_e, correct_s = ens.argmax(-1) == targets, single.argmax(-1) == targets
+    correct_e, correct_0 = ens.argmax(-1) == targets, member0.argmax(-1) == targets
     rows = []
     for name, correct, score in [(f"ensemble, {s}", correct_e, scores[s]) for s in scores] + \
-            [("single member, 1-max_prob", correct_s, 1 - single.max(-1))]:
+            [(f"{MEMBER_0}, 1-max_prob", correct_0, 1 - member0.max(-1))]:
         cells = [format_ci(bootstrap_ci(fn, correct, score, n_resamples=n_resamples, seed=seed), 3)
                  for fn in (aurc, _acc_at(0.8), _acc_at(0.9))]
         rows.append([name, *cells])
     sec.table(["uncertainty score", "AURC (lower is better)", "acc @ 80% coverage", "acc @ 90% coverage"], rows)
     curves = {f"ensemble, {s}": accuracy_coverage_curve(correct_e, scores[s]) for s in DETECTION_SCORES}
-    curves["single member, 1-max_prob"] = accuracy_coverage_curve(correct_s, 1 - single.max(-1))
+    curves[f"{MEMBER_0}, 1-max_prob"] = accuracy_coverage_curve(correct_0, 1 - member0.max(-1))
     sec.figures.append(("Accuracy-coverage curves", plots.accuracy_coverage(curves)))
 
     size = ensemble_size_curve(mp, targets, n_subsets=20, seed=seed)

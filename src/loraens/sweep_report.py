@@ -9,6 +9,11 @@ Every cell is one training run (one dataset, one variant, one seed) summarised b
 over the seeds, i.e. the spread over independent runs, not an interval over questions.
 Where a number is averaged over datasets as well, each seed's datasets are averaged first and the
 entry is mean [min, max] of those per-seed averages.
+
+Words, as in the run report (`report.py`): "mean member" is the mean over a run's members of each
+member's metric (each member is a single LoRA, so it is the expected single LoRA); "member 0"
+is one particular member. A cell.json stores the mean member under the method key "single"
+(and "single+ts", "early_stop_single"); those keys are the sweep files' method names and stay.
 """
 
 from __future__ import annotations
@@ -21,21 +26,22 @@ import numpy as np
 from . import plots
 from .pages import Section, write_page
 
-METHOD_LABELS = {
-    "single": "single LoRA (mean of members)",
+METHOD_LABELS = {  # cell.json method key -> row label
+    "single": "mean member",
     "ensemble": "LoRA ensemble",
-    "single+ts": "single + temperature",
+    "single+ts": "mean member + temperature",
     "ensemble+ts": "ensemble + temperature",
-    "checkpoint_ensemble": "checkpoint ensemble",
+    "checkpoint_ensemble": "checkpoint ensemble (mean over members)",
     "weight_average": "weight-averaged LoRA",
     "mc_dropout": "MC dropout (member 0)",
-    "early_stop_single": "early stopping (single)",
+    "early_stop_single": "early stopping (mean member)",
     "early_stop_ensemble": "early stopping (ensemble)",
 }
 GROUP_ORDER = ("base", "regulariser", "randomness")  # any other group comes after these
 METRIC_LABELS = {"accuracy": "ACC", "ece": "ECE", "nll": "NLL", "brier": "Brier"}
 LOWER_IS_BETTER = {"ece", "nll", "brier"}
-EPOCH_MODELS = {"single": "single (mean member)", "ensemble": "ensemble"}  # keys of a cell's "epochs" entries
+# Keys of a cell's "epochs" entries and of the two methods compared throughout -> column words.
+MODEL_WORDS = {"single": "mean member", "ensemble": "ensemble"}
 DASH = "—"
 
 Stat = tuple[float, float, float, int]  # mean, min, max, number of values
@@ -236,9 +242,10 @@ def _main_section(sweep: _Sweep) -> Section | None:
     sec = Section("Main table: test accuracy, calibration and NLL")
     sec.text("Test split of each dataset; every entry is mean [min, max] over seeds. ACC in percent (higher is "
              "better); ECE and NLL: lower is better. The best mean of each column is in bold. The members of a run "
-             "train independently, so each member is a single LoRA: the single-model rows (single, + temperature, "
-             "checkpoint ensemble, early stopping (single)) are the mean of the members' metrics; MC dropout uses "
-             "member 0; temperatures and early-stopping epochs are chosen on the validation split.")
+             "train independently, so each member is a single LoRA: the mean-member rows (mean member, mean member "
+             "+ temperature, checkpoint ensemble (mean over members), early stopping (mean member)) are the mean of "
+             "the members' metrics; MC dropout uses member 0; temperatures and early-stopping epochs are chosen on "
+             "the validation split.")
     metrics = ("accuracy", "ece", "nll")
     header = ["method"] + [f"{sweep.dataset_labels[d]} {METRIC_LABELS[k]}" for d in sweep.datasets for k in metrics]
     stats = [[_stat(sweep.values(d, v, "methods", m, "test", k).values()) for d in sweep.datasets for k in metrics]
@@ -264,7 +271,7 @@ def _epoch_section(sweep: _Sweep) -> Section | None:
         points: dict[str, dict[str, dict[float, list[float]]]] = {}  # model -> metric -> epoch -> values
         for cell in sweep.seeds(d, sweep.base).values():
             for entry in cell.get("epochs") or []:
-                for model in EPOCH_MODELS:
+                for model in MODEL_WORDS:
                     for k in metrics:
                         value = _get(entry, model, k)
                         if isinstance(value, (int, float)) and "epoch" in entry:
@@ -272,7 +279,7 @@ def _epoch_section(sweep: _Sweep) -> Section | None:
         if not points:
             continue
         label = sweep.dataset_labels[d]
-        panels[label] = {EPOCH_MODELS[model]: {_axis_label(k): _band(p, _scale(k)) for k, p in by_metric.items()}
+        panels[label] = {MODEL_WORDS[model]: {_axis_label(k): _band(p, _scale(k)) for k, p in by_metric.items()}
                          for model, by_metric in points.items()}
         for model, by_metric in points.items():
             for epoch, values in by_metric.get("ece", {}).items():
@@ -280,26 +287,27 @@ def _epoch_section(sweep: _Sweep) -> Section | None:
     if not panels:
         return None
     sec = Section(f"Metrics vs training epoch ({sweep.variant_labels[sweep.base]})")
-    caption = ("Test ACC, ECE and NLL after every epoch: single LoRA (mean over members' metrics) vs the LoRA "
-               "ensemble; lines are means over seeds, the shaded band spans min to max. In the paper, single members "
-               "become overconfident as training goes on, so their ECE (and NLL) grows with the epochs, while the "
-               "ensemble's grows much less.")
+    caption = ("Test ACC, ECE and NLL after every epoch: the mean member (mean over the members' metrics) vs the "
+               "LoRA ensemble; lines are means over seeds, the shaded band spans min to max. In the paper, single "
+               "members become overconfident as training goes on, so their ECE (and NLL) grows with the epochs, while "
+               "the ensemble's grows much less.")
     sec.figures.append((caption, plots.metric_vs_epoch(panels, [_axis_label(k) for k in metrics])))
     datasets = [d for d in sweep.datasets if d in ece_means]
     epochs = sorted({e for d in datasets for e in ece_means[d]})
 
     def pair(d: str, e: int) -> str:
         m = ece_means[d].get(e, {})
-        return " / ".join(f"{m[k]:.3f}" if k in m else DASH for k in ("single", "ensemble"))
+        return " / ".join(f"{m[k]:.3f}" if k in m else DASH for k in MODEL_WORDS)
 
-    sec.table(["epoch"] + [f"{sweep.dataset_labels[d]} ECE single / ensemble" for d in datasets],
+    words = " / ".join(MODEL_WORDS.values())
+    sec.table(["epoch"] + [f"{sweep.dataset_labels[d]} ECE {words}" for d in datasets],
               [[str(e)] + [pair(d, e) for d in datasets] for e in epochs])
-    sec.text("ECE on the test split, mean over seeds; single = mean over the members' ECE.")
+    sec.text("ECE on the test split, mean over seeds; mean member = the mean of the members' ECE.")
     return sec
 
 
 def _regulariser_section(sweep: _Sweep) -> Section | None:
-    """Single vs ensemble for the base run and every regulariser, averaged over the same datasets."""
+    """Mean member vs ensemble for the base run and every regulariser, averaged over the same datasets."""
     if not sweep.in_groups("regulariser"):
         return None
     metrics = ("ece", "nll", "accuracy")
@@ -320,15 +328,15 @@ def _regulariser_section(sweep: _Sweep) -> Section | None:
             return a[:, 0], a[:, 1], a[:, 2]
 
         panels = {_axis_label(k): {METHOD_LABELS[m]: arrays(k, m) for m in ("single", "ensemble")} for k in metrics}
-        caption = ("Test ECE, NLL and ACC of a single LoRA and the LoRA ensemble, for each regulariser run on every "
+        caption = ("Test ECE, NLL and ACC of the mean member and the LoRA ensemble, for each regulariser run on every "
                    "dataset; bars are the mean over datasets and seeds, whiskers the min and max over seeds of the "
                    "dataset mean.")
         sec.figures.append((caption, plots.grouped_bars([label for label, _ in figure_rows], panels)))
-    header = ["variant"] + [f"{METRIC_LABELS[k]} {m}" for k in metrics for m in ("single", "ensemble")]
+    header = ["variant"] + [f"{METRIC_LABELS[k]} {MODEL_WORDS[m]}" for k in metrics for m in ("single", "ensemble")]
     sec.table(header, rows)
     sec.text("Test split; mean [min, max] over seeds of the mean over the datasets named in the row (every dataset "
              "unless it says otherwise; a variant run on fewer datasets is compared with the base variant on the "
-             "same datasets). Single = the mean of the members' metrics. Lower is better for ECE and NLL.")
+             "same datasets). Mean member = the mean of the members' metrics. Lower is better for ECE and NLL.")
     return sec
 
 
@@ -352,7 +360,7 @@ def _randomness_section(sweep: _Sweep) -> Section | None:
                               "disagreement"),
                          _fmt(_over_seeds(sweep.by_dataset(v, "diversity", "mutual_information", only=datasets)),
                               "mutual_information")])
-    sec.table(["variant", "ensemble minus single NLL", "ensemble minus single ECE", "ensemble ACC",
+    sec.table(["variant", "ensemble minus mean member NLL", "ensemble minus mean member ECE", "ensemble ACC",
                "disagreement", "mutual information"], rows)
     sec.text("Test split; mean [min, max] over seeds of the mean over the datasets named in the row; the base "
              "variant (members differ in both init and data order) is shown on the same datasets. A more negative "
@@ -362,10 +370,10 @@ def _randomness_section(sweep: _Sweep) -> Section | None:
 
 
 def _diff(sweep: _Sweep, dataset: str, variant: str, metric: str) -> dict[int, float]:
-    """seed -> ensemble minus single on the test split, for seeds that have both."""
+    """seed -> ensemble minus mean member on the test split, for seeds that have both."""
     ens = sweep.values(dataset, variant, "methods", "ensemble", "test", metric)
-    single = sweep.values(dataset, variant, "methods", "single", "test", metric)
-    return {s: ens[s] - single[s] for s in ens if s in single}
+    mean = sweep.values(dataset, variant, "methods", "single", "test", metric)
+    return {s: ens[s] - mean[s] for s in ens if s in mean}
 
 
 def _size_section(sweep: _Sweep) -> Section | None:
@@ -416,7 +424,7 @@ def _cost_section(sweep: _Sweep) -> Section | None:
     sec.table(["method", "trainable parameters", "training time per run (s)", "added inference time (s)",
                "peak memory (MB)", "predictions averaged"], rows)
     sec.text("Means over all runs of the variant, datasets and seeds together (times: mean [min, max] over those "
-             "runs). Training time is per run (all members): the single-model methods are read from the members of "
+             "runs). Training time is per run (all members): the mean-member methods are read from the members of "
              "the same vectorised run, so their training time is the whole run's. Added inference time is what a "
              "method needs beyond the run's own evaluation: the forward passes of weight averaging and MC dropout. "
              "Fitting a temperature takes milliseconds; a checkpoint ensemble of E epochs costs E forward passes at "
