@@ -12,7 +12,7 @@ import yaml
 from loraens.cli import field_docs, main
 from loraens.config import RunConfig
 from loraens.metrics import evaluate_ensemble
-from loraens.predict import Predictions
+from loraens.predictions import Predictions
 from loraens.run import load_run
 
 from .conftest import make_questions

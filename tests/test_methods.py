@@ -36,7 +36,8 @@ from loraens.methods import (
     temperature_scaled,
 )
 from loraens.metrics import accuracy, ensemble_probs, nll
-from loraens.predict import Predictions, predict
+from loraens.predict import predict
+from loraens.predictions import Predictions
 from loraens.train import base_log_probs, choice_kl, train_members, train_step
 from tests.conftest import scorer
 

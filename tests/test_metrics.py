@@ -18,10 +18,9 @@ from loraens.metrics import (
     ensemble_probs,
     ensemble_probs_from_logits,
     evaluate_ensemble,
-    format_comparison,
-    format_table,
     nll,
 )
+from loraens.tables import format_comparison, format_table
 
 # Four questions, three choices.
 #   q0 [0.70, 0.20, 0.10] target 0 -> correct, confidence 0.7

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from loraens.cli import main
-from loraens.predict import Predictions
+from loraens.predictions import Predictions
 
 
 def _fake_predictions(n: int, m: int, c: int, sharpness: float, seed: int, choices: int | None = None) -> Predictions:
@@ -52,6 +52,10 @@ def test_report_writes_html_and_markdown_with_every_part(two_runs, tmp_path):
                    "out-of-distribution detection", "AUROC [95% interval]", "FPR @ 95% TPR", "Ensemble-size curve",
                    "arc_challenge_test", "mmlu-stem_test"):
         assert needle in md, needle
+    # One meaning per word (as in the sweep report): "single member" is always member 0, named so;
+    # "mean member" is the mean of the members' metrics.
+    assert "| single member (member 0) |" in md and "| mean member |" in md
+    assert not re.findall(r"single member(?! \(member 0\))", md)
     # Every metric cell carries an interval: "value [low, high]".
     assert re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", md)
     figures = sorted((tmp_path / "cmp" / "report_files").glob("*.png"))

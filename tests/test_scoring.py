@@ -18,7 +18,8 @@ from loraens.batching import collate, length_sorted_batches
 from loraens.config import EnsembleConfig, Normalization, PromptConfig, Scoring
 from loraens.data import MCQAExample
 from loraens.ensemble import attach_members, export_member
-from loraens.predict import Predictions, predict
+from loraens.predict import predict
+from loraens.predictions import Predictions
 from loraens.prompts import PromptEncoder, PromptError, letter_token_ids
 from tests.conftest import scorer
 

@@ -13,9 +13,9 @@ import yaml
 import loraens.sweep as sweep_mod
 from loraens.cli import main
 from loraens.config import ConfigError, RunConfig
+from loraens.data import load_examples
 from loraens.metrics import evaluate_ensemble
-from loraens.predict import Predictions
-from loraens.run import load_examples
+from loraens.predictions import Predictions
 from loraens.sweep import PRESETS, cells, is_complete, load_sweep, run_sweep
 
 
@@ -117,13 +117,13 @@ def test_changing_a_cell_setting_reruns_that_cell_only(tmp_path, tiny_setup, mon
 def test_holdout_split_is_disjoint_from_training(tmp_path, tiny_setup):
     _, mirror = tiny_setup
     cfg = RunConfig.from_dict({"data": {"data_dir": str(mirror), "holdout": 4, "eval_splits": ["holdout", "test"]}})
-    held = load_examples(cfg, "holdout", None)
-    train = load_examples(cfg, "train", None)
+    held = load_examples(cfg.data, "holdout", None)
+    train = load_examples(cfg.data, "train", None)
     assert len(held) == 4 and len(train) == 12 - 4
     assert not {e.id for e in held} & {e.id for e in train}
     limited = RunConfig.from_dict({"data": {"data_dir": str(mirror), "holdout": 4, "train_limit": 3}})
-    assert len(load_examples(limited, "train", 3)) == 3
-    assert not {e.id for e in load_examples(limited, "train", 3)} & {e.id for e in held}
+    assert len(load_examples(limited.data, "train", 3)) == 3
+    assert not {e.id for e in load_examples(limited.data, "train", 3)} & {e.id for e in held}
     with pytest.raises(ConfigError, match="--data.holdout"):
         RunConfig.from_dict({"data": {"eval_splits": ["holdout"]}})
 

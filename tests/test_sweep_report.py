@@ -84,9 +84,9 @@ def test_main_table_values_order_and_labels(tmp_path):
                       "| OpenBookQA NLL | n seeds |")
     rows = _rows(main)
     assert [r[0] for r in rows] == [
-        "single LoRA (mean of members)", "LoRA ensemble", "single + temperature", "ensemble + temperature",
-        "single LoRA (mean of members) · KL 0.1", "LoRA ensemble · KL 0.1",  # kl has no temperature-scaled methods: no rows
-        "single LoRA (mean of members) · random init only", "LoRA ensemble · random init only",
+        "mean member", "LoRA ensemble", "mean member + temperature", "ensemble + temperature",
+        "mean member · KL 0.1", "LoRA ensemble · KL 0.1",  # kl has no temperature-scaled methods: no rows
+        "mean member · random init only", "LoRA ensemble · random init only",
     ]
     ensemble = rows[1]
     # ARC-Easy, seeds 0 and 1: accuracy 0.60 / 0.64, ECE 0.05 / 0.06, NLL 0.9 / 1.0.
@@ -102,17 +102,20 @@ def test_randomness_regulariser_and_cost_numbers(tmp_path):
     md = md_path.read_text()
     rand = {r[0]: r for r in _rows(_section(md, "Randomness ablation"))}
     assert list(rand) == ["no regulariser", "random init only"]
-    # ensemble minus single NLL: seed 0: ARC -0.2, OBQA -0.3 -> -0.25; seed 1: -0.3, -0.4 -> -0.35.
+    # ensemble minus mean member NLL: seed 0: ARC -0.2, OBQA -0.3 -> -0.25; seed 1: -0.3, -0.4 -> -0.35.
     assert rand["random init only"][1:3] == ["-0.300 [-0.350, -0.250]", "-0.050 [-0.050, -0.050]"]
     # ensemble ACC: seed 0 (0.58 + 0.48) / 2 = 0.53, seed 1 0.57; disagreement 0.10 / 0.12.
     assert rand["random init only"][3:5] == ["55.0 [53.0, 57.0]", "0.110 [0.100, 0.120]"]
+    assert "| variant | ensemble minus mean member NLL | ensemble minus mean member ECE |" in md
+    assert "| variant | ECE mean member | ECE ensemble |" in md
+    assert "ARC-Easy ECE mean member / ensemble" in md
     reg = {r[0]: r for r in _rows(_section(md, "Regularisers"))}
     assert list(reg) == ["no regulariser", "KL 0.1"]
     # ACC ensemble for KL: seed 0 (0.61 + 0.51) / 2 = 0.56, seed 1 0.60.
     assert reg["KL 0.1"][6] == "58.0 [56.0, 60.0]"
     cost = {r[0]: r for r in _rows(_section(md, "Compute cost"))}
     assert cost["LoRA ensemble"][1:] == ["1,228,800", "90.0 [80.0, 100.0]", "0.0 [0.0, 0.0]", "1,500", "4"]
-    assert cost["single + temperature"][3] == "1.0 [1.0, 1.0]"
+    assert cost["mean member + temperature"][3] == "1.0 [1.0, 1.0]"
     assert "training time is per run (all members)" in md.lower()
 
 

@@ -23,15 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .metrics import (
-    METRIC_NAMES,
-    NLL_EPS,
-    ArrayLike,
-    _check_n_bins,
-    _prepare,
-    _top_label,
-    compute_metrics,
-)
+from .arrays import ArrayLike, check_n_bins, equal_width_bins, prepare, top_label
+from .metrics import METRIC_NAMES, NLL_EPS, compute_metrics
 
 # Index matrices are drawn and used in row blocks of about this many entries, so memory stays
 # bounded (~32 MB of int64 per block) whatever N * n_resamples is.
@@ -115,12 +108,14 @@ def _interval(values: np.ndarray, alpha: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _ci(point: float, values: np.ndarray, alpha: float) -> dict[str, float]:
+def percentile_ci(point: float, values: np.ndarray, alpha: float) -> dict[str, float]:
+    """``{"value", "low", "high", "std"}`` of a point estimate and its resampled values ``[R]``."""
     low, high = _interval(values, alpha)
     return {"value": float(point), "low": low, "high": high, "std": float(values.std())}
 
 
-def _paired(diff: float, d: np.ndarray, alpha: float) -> dict[str, float]:
+def paired_summary(diff: float, d: np.ndarray, alpha: float) -> dict[str, float]:
+    """``{"diff", "low", "high", "p_value"}`` of a difference and its resampled differences ``[R]``."""
     low, high = _interval(d, alpha)
     # Two-sided: twice the smaller tail at 0, capped at 1. Both tails include d == 0, so a method
     # compared with itself (every d = 0) gets p = 1. The resolution is 1 / n_resamples: p = 0
@@ -156,7 +151,7 @@ def bootstrap_ci(
     values = _resampled(
         lambda idx: metric_fn(*(_take(a, idx) for a in data)), len(data[0]), n_resamples, seed
     )
-    return _ci(float(metric_fn(*data)), values, alpha)
+    return percentile_ci(float(metric_fn(*data)), values, alpha)
 
 
 def paired_bootstrap(
@@ -196,7 +191,7 @@ def paired_bootstrap(
         return metric_fn(*(_take(x, idx) for x in a)) - metric_fn(*(_take(x, idx) for x in b))
 
     d = _resampled(diff, len(a[0]), n_resamples, seed)
-    return _paired(float(metric_fn(*a)) - float(metric_fn(*b)), d, alpha)
+    return paired_summary(float(metric_fn(*a)) - float(metric_fn(*b)), d, alpha)
 
 
 # --------------------------------------------------------------------------- vectorised metrics
@@ -212,9 +207,9 @@ def _per_question(
     resample only needs each question's gap ``correct - conf`` and its bin, which resampling
     does not change. Also returns :func:`compute_metrics` on all questions.
     """
-    n_bins = _check_n_bins(n_bins)
-    p, t = _prepare(probs, targets)
-    conf, correct = _top_label(p, t)
+    n_bins = check_n_bins(n_bins)
+    p, t = prepare(probs, targets)
+    conf, correct = top_label(p, t)
     p_true = p.gather(1, t[:, None]).squeeze(1)
     onehot = torch.nn.functional.one_hot(t, num_classes=p.shape[1]).to(p.dtype)
     terms = {
@@ -222,10 +217,9 @@ def _per_question(
         "nll": (-torch.log(p_true.clamp_min(NLL_EPS))).numpy(),
         "brier": ((p - onehot) ** 2).sum(dim=1).numpy(),
     }
-    # The same (lo, hi] bins as metrics._equal_width_bin_sums; the tests check that resampled
-    # ECE equals metrics.ece on the same questions.
-    upper = torch.arange(1, n_bins + 1, dtype=torch.float64) / n_bins
-    bins = torch.bucketize(conf, upper, right=False).clamp_max(n_bins - 1).numpy()
+    # The bins of metrics.ece (arrays.equal_width_bins); a question keeps its bin in every
+    # resample. The tests check that resampled ECE equals metrics.ece on the same questions.
+    bins = equal_width_bins(conf, correct, n_bins).index.numpy()
     return terms, bins, (correct - conf).numpy(), compute_metrics(p, t, n_bins=n_bins)
 
 
@@ -284,7 +278,7 @@ def metric_cis(
     _check_resampling(n_resamples, alpha)
     terms, bins, gap, point = _per_question(probs, targets, n_bins)
     values = _resampled_metrics(terms, bins, gap, int(n_bins), n_resamples, seed)
-    return {k: _ci(point[k], values[k], alpha) for k in METRIC_NAMES}
+    return {k: percentile_ci(point[k], values[k], alpha) for k in METRIC_NAMES}
 
 
 def paired_metric_diffs(
@@ -314,7 +308,7 @@ def paired_metric_diffs(
     # _per_question checked each side against targets, so both have the same N.
     va = _resampled_metrics(terms_a, bins_a, gap_a, int(n_bins), n_resamples, seed)
     vb = _resampled_metrics(terms_b, bins_b, gap_b, int(n_bins), n_resamples, seed)
-    return {k: _paired(point_a[k] - point_b[k], va[k] - vb[k], alpha) for k in METRIC_NAMES}
+    return {k: paired_summary(point_a[k] - point_b[k], va[k] - vb[k], alpha) for k in METRIC_NAMES}
 
 
 def format_ci(ci: dict[str, float], digits: int = 3) -> str:

@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(config: RunConfig, progress: bool, demo: bool) -> int:
-    from .metrics import format_comparison, format_table
     from .run import train_run
+    from .tables import format_comparison, format_epochs, format_table
 
     m = config.ensemble
     print(f"loraens: {m.num_members} members (rank {m.rank}, on {','.join(m.target_modules)}) of "
@@ -229,19 +229,6 @@ def _train(config: RunConfig, progress: bool, demo: bool) -> int:
         print(format_epochs(result.run_dir / "metrics.jsonl"))
     print(f"\nRun folder: {result.run_dir} (config.yaml, members/, metrics.jsonl, predictions/, results.json)")
     return 0
-
-
-def format_epochs(metrics_jsonl: Path) -> str:
-    """Mean member vs ensemble after every epoch: how calibration evolves with training."""
-    import json
-
-    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
-    head = f"{'epoch':<7}{'split':<24}{'mean member acc/NLL/ECE':>26}{'ensemble acc/NLL/ECE':>26}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        cells = [f"{100 * r[w]['accuracy']:.1f}% {r[w]['nll']:.3f} {r[w]['ece']:.3f}" for w in ("mean_member", "ensemble")]
-        lines.append(f"{r['epoch']:<7}{r['split']:<24}{cells[0]:>26}{cells[1]:>26}")
-    return "\n".join(lines)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -283,8 +270,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .metrics import format_table
     from .run import evaluate_run
+    from .tables import format_ood, format_table
 
     if not Path(args.run).is_dir():
         raise FileNotFoundError(f"RUN {args.run!r} is not a folder; give a run folder such as runs/demo.")
@@ -297,17 +284,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         print()
         print(format_ood(out["key"], out["ood"]))
     return 0
-
-
-def format_ood(in_key: str, ood: dict[str, dict[str, dict[str, float]]]) -> str:
-    """AUROC of the main uncertainty scores for every OOD set (in-distribution: `in_key`)."""
-    from .uncertainty import DETECTION_SCORES as OOD_COLUMNS
-
-    head = f"{'OOD set (vs ' + in_key + ')':<34}" + "".join(f"{c:>26}" for c in OOD_COLUMNS)
-    lines = ["OOD detection AUROC (higher is better; 0.5 = chance)", head, "-" * len(head)]
-    for key, table in ood.items():
-        lines.append(f"{key:<34}" + "".join(f"{table[c]['auroc']:>26.3f}" for c in OOD_COLUMNS))
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

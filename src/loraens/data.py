@@ -20,9 +20,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .mmlu_subjects import MMLU_SUBJECT_GROUP, MMLU_SUBJECTS, MMLUGroup, subjects_in_group
+
+if TYPE_CHECKING:  # only annotations name it: loading questions needs no run configuration
+    from .config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -470,3 +473,51 @@ def _unique_ids(examples: list[MCQAExample], origin: str) -> list[MCQAExample]:
         warnings.warn(f"{origin}: {len(renamed)} repeated id(s) made unique: {', '.join(renamed[:3])}",
                       DataWarning, stacklevel=3)
     return out
+
+
+# ---------------------------------------------------------------- a run's splits
+
+
+def load_examples(data: DataConfig, split: str, limit: int | None, dataset: str | None = None) -> list[MCQAExample]:
+    """Questions of `split` as the run's data settings read them.
+
+    `dataset` defaults to `data.dataset`; a user file path may hold "{split}" (e.g.
+    data/mine_{split}.jsonl). With `data.holdout = H` > 0, a seeded set of H training questions
+    becomes the split "holdout" and is removed from the training split (before its `train_limit`
+    subsample), so the two never share a question.
+    """
+    name = dataset or data.dataset
+    own_training_data = dataset is None or dataset == data.dataset
+    if data.holdout and own_training_data and split in ("holdout", data.train_split):
+        return _holdout_split(data, split, limit, name)
+    if "{split}" in name:
+        name = name.replace("{split}", split)
+    return load_mcqa(name, split, source=data.source, data_dir=data.data_dir, limit=limit,
+                     seed=data.seed, skip_invalid=data.skip_invalid)
+
+
+def _holdout_split(data: DataConfig, split: str, limit: int | None, name: str) -> list[MCQAExample]:
+    file_name = name.replace("{split}", data.train_split)
+    every = load_mcqa(file_name, data.train_split, source=data.source, data_dir=data.data_dir, seed=data.seed,
+                      skip_invalid=data.skip_invalid)
+    if data.holdout >= len(every):
+        raise ValueError(f"--data.holdout {data.holdout} leaves no training questions: the {data.train_split!r} "
+                         f"split of {name!r} has {len(every)}. Use a smaller --data.holdout.")
+    order = list(range(len(every)))
+    random.Random(f"holdout-{data.seed}").shuffle(order)
+    picked = order[: data.holdout] if split == "holdout" else order[data.holdout:]
+    if limit is not None and limit < len(picked):
+        picked = random.Random(data.seed).sample(picked, limit)
+    return [every[i] for i in sorted(picked)]  # file order, as load_mcqa keeps it
+
+
+def warn_if_evaluating_on_training_file(data: DataConfig) -> None:
+    """Warn when one user file (no "{split}" in its name) serves as training and evaluation data."""
+    name = data.dataset
+    if name.endswith(USER_FILE_SUFFIXES) and "{split}" not in name:
+        warnings.warn(
+            f"--data.dataset {name!r} is one file, so training and evaluation read the same questions and the "
+            "'validation' metrics are training metrics. Put the splits in files named like "
+            "mine_train.jsonl / mine_validation.jsonl and pass --data.dataset 'mine_{split}.jsonl'.",
+            stacklevel=2,
+        )

@@ -23,15 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .metrics import (
-    METRIC_NAMES,
-    ArrayLike,
-    _as_float,
-    _as_targets,
-    _check_shape,
-    compute_metrics,
-    ensemble_probs,
-)
+from .arrays import ArrayLike, as_member_probs, as_targets
+from .metrics import METRIC_NAMES, compute_metrics, ensemble_probs
 
 
 def _subsets(
@@ -69,9 +62,8 @@ def ensemble_size_curve(
     """
     if isinstance(n_subsets, bool) or not isinstance(n_subsets, int | np.integer) or n_subsets < 1:
         raise ValueError(f"`n_subsets` should be a positive integer, but got {n_subsets!r}")
-    mp = _as_float(member_probs, "member_probs")
-    _check_shape(mp, "member_probs", "NMC")
-    t = _as_targets(targets, mp.shape[0], mp.shape[2], "member_probs")
+    mp = as_member_probs(member_probs)
+    t = as_targets(targets, mp.shape[0], mp.shape[2], "member_probs")
     num_members = mp.shape[1]
     rng = np.random.default_rng(seed)
     cache: dict[tuple[int, ...], dict[str, float]] = {}

@@ -2,7 +2,7 @@
 checkpoint (snapshot) ensembles, and early stopping on validation NLL.
 
 The methods that need the model itself (weight-averaged LoRA, MC dropout) are context managers
-in `loraens.ensemble` (`weight_averaged`, `mc_dropout`); `predict_with` runs them.
+in `loraens.ensemble` (`weight_averaged`, `mc_dropout`); `sweep.derive_methods` runs them.
 
 All functions take probabilities with a trailing choice axis: `[N, C]` for one model or
 `[N, M, C]` for M members, with padded choices at probability 0.
@@ -18,7 +18,7 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from .metrics import ensemble_probs
-from .predict import Predictions
+from .predictions import Predictions
 
 #: log-temperature search interval: T in [exp(-4), exp(4)] = [0.018, 54.6]
 LOG_T_BOUNDS = (-4.0, 4.0)

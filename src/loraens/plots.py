@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .arrays import equal_width_bins, prepare, top_label  # noqa: E402
+
 
 def _png(fig: plt.Figure) -> bytes:
     buf = io.BytesIO()
@@ -24,23 +26,22 @@ def reliability_diagram(curves: Mapping[str, np.ndarray], targets: np.ndarray, n
     """Accuracy per confidence bin for each named [N, C] distribution, plus confidence histograms.
 
     Left: one line per model (bin accuracy vs bin confidence; the diagonal is perfect calibration).
-    Right: how many questions fall into each confidence bin.
+    Right: how many questions fall into each confidence bin. The bins are those of ECE
+    (`arrays.equal_width_bins`), so the figure shows the gaps that ECE sums.
+
+    Args:
+        curves: name -> float ``[N, C]`` probabilities.  targets: int ``[N]``.  n_bins: bins on [0, 1].
     """
     fig, (ax, hist) = plt.subplots(1, 2, figsize=(10, 4))
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
     ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
     for name, probs in curves.items():
-        conf = probs.max(-1)
-        correct = probs.argmax(-1) == targets
-        idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
-        xs, ys = [], []
-        for b in range(n_bins):
-            sel = idx == b
-            if sel.any():
-                xs.append(conf[sel].mean())
-                ys.append(correct[sel].mean())
-        ax.plot(xs, ys, marker="o", label=name)
-        hist.hist(conf, bins=edges, alpha=0.5, label=name)
+        conf, correct = top_label(*prepare(probs, targets))
+        bins = equal_width_bins(conf, correct, n_bins)
+        ax.plot(bins.mean_confidence().numpy(), bins.accuracy().numpy(), marker="o", label=name)
+        # Bars of the bin counts (what `hist.hist` would draw), so a confidence exactly on an edge
+        # is counted in the same (lo, hi] bin as in the line and in ECE.
+        edges = bins.edges.numpy()
+        hist.bar(edges[:-1], bins.count.numpy(), width=np.diff(edges), align="edge", alpha=0.5, label=name)
     ax.set(xlabel="confidence (top-choice probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
            title="Reliability diagram")
     ax.legend(loc="upper left", fontsize=8)
@@ -117,7 +118,7 @@ def _band(ax: plt.Axes, band: Band, label: str) -> None:
 def metric_vs_epoch(panels: Mapping[str, Mapping[str, Mapping[str, Band]]], metrics: Sequence[str]) -> bytes:
     """Metric vs training epoch: one row per metric, one column per dataset, one line per model.
 
-    panels: dataset -> model (e.g. "single", "ensemble") -> metric -> (epochs, mean, low, high).
+    panels: dataset -> model (e.g. "mean member", "ensemble") -> metric -> (epochs, mean, low, high).
     `metrics` are the keys drawn, in row order; they are also the y-axis labels.
     """
     from matplotlib.ticker import MaxNLocator

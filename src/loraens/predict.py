@@ -1,47 +1,18 @@
-"""Member probabilities [N, M, C] for a list of encoded questions, and their storage on disk."""
+"""Member probabilities [N, M, C] for a list of encoded questions (the `Predictions` contract is in
+`loraens.predictions`)."""
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from .batching import collate, length_sorted_batches
+from .predictions import Predictions
 from .prompts import EncodedQuestion
 from .scoring import Scorer
-
-
-@dataclass
-class Predictions:
-    """member_probs [N, M, C] float32; targets [N] long; choice_mask [N, C] bool; ids: N strings."""
-
-    member_probs: torch.Tensor
-    targets: torch.Tensor
-    choice_mask: torch.Tensor
-    ids: list[str]
-
-    def save(self, path: str | Path) -> None:
-        """One safetensors file; the question ids go in its JSON metadata (never pickle)."""
-        save_file(
-            {"member_probs": self.member_probs.contiguous(), "targets": self.targets.contiguous(),
-             "choice_mask": self.choice_mask.contiguous()},
-            str(path), metadata={"ids": json.dumps(self.ids), "shape": "member_probs[N,M,C]"},
-        )
-
-    @classmethod
-    def load(cls, path: str | Path) -> Predictions:
-        from safetensors import safe_open
-
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            ids = json.loads((f.metadata() or {}).get("ids", "[]"))
-        return cls(tensors["member_probs"], tensors["targets"], tensors["choice_mask"], ids)
 
 
 @torch.no_grad()

@@ -3,65 +3,48 @@
 Everything is computed from the run folders' prediction files (member probabilities
 [N, M, C]), so a report can be rebuilt at any time, with any number of bootstrap resamples.
 Every metric is shown with a seeded bootstrap 95% interval; differences between the ensemble
-and a single member use a paired bootstrap on the same questions.
+and member 0 or the mean member use a paired bootstrap on the same questions.
+
+Words, the same in the sweep report (`sweep_report.py`): "single member (member 0)" is member 0
+alone, one particular single LoRA; "mean member" is the mean over the members of each member's
+metric (the expected single LoRA), not the metric of some averaged prediction.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import plots
-from .bootstrap import _ci, _paired, bootstrap_ci, format_ci, metric_cis, metric_resamples, paired_bootstrap
+from .bootstrap import (
+    bootstrap_ci,
+    format_ci,
+    metric_cis,
+    metric_resamples,
+    paired_bootstrap,
+    paired_summary,
+    percentile_ci,
+)
 from .ensemble_size import ensemble_size_curve
 from .metrics import adaptive_ece, compute_metrics, ece, ensemble_probs, mce, nll
-from .ood import ood_metrics, roc_points
-from .predict import Predictions
+from .ood import auroc_interval, ood_metrics, roc_points
+from .pages import Section, write_page
+from .predictions import Predictions, load_all_predictions
 from .selective import accuracy_at_coverage, accuracy_coverage_curve, aurc
 from .uncertainty import DETECTION_SCORES, uncertainty_scores
 
 MAIN_METRICS = ("accuracy", "nll", "ece", "brier")
-
-
-@dataclass
-class Section:
-    """One titled block of the report: Markdown text, HTML text, and figures."""
-
-    title: str
-    markdown: list[str] = field(default_factory=list)
-    html: list[str] = field(default_factory=list)
-    figures: list[tuple[str, bytes]] = field(default_factory=list)  # (caption, PNG bytes)
-
-    def table(self, header: list[str], rows: list[list[str]]) -> None:
-        self.markdown += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        self.markdown += ["| " + " | ".join(r) + " |" for r in rows]
-        self.markdown.append("")
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-        self.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-
-    def text(self, line: str) -> None:
-        self.markdown += [line, ""]
-        self.html.append(f"<p>{html.escape(line)}</p>")
-
-
-def _load_predictions(run_dir: Path) -> dict[str, Predictions]:
-    folder = run_dir / "predictions"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{run_dir} has no predictions/ folder; run `loraens evaluate {run_dir}` first.")
-    return {p.stem: Predictions.load(p) for p in sorted(folder.glob("*.safetensors"))}
+MEMBER_0 = "single member (member 0)"  # member 0 alone: one particular single LoRA
+MEAN_MEMBER = "mean member"  # the mean over members of each member's metric
 
 
 def _split_section(run: str, key: str, preds: Predictions, n_resamples: int, seed: int) -> Section:
     """Metrics with intervals, calibration, selective prediction and ensemble size for one split."""
     mp = preds.member_probs.double().numpy()
     targets = preds.targets.numpy()
-    ens, single = ensemble_probs(mp).numpy(), mp[:, 0]
+    ens, member0 = ensemble_probs(mp).numpy(), mp[:, 0]
     sec = Section(f"{run} / {key}: N = {len(targets)} questions, M = {mp.shape[1]} members")
 
     # The same resampled questions for every model, so differences are paired.
@@ -71,8 +54,7 @@ def _split_section(run: str, key: str, preds: Predictions, n_resamples: int, see
     ens_p = compute_metrics(ens, targets)
     mem_p = [compute_metrics(mp[:, j], targets) for j in range(mp.shape[1])]
     mean_p = {k: float(np.mean([p[k] for p in mem_p])) for k in MAIN_METRICS}
-    models = (("single member (member 0)", mem_p[0], mem_r[0]), ("mean member", mean_p, mean_r),
-              ("ensemble", ens_p, ens_r))
+    models = ((MEMBER_0, mem_p[0], mem_r[0]), (MEAN_MEMBER, mean_p, mean_r), ("ensemble", ens_p, ens_r))
     sec.table(["model", "accuracy", "NLL", "ECE", "Brier"],
               [[name, *(_ci_text(p[k], r[k]) for k in MAIN_METRICS)] for name, p, r in models])
     sec.table(["paired difference (same questions)", "accuracy", "NLL", "ECE", "Brier"],
@@ -81,21 +63,21 @@ def _split_section(run: str, key: str, preds: Predictions, n_resamples: int, see
     sec.table(["model", "ECE (15 bins)", "MCE", "adaptive ECE"],
               [[name, *(format_ci(bootstrap_ci(fn, p, targets, n_resamples=n_resamples, seed=seed), 4)
                         for fn in (ece, mce, adaptive_ece))]
-               for name, p in (("single member", single), ("ensemble", ens))])
-    sec.figures.append(("Reliability diagram and confidence histogram: single member vs ensemble",
-                        plots.reliability_diagram({"single member": single, "ensemble": ens}, targets)))
+               for name, p in ((MEMBER_0, member0), ("ensemble", ens))])
+    sec.figures.append((f"Reliability diagram and confidence histogram: {MEMBER_0} vs ensemble",
+                        plots.reliability_diagram({MEMBER_0: member0, "ensemble": ens}, targets)))
 
     scores = uncertainty_scores(mp, preds.choice_mask.numpy())
-    correct_e, correct_s = ens.argmax(-1) == targets, single.argmax(-1) == targets
+    correct_e, correct_0 = ens.argmax(-1) == targets, member0.argmax(-1) == targets
     rows = []
     for name, correct, score in [(f"ensemble, {s}", correct_e, scores[s]) for s in scores] + \
-            [("single member, 1-max_prob", correct_s, 1 - single.max(-1))]:
+            [(f"{MEMBER_0}, 1-max_prob", correct_0, 1 - member0.max(-1))]:
         cells = [format_ci(bootstrap_ci(fn, correct, score, n_resamples=n_resamples, seed=seed), 3)
                  for fn in (aurc, _acc_at(0.8), _acc_at(0.9))]
         rows.append([name, *cells])
     sec.table(["uncertainty score", "AURC (lower is better)", "acc @ 80% coverage", "acc @ 90% coverage"], rows)
     curves = {f"ensemble, {s}": accuracy_coverage_curve(correct_e, scores[s]) for s in DETECTION_SCORES}
-    curves["single member, 1-max_prob"] = accuracy_coverage_curve(correct_s, 1 - single.max(-1))
+    curves[f"{MEMBER_0}, 1-max_prob"] = accuracy_coverage_curve(correct_0, 1 - member0.max(-1))
     sec.figures.append(("Accuracy-coverage curves", plots.accuracy_coverage(curves)))
 
     size = ensemble_size_curve(mp, targets, n_subsets=20, seed=seed)
@@ -107,12 +89,16 @@ def _split_section(run: str, key: str, preds: Predictions, n_resamples: int, see
 
 
 def _ci_text(point: float, values: np.ndarray) -> str:
-    return format_ci(_ci(point, values, 0.05))
+    return format_ci(percentile_ci(point, values, 0.05))
 
 
 def _diff_text(point: float, diffs: np.ndarray) -> str:
     """Difference with its paired 95% interval and two-sided bootstrap p-value."""
-    d = _paired(point, diffs, 0.05)
+    return _paired_text(paired_summary(point, diffs, 0.05))
+
+
+def _paired_text(d: dict[str, float]) -> str:
+    """"+0.012 [-0.004, +0.029] p=0.140" from a paired bootstrap result."""
     return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] p={d['p_value']:.3f}"
 
 
@@ -138,7 +124,7 @@ def _ood_section(run: str, in_key: str, ood_keys: list[str], preds: dict[str, Pr
         outs[key] = s_out
         for score in DETECTION_SCORES:
             m = ood_metrics(s_in[score], s_out[score])
-            low, high = _auroc_interval(s_in[score], s_out[score], n_resamples, rng)
+            low, high = auroc_interval(s_in[score], s_out[score], n_resamples, rng)
             rows.append([key, score, f"{m['auroc']:.3f} [{low:.3f}, {high:.3f}]", f"{m['aupr']:.3f}",
                          f"{m['fpr95']:.3f}"])
         roc = {s: (*roc_points(s_in[s], s_out[s]), ood_metrics(s_in[s], s_out[s])["auroc"]) for s in DETECTION_SCORES}
@@ -148,18 +134,6 @@ def _ood_section(run: str, in_key: str, ood_keys: list[str], preds: dict[str, Pr
         sec.figures.append((f"Score histograms: {score}",
                             plots.score_histograms(s_in[score], {k: v[score] for k, v in outs.items()}, in_key, score)))
     return sec
-
-
-def _auroc_interval(s_in: np.ndarray, s_out: np.ndarray, n: int, rng: np.random.Generator) -> tuple[float, float]:
-    """Percentile 95% interval of AUROC, resampling each set separately (they are independent)."""
-    from scipy.stats import rankdata
-
-    a = s_in[rng.integers(0, len(s_in), (n, len(s_in)))]
-    b = s_out[rng.integers(0, len(s_out), (n, len(s_out)))]
-    ranks = rankdata(np.concatenate([b, a], axis=1), axis=1)  # ties get average ranks
-    n_out, n_in = b.shape[1], a.shape[1]
-    auc = (ranks[:, :n_out].sum(1) - n_out * (n_out + 1) / 2) / (n_out * n_in)  # Mann-Whitney U
-    return float(np.quantile(auc, 0.025)), float(np.quantile(auc, 0.975))
 
 
 def _comparison_section(runs: dict[str, dict[str, Predictions]], n_resamples: int, seed: int) -> Section | None:
@@ -181,7 +155,7 @@ def _comparison_section(runs: dict[str, dict[str, Predictions]], n_resamples: in
             if name != names[0] and p.ids == base.ids:
                 d = paired_bootstrap(nll, (e, p.targets.numpy()), (base_ens, base.targets.numpy()),
                                      n_resamples=n_resamples, seed=seed)
-                diff = f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] p={d['p_value']:.3f}"
+                diff = _paired_text(d)
             rows.append([key, name, *(format_ci(ci[k]) for k in MAIN_METRICS), diff])
     sec.table(["split", "run", "accuracy", "NLL", "ECE", "Brier", f"NLL minus {names[0]} (paired)"], rows)
     return sec
@@ -195,7 +169,7 @@ def build_report(run_dirs: list[str | Path], output: str | Path, n_resamples: in
     sections: list[Section] = []
     for run_dir in map(Path, run_dirs):
         name = run_dir.name if run_dir.name not in runs else str(run_dir)
-        preds = runs[name] = _load_predictions(run_dir)
+        preds = runs[name] = load_all_predictions(run_dir)
         results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").is_file() else {}
         ood = results.get("ood", {})
         ood_keys = {k for v in ood.values() for k in v}
@@ -217,47 +191,4 @@ def _write(sections: list[Section], output: Path, names: list[str], n_resamples:
     intro = (f"Intervals: 95% percentile bootstrap over questions ({n_resamples} resamples, seed {seed}); "
              "differences are a paired bootstrap over the same questions, with a two-sided p-value. "
              "NLL, ECE, Brier, AURC: lower is better.")
-    md, body = [f"# {title}", "", intro, ""], []
-    fig_dir = output.parent / f"{output.name}_files"
-    fig_dir.mkdir(exist_ok=True)
-    count = 0
-    for sec in sections:
-        md += [f"## {sec.title}", "", *sec.markdown]
-        body.append(f"<h2>{html.escape(sec.title)}</h2>" + "".join(sec.html))
-        for caption, png in sec.figures:
-            count += 1
-            (fig_dir / f"figure_{count}.png").write_bytes(png)
-            md += [f"![{caption}](<{fig_dir.name}/figure_{count}.png>)", ""]
-            data = base64.b64encode(png).decode()
-            body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    html_path, md_path = output.parent / f"{output.name}.html", output.parent / f"{output.name}.md"
-    html_path.write_text(_PAGE.format(title=html.escape(title), intro=html.escape(intro), body="\n".join(body)))
-    md_path.write_text("\n".join(md))
-    return html_path, md_path
-
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
-figure {{ margin: 1em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555; font-size: 0.9em; }}
-</style>
-<script>
-// Records load problems on <body>, so a headless browser test can read them from the DOM.
-window.loraensErrors = [];
-window.addEventListener("error", e => window.loraensErrors.push(String(e.message || e.type)), true);
-window.addEventListener("load", () => {{
-  const imgs = Array.from(document.images);
-  document.body.dataset.images = imgs.length;
-  document.body.dataset.imagesLoaded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
-  document.body.dataset.errors = window.loraensErrors.length;
-}});
-</script></head>
-<body><h1>{title}</h1><p>{intro}</p>
-{body}
-</body></html>
-"""
+    return write_page(sections, output, title, intro)

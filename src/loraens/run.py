@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import json
 import math
-import random
-import re
 import shutil
 import time
-import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,13 +30,21 @@ import torch
 from torch import nn
 
 from .config import CompileMode, RunConfig
-from .data import load_mcqa
+from .data import load_examples, warn_if_evaluating_on_training_file
 from .ensemble import attach_members, export_member, first_lora_layer, import_member
 from .fast.compiling import compile_decision, compile_decoder_layers, layers_to_compile
 from .fast.prefix import prefix_cache_for
 from .metrics import evaluate_ensemble
 from .model import enable_gradient_checkpointing, load_base_model
-from .predict import Predictions, predict
+from .predict import predict
+from .predictions import (
+    Predictions,
+    epoch_predictions_dir,
+    load_predictions,
+    predictions_dir,
+    save_predictions,
+    split_key,
+)
 from .prompts import PromptEncoder
 from .scoring import Scorer
 from .train import EpochSummary, planned_steps, train_members
@@ -69,12 +74,6 @@ class RunResult:
     ensemble: LoadedEnsemble | None = None  # the trained members, still in memory
 
 
-def split_key(dataset: str, split: str) -> str:
-    """Name of an evaluated split in results.json and predictions/: '<dataset>_<split>'."""
-    stem = Path(dataset).stem.replace("{split}", "").strip("_-.") if dataset.endswith((".jsonl", ".csv")) else dataset
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{stem}_{split}")
-
-
 def build_ensemble(config: RunConfig) -> LoadedEnsemble:
     """Load the base model, attach freshly initialised members, and build the run's `Scorer`.
 
@@ -90,66 +89,13 @@ def build_ensemble(config: RunConfig) -> LoadedEnsemble:
     return LoadedEnsemble(config, model, encoder, Scorer.from_prompt(config.prompt, encoder, config.speed, cache))
 
 
-def load_examples(config: RunConfig, split: str, limit: int | None, dataset: str | None = None) -> list:
-    """Questions of `split`; a user file path may hold "{split}" (e.g. data/mine_{split}.jsonl).
-
-    With `data.holdout = H` > 0, a seeded set of H training questions becomes the split
-    "holdout" and is removed from the training split (before its `train_limit` subsample), so the
-    two never share a question.
-    """
-    d = config.data
-    name = dataset or d.dataset
-    own_training_data = dataset is None or dataset == d.dataset
-    if d.holdout and own_training_data and split in ("holdout", d.train_split):
-        return _holdout_split(config, split, limit, name)
-    if "{split}" in name:
-        name = name.replace("{split}", split)
-    return load_mcqa(name, split, source=d.source, data_dir=d.data_dir, limit=limit,
-                     seed=d.seed, skip_invalid=d.skip_invalid)
-
-
-def _holdout_split(config: RunConfig, split: str, limit: int | None, name: str) -> list:
-    d = config.data
-    file_name = name.replace("{split}", d.train_split)
-    every = load_mcqa(file_name, d.train_split, source=d.source, data_dir=d.data_dir, seed=d.seed,
-                      skip_invalid=d.skip_invalid)
-    if d.holdout >= len(every):
-        raise ValueError(f"--data.holdout {d.holdout} leaves no training questions: the {d.train_split!r} split of "
-                         f"{name!r} has {len(every)}. Use a smaller --data.holdout.")
-    order = list(range(len(every)))
-    random.Random(f"holdout-{d.seed}").shuffle(order)
-    picked = order[: d.holdout] if split == "holdout" else order[d.holdout:]
-    if limit is not None and limit < len(picked):
-        picked = random.Random(d.seed).sample(picked, limit)
-    return [every[i] for i in sorted(picked)]  # file order, as load_mcqa keeps it
-
-
-def _warn_if_evaluating_on_training_file(config: RunConfig) -> None:
-    name = config.data.dataset
-    if name.endswith((".jsonl", ".csv")) and "{split}" not in name:
-        warnings.warn(
-            f"--data.dataset {name!r} is one file, so training and evaluation read the same questions and the "
-            "'validation' metrics are training metrics. Put the splits in files named like "
-            "mine_train.jsonl / mine_validation.jsonl and pass --data.dataset 'mine_{split}.jsonl'.",
-            stacklevel=2,
-        )
-
-
 def _evaluate(ens: LoadedEnsemble, run_dir: Path, key: str, examples: list, progress: bool,
               epoch: int | None = None) -> dict[str, Any]:
     preds = ens.predict(examples, progress=progress, desc=f"eval {key}")
-    (run_dir / "predictions").mkdir(parents=True, exist_ok=True)
-    preds.save(run_dir / "predictions" / f"{key}.safetensors")
+    save_predictions(preds, run_dir, key)
     if epoch is not None:
-        folder = epoch_predictions_dir(run_dir, epoch)
-        folder.mkdir(parents=True, exist_ok=True)
-        preds.save(folder / f"{key}.safetensors")
+        save_predictions(preds, run_dir, key, epoch)
     return evaluate_ensemble(preds.member_probs, preds.targets)
-
-
-def epoch_predictions_dir(run_dir: str | Path, epoch: int) -> Path:
-    """Where the predictions made after `epoch` (1-based) are kept."""
-    return Path(run_dir) / "predictions" / "epochs" / f"epoch_{epoch}"
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -168,7 +114,7 @@ def _update_results(run_dir: Path, key: str, metrics: dict[str, Any], extra: dic
 
 def _clear_previous_run(run_dir: Path) -> None:
     """Remove what an earlier run wrote to this folder, so old results never mix with new ones."""
-    stale = [p for p in (run_dir / "members", run_dir / "predictions") if p.is_dir()]
+    stale = [p for p in (run_dir / "members", predictions_dir(run_dir)) if p.is_dir()]
     stale += [p for p in (run_dir / "results.json", run_dir / "metrics.jsonl") if p.is_file()]
     if stale:
         print(f"loraens: replacing the previous run in {run_dir} ({', '.join(p.name for p in stale)})")
@@ -190,9 +136,9 @@ def train_run(config: RunConfig, progress: bool = True) -> RunResult:
     """
     run_dir = Path(config.output_dir)
     started = time.time()
-    _warn_if_evaluating_on_training_file(config)
-    train_examples = load_examples(config, config.data.train_split, config.data.train_limit)
-    eval_sets = {split_key(config.data.dataset, s): load_examples(config, s, config.data.eval_limit)
+    warn_if_evaluating_on_training_file(config.data)
+    train_examples = load_examples(config.data, config.data.train_split, config.data.train_limit)
+    eval_sets = {split_key(config.data.dataset, s): load_examples(config.data, s, config.data.eval_limit)
                  for s in config.data.eval_splits}
     ens = build_ensemble(config)
     if config.train.gradient_checkpointing:
@@ -250,7 +196,7 @@ def train_run(config: RunConfig, progress: bool = True) -> RunResult:
         if best["epoch"] is not None and best["epoch"] != epochs[-1].epoch:
             # Early stopping: the final predictions and metrics are those of the best epoch.
             for path in epoch_predictions_dir(run_dir, best["epoch"]).glob("*.safetensors"):
-                shutil.copyfile(path, run_dir / "predictions" / path.name)
+                shutil.copyfile(path, predictions_dir(run_dir) / path.name)
             last = best["metrics"]
             for k in range(config.ensemble.num_members):  # the in-memory members too
                 import_member(ens.model, k, run_dir / "members" / f"member_{k}")
@@ -285,20 +231,6 @@ def load_run(run_dir: str | Path) -> LoadedEnsemble:
     return ens
 
 
-def ood_table(in_preds: Predictions, out_preds: Predictions) -> dict[str, dict[str, float]]:
-    """OOD detection of `out_preds` against `in_preds` for every uncertainty score.
-
-    Scores come from `uncertainty_scores`; the "_norm" entropies divide by log(number of
-    choices) so that a set with more choices does not look "more uncertain" by construction.
-    """
-    from .ood import ood_metrics
-    from .uncertainty import uncertainty_scores
-
-    s_in = uncertainty_scores(in_preds.member_probs, in_preds.choice_mask)
-    s_out = uncertainty_scores(out_preds.member_probs, out_preds.choice_mask)
-    return {name: ood_metrics(s_in[name], s_out[name]) for name in s_in}
-
-
 def evaluate_run(run_dir: str | Path, dataset: str | None = None, split: str = "validation",
                  limit: int | None = None, ood: Sequence[str] = (), ood_split: str | None = None,
                  progress: bool = True) -> dict[str, Any]:
@@ -308,21 +240,23 @@ def evaluate_run(run_dir: str | Path, dataset: str | None = None, split: str = "
     for OOD sets the detection metrics (AUROC, AUPR, FPR@95) of every uncertainty score under
     results.json["ood"][<in key>][<ood key>]. Returns {"key", "metrics", "ood"}.
     """
+    from .ood import ood_table  # sklearn and scipy load slowly, and training never needs them
+
     run_dir = Path(run_dir)
     ens = load_run(run_dir)
     dataset = dataset or ens.config.data.dataset
     key = split_key(dataset, split)
-    metrics = _evaluate(ens, run_dir, key, load_examples(ens.config, split, limit, dataset), progress)
+    metrics = _evaluate(ens, run_dir, key, load_examples(ens.config.data, split, limit, dataset), progress)
     results = _update_results(run_dir, key, metrics)
-    in_preds = Predictions.load(run_dir / "predictions" / f"{key}.safetensors")
+    in_preds = load_predictions(run_dir, key)
     ood_results: dict[str, Any] = {}
     for other in ood:
         other_split = ood_split or split
         other_key = split_key(other, other_split)
         other_metrics = _evaluate(ens, run_dir, other_key,
-                                  load_examples(ens.config, other_split, limit, other), progress)
+                                  load_examples(ens.config.data, other_split, limit, other), progress)
         _update_results(run_dir, other_key, other_metrics)
-        ood_results[other_key] = ood_table(in_preds, Predictions.load(run_dir / "predictions" / f"{other_key}.safetensors"))
+        ood_results[other_key] = ood_table(in_preds, load_predictions(run_dir, other_key))
     if ood_results:
         results = json.loads((run_dir / "results.json").read_text())
         results.setdefault("ood", {}).setdefault(key, {}).update(ood_results)

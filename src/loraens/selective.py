@@ -23,14 +23,15 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .metrics import ArrayLike, _as_float, _as_targets, _check_shape, ensemble_probs
+from .arrays import ArrayLike, as_float, as_targets, check_shape
+from .metrics import ensemble_probs
 from .uncertainty import uncertainty_scores
 
 
 def _as_correct(correct: ArrayLike) -> np.ndarray:
     """Validate ``correct`` [N] (bools or 0/1) and return float64 0./1."""
-    c = _as_float(correct, "correct")
-    _check_shape(c, "correct", "N")
+    c = as_float(correct, "correct")
+    check_shape(c, "correct", "N")
     if not bool(((c == 0) | (c == 1)).all()):
         raise ValueError("`correct` should hold booleans (or 0/1), but got other values")
     return c.numpy()
@@ -38,7 +39,7 @@ def _as_correct(correct: ArrayLike) -> np.ndarray:
 
 def _as_uncertainty(uncertainty: ArrayLike, n: int, name: str, other_name: str) -> np.ndarray:
     """Validate an uncertainty score [N] against N of ``other_name``; return float64."""
-    u = _as_float(uncertainty, name)
+    u = as_float(uncertainty, name)
     if u.ndim != 1 or u.shape[0] != n:
         raise ValueError(
             f"`{name}` should have shape [N] with N = {n} to match `{other_name}`, "
@@ -148,20 +149,20 @@ def selective_metrics(
         ``{score name: {"aurc": ..., "acc@80": ..., "acc@90": ...}}`` in the order of
         ``scores``. Correctness is ``argmax == target`` (ties to the lower index).
     """
-    p = _as_float(probs, "probs")
+    p = as_float(probs, "probs")
     if p.ndim == 3:
         name = "member_probs"
         ens = ensemble_probs(p)  # validates [N, M, C]
     elif p.ndim == 2:
         name = "probs"
-        _check_shape(p, "probs", "NC")
+        check_shape(p, "probs", "NC")
         ens = p
     else:
         raise ValueError(
             "`probs` should have shape [N, C] or [N, M, C] (member probabilities), "
             f"but got shape {tuple(p.shape)}"
         )
-    t = _as_targets(targets, ens.shape[0], ens.shape[1], name)
+    t = as_targets(targets, ens.shape[0], ens.shape[1], name)
     correct = (ens.argmax(dim=1) == t).double().numpy()
     if scores is None:
         if p.ndim != 3:

@@ -45,6 +45,7 @@ import torch
 import yaml
 
 from .config import ConfigError, RunConfig
+from .data import load_examples
 from .ensemble import lora_parameters, mc_dropout, weight_averaged
 from .ensemble_size import ensemble_size_curve
 from .methods import (
@@ -54,8 +55,9 @@ from .methods import (
     temperature_scaled,
 )
 from .metrics import compute_metrics, ensemble_probs, evaluate_ensemble
-from .predict import Predictions, predict
-from .run import LoadedEnsemble, epoch_predictions_dir, split_key, train_run
+from .predict import predict
+from .predictions import Predictions, load_predictions, saved_epochs, split_key
+from .run import LoadedEnsemble, train_run
 from .uncertainty import uncertainty_scores
 
 METHODS = ("single", "ensemble", "single+ts", "ensemble+ts", "checkpoint_ensemble", "weight_average",
@@ -401,9 +403,9 @@ def run_cell(cell: Cell, mc_passes: int = 8, progress: bool = True) -> dict[str,
         "methods": methods,
         "epochs": epoch_curve(cell.folder, test_key),
         "ensemble_size": [{"m": r["m"], **{k: r["first"][k] for k in _METRICS}}
-                          for r in ensemble_size_curve(_load(cell.folder, test_key).member_probs,
-                                                       _load(cell.folder, test_key).targets)],
-        "diversity": _diversity(_load(cell.folder, test_key)),
+                          for r in ensemble_size_curve(load_predictions(cell.folder, test_key).member_probs,
+                                                       load_predictions(cell.folder, test_key).targets)],
+        "diversity": _diversity(load_predictions(cell.folder, test_key)),
         "epochs_trained": info.get("epochs_trained"),
         "methods_requested": list(cell.variant.methods),
         "mc_dropout_passes": mc_passes,
@@ -414,16 +416,6 @@ def run_cell(cell: Cell, mc_passes: int = 8, progress: bool = True) -> dict[str,
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, marker)
     return record
-
-
-def _load(run_dir: Path, key: str, epoch: int | None = None) -> Predictions:
-    folder = run_dir / "predictions" if epoch is None else epoch_predictions_dir(run_dir, epoch)
-    return Predictions.load(folder / f"{key}.safetensors")
-
-
-def _epochs(run_dir: Path) -> list[int]:
-    folder = run_dir / "predictions" / "epochs"
-    return sorted(int(p.name.split("_")[1]) for p in folder.glob("epoch_*")) if folder.is_dir() else []
 
 
 def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -444,7 +436,7 @@ def derive_methods(ens: LoadedEnsemble, cell: Cell, test_key: str, val_key: str,
     folder, cfg, wanted = cell.folder, ens.config, cell.variant.methods
     m = cfg.ensemble.num_members
     per_member = sum(p.numel() for p in lora_parameters(ens.model)) // m
-    test, val = _load(folder, test_key), _load(folder, val_key)
+    test, val = load_predictions(folder, test_key), load_predictions(folder, val_key)
     ev_test, ev_val = evaluate_ensemble(test.member_probs, test.targets), evaluate_ensemble(val.member_probs, val.targets)
     out: dict[str, Any] = {}
     if "single" in wanted:
@@ -458,15 +450,15 @@ def derive_methods(ens: LoadedEnsemble, cell: Cell, test_key: str, val_key: str,
     if "ensemble+ts" in wanted:
         probs, t = ensemble_temperature_scaled(val, test)
         out["ensemble+ts"] = _entry(compute_metrics(probs, test.targets), m, m * per_member, temperature=round(t, 4))
-    epochs = _epochs(folder)
+    epochs = saved_epochs(folder)
     if "checkpoint_ensemble" in wanted and epochs:
-        per_epoch = [_load(folder, test_key, e) for e in epochs]
+        per_epoch = [load_predictions(folder, test_key, e) for e in epochs]
         rows = [compute_metrics(ensemble_probs(checkpoint_ensemble(per_epoch, k).member_probs), test.targets)
                 for k in range(m)]
         out["checkpoint_ensemble"] = _entry(_mean_metrics(rows), len(epochs), per_member, epochs=epochs)
     if ("early_stop_single" in wanted or "early_stop_ensemble" in wanted) and epochs:
-        val_e = [evaluate_ensemble(_load(folder, val_key, e).member_probs, val.targets) for e in epochs]
-        test_e = [evaluate_ensemble(_load(folder, test_key, e).member_probs, test.targets) for e in epochs]
+        val_e = [evaluate_ensemble(load_predictions(folder, val_key, e).member_probs, val.targets) for e in epochs]
+        test_e = [evaluate_ensemble(load_predictions(folder, test_key, e).member_probs, test.targets) for e in epochs]
         if "early_stop_single" in wanted:
             picks = [best_epoch([v["members"][k]["nll"] for v in val_e]) for k in range(m)]
             rows = [test_e[p - 1]["members"][k] for k, p in enumerate(picks)]
@@ -497,10 +489,8 @@ def derive_methods(ens: LoadedEnsemble, cell: Cell, test_key: str, val_key: str,
 
 
 def _examples(cfg: RunConfig, key: str, test_key: str, cell: Cell) -> list:
-    from .run import load_examples
-
-    examples = load_examples(cfg, cell.dataset.test_split, cfg.data.eval_limit)
-    ids = _load(cell.folder, test_key).ids
+    examples = load_examples(cfg.data, cell.dataset.test_split, cfg.data.eval_limit)
+    ids = load_predictions(cell.folder, test_key).ids
     if [e.id for e in examples] != ids:
         raise RuntimeError(f"{cell.title}: the test questions changed since the run's evaluation.")
     return examples
@@ -509,8 +499,8 @@ def _examples(cfg: RunConfig, key: str, test_key: str, cell: Cell) -> list:
 def epoch_curve(run_dir: Path, key: str) -> list[dict[str, Any]]:
     """Mean-member and ensemble metrics on `key` after every epoch (from the epoch predictions)."""
     rows = []
-    for e in _epochs(run_dir):
-        p = _load(run_dir, key, e)
+    for e in saved_epochs(run_dir):
+        p = load_predictions(run_dir, key, e)
         ev = evaluate_ensemble(p.member_probs, p.targets)
         rows.append({"epoch": e, "single": ev["mean_member"], "ensemble": ev["ensemble"]})
     return rows

@@ -9,36 +9,39 @@ Every cell is one training run (one dataset, one variant, one seed) summarised b
 over the seeds, i.e. the spread over independent runs, not an interval over questions.
 Where a number is averaged over datasets as well, each seed's datasets are averaged first and the
 entry is mean [min, max] of those per-seed averages.
+
+Words, as in the run report (`report.py`): "mean member" is the mean over a run's members of each
+member's metric (each member is a single LoRA, so it is the expected single LoRA); "member 0"
+is one particular member. A cell.json stores the mean member under the method key "single"
+(and "single+ts", "early_stop_single"); those keys are the sweep files' method names and stay.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 from collections.abc import Iterable, Mapping, Sequence
-from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import numpy as np
 
 from . import plots
-from .report import _PAGE, Section
+from .pages import Section, write_page
 
-METHOD_LABELS = {
-    "single": "single LoRA (mean of members)",
+METHOD_LABELS = {  # cell.json method key -> row label
+    "single": "mean member",
     "ensemble": "LoRA ensemble",
-    "single+ts": "single + temperature",
+    "single+ts": "mean member + temperature",
     "ensemble+ts": "ensemble + temperature",
-    "checkpoint_ensemble": "checkpoint ensemble",
+    "checkpoint_ensemble": "checkpoint ensemble (mean over members)",
     "weight_average": "weight-averaged LoRA",
     "mc_dropout": "MC dropout (member 0)",
-    "early_stop_single": "early stopping (single)",
+    "early_stop_single": "early stopping (mean member)",
     "early_stop_ensemble": "early stopping (ensemble)",
 }
 GROUP_ORDER = ("base", "regulariser", "randomness")  # any other group comes after these
 METRIC_LABELS = {"accuracy": "ACC", "ece": "ECE", "nll": "NLL", "brier": "Brier"}
 LOWER_IS_BETTER = {"ece", "nll", "brier"}
-EPOCH_MODELS = {"single": "single (mean member)", "ensemble": "ensemble"}  # keys of a cell's "epochs" entries
+# Keys of a cell's "epochs" entries and of the two methods compared throughout -> column words.
+MODEL_WORDS = {"single": "mean member", "ensemble": "ensemble"}
 DASH = "—"
 
 Stat = tuple[float, float, float, int]  # mean, min, max, number of values
@@ -60,7 +63,7 @@ def build_sweep_report(cells: list[dict], output: str | Path, title: str = "lora
     builders = (_main_section, _epoch_section, _regulariser_section, _randomness_section, _size_section,
                 _cost_section)
     sections = [sec for build in builders if (sec := build(sweep)) is not None]
-    return _write(sections, output, title, _intro(sweep), notes)
+    return write_page(sections, output, title, _intro(sweep), notes)
 
 
 class _Sweep:
@@ -219,27 +222,6 @@ def _band(points: Mapping[float, list[float]], scale: float = 1.0) -> plots.Band
     return x, np.array([v.mean() for v in vals]), np.array([v.min() for v in vals]), np.array([v.max() for v in vals])
 
 
-def _table(sec: Section, header: list[str], rows: list[list[str]], bold: AbstractSet[tuple[int, int]] = frozenset()
-           ) -> None:
-    """Like `Section.table`, with the (row, column) entries in `bold` set in bold."""
-    def md(text: str, strong: bool) -> str:
-        text = text.replace("|", "\\|")
-        return f"**{text}**" if strong else text
-
-    def cell(text: str, strong: bool) -> str:
-        text = html.escape(text)
-        return f"<td><strong>{text}</strong></td>" if strong else f"<td>{text}</td>"
-
-    sec.markdown += ["| " + " | ".join(md(h, False) for h in header) + " |", "|" + "---|" * len(header)]
-    sec.markdown += ["| " + " | ".join(md(c, (i, j) in bold) for j, c in enumerate(r)) + " |"
-                     for i, r in enumerate(rows)]
-    sec.markdown.append("")
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(cell(c, (i, j) in bold) for j, c in enumerate(r)) + "</tr>"
-                   for i, r in enumerate(rows))
-    sec.html.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-
-
 def _best(column: Sequence[Stat | None], metric: str) -> set[int]:
     """Rows holding the best displayed mean of a column (ties all count); none if fewer than two values."""
     shown = {i: round(s[0] * _scale(metric), 1 if metric == "accuracy" else 3) for i, s in enumerate(column)
@@ -260,9 +242,10 @@ def _main_section(sweep: _Sweep) -> Section | None:
     sec = Section("Main table: test accuracy, calibration and NLL")
     sec.text("Test split of each dataset; every entry is mean [min, max] over seeds. ACC in percent (higher is "
              "better); ECE and NLL: lower is better. The best mean of each column is in bold. The members of a run "
-             "train independently, so each member is a single LoRA: the single-model rows (single, + temperature, "
-             "checkpoint ensemble, early stopping (single)) are the mean of the members' metrics; MC dropout uses "
-             "member 0; temperatures and early-stopping epochs are chosen on the validation split.")
+             "train independently, so each member is a single LoRA: the mean-member rows (mean member, mean member "
+             "+ temperature, checkpoint ensemble (mean over members), early stopping (mean member)) are the mean of "
+             "the members' metrics; MC dropout uses member 0; temperatures and early-stopping epochs are chosen on "
+             "the validation split.")
     metrics = ("accuracy", "ece", "nll")
     header = ["method"] + [f"{sweep.dataset_labels[d]} {METRIC_LABELS[k]}" for d in sweep.datasets for k in metrics]
     stats = [[_stat(sweep.values(d, v, "methods", m, "test", k).values()) for d in sweep.datasets for k in metrics]
@@ -273,7 +256,7 @@ def _main_section(sweep: _Sweep) -> Section | None:
              for (m, v), r, n in zip(rows, stats, seeds)]
     bold = {(i, j + 1) for j in range(len(header) - 1)
             for i in _best([r[j] for r in stats], metrics[j % 3])}
-    _table(sec, header + ["n seeds"], table, bold)
+    sec.table(header + ["n seeds"], table, bold)
     return sec
 
 
@@ -288,7 +271,7 @@ def _epoch_section(sweep: _Sweep) -> Section | None:
         points: dict[str, dict[str, dict[float, list[float]]]] = {}  # model -> metric -> epoch -> values
         for cell in sweep.seeds(d, sweep.base).values():
             for entry in cell.get("epochs") or []:
-                for model in EPOCH_MODELS:
+                for model in MODEL_WORDS:
                     for k in metrics:
                         value = _get(entry, model, k)
                         if isinstance(value, (int, float)) and "epoch" in entry:
@@ -296,7 +279,7 @@ def _epoch_section(sweep: _Sweep) -> Section | None:
         if not points:
             continue
         label = sweep.dataset_labels[d]
-        panels[label] = {EPOCH_MODELS[model]: {_axis_label(k): _band(p, _scale(k)) for k, p in by_metric.items()}
+        panels[label] = {MODEL_WORDS[model]: {_axis_label(k): _band(p, _scale(k)) for k, p in by_metric.items()}
                          for model, by_metric in points.items()}
         for model, by_metric in points.items():
             for epoch, values in by_metric.get("ece", {}).items():
@@ -304,26 +287,27 @@ def _epoch_section(sweep: _Sweep) -> Section | None:
     if not panels:
         return None
     sec = Section(f"Metrics vs training epoch ({sweep.variant_labels[sweep.base]})")
-    caption = ("Test ACC, ECE and NLL after every epoch: single LoRA (mean over members' metrics) vs the LoRA "
-               "ensemble; lines are means over seeds, the shaded band spans min to max. In the paper, single members "
-               "become overconfident as training goes on, so their ECE (and NLL) grows with the epochs, while the "
-               "ensemble's grows much less.")
+    caption = ("Test ACC, ECE and NLL after every epoch: the mean member (mean over the members' metrics) vs the "
+               "LoRA ensemble; lines are means over seeds, the shaded band spans min to max. In the paper, single "
+               "members become overconfident as training goes on, so their ECE (and NLL) grows with the epochs, while "
+               "the ensemble's grows much less.")
     sec.figures.append((caption, plots.metric_vs_epoch(panels, [_axis_label(k) for k in metrics])))
     datasets = [d for d in sweep.datasets if d in ece_means]
     epochs = sorted({e for d in datasets for e in ece_means[d]})
 
     def pair(d: str, e: int) -> str:
         m = ece_means[d].get(e, {})
-        return " / ".join(f"{m[k]:.3f}" if k in m else DASH for k in ("single", "ensemble"))
+        return " / ".join(f"{m[k]:.3f}" if k in m else DASH for k in MODEL_WORDS)
 
-    _table(sec, ["epoch"] + [f"{sweep.dataset_labels[d]} ECE single / ensemble" for d in datasets],
-           [[str(e)] + [pair(d, e) for d in datasets] for e in epochs])
-    sec.text("ECE on the test split, mean over seeds; single = mean over the members' ECE.")
+    words = " / ".join(MODEL_WORDS.values())
+    sec.table(["epoch"] + [f"{sweep.dataset_labels[d]} ECE {words}" for d in datasets],
+              [[str(e)] + [pair(d, e) for d in datasets] for e in epochs])
+    sec.text("ECE on the test split, mean over seeds; mean member = the mean of the members' ECE.")
     return sec
 
 
 def _regulariser_section(sweep: _Sweep) -> Section | None:
-    """Single vs ensemble for the base run and every regulariser, averaged over the same datasets."""
+    """Mean member vs ensemble for the base run and every regulariser, averaged over the same datasets."""
     if not sweep.in_groups("regulariser"):
         return None
     metrics = ("ece", "nll", "accuracy")
@@ -344,15 +328,15 @@ def _regulariser_section(sweep: _Sweep) -> Section | None:
             return a[:, 0], a[:, 1], a[:, 2]
 
         panels = {_axis_label(k): {METHOD_LABELS[m]: arrays(k, m) for m in ("single", "ensemble")} for k in metrics}
-        caption = ("Test ECE, NLL and ACC of a single LoRA and the LoRA ensemble, for each regulariser run on every "
+        caption = ("Test ECE, NLL and ACC of the mean member and the LoRA ensemble, for each regulariser run on every "
                    "dataset; bars are the mean over datasets and seeds, whiskers the min and max over seeds of the "
                    "dataset mean.")
         sec.figures.append((caption, plots.grouped_bars([label for label, _ in figure_rows], panels)))
-    header = ["variant"] + [f"{METRIC_LABELS[k]} {m}" for k in metrics for m in ("single", "ensemble")]
-    _table(sec, header, rows)
+    header = ["variant"] + [f"{METRIC_LABELS[k]} {MODEL_WORDS[m]}" for k in metrics for m in ("single", "ensemble")]
+    sec.table(header, rows)
     sec.text("Test split; mean [min, max] over seeds of the mean over the datasets named in the row (every dataset "
              "unless it says otherwise; a variant run on fewer datasets is compared with the base variant on the "
-             "same datasets). Single = the mean of the members' metrics. Lower is better for ECE and NLL.")
+             "same datasets). Mean member = the mean of the members' metrics. Lower is better for ECE and NLL.")
     return sec
 
 
@@ -376,8 +360,8 @@ def _randomness_section(sweep: _Sweep) -> Section | None:
                               "disagreement"),
                          _fmt(_over_seeds(sweep.by_dataset(v, "diversity", "mutual_information", only=datasets)),
                               "mutual_information")])
-    _table(sec, ["variant", "ensemble minus single NLL", "ensemble minus single ECE", "ensemble ACC",
-                 "disagreement", "mutual information"], rows)
+    sec.table(["variant", "ensemble minus mean member NLL", "ensemble minus mean member ECE", "ensemble ACC",
+               "disagreement", "mutual information"], rows)
     sec.text("Test split; mean [min, max] over seeds of the mean over the datasets named in the row; the base "
              "variant (members differ in both init and data order) is shown on the same datasets. A more negative "
              "difference means ensembling helps more. Disagreement is the mean share of members whose top choice "
@@ -386,10 +370,10 @@ def _randomness_section(sweep: _Sweep) -> Section | None:
 
 
 def _diff(sweep: _Sweep, dataset: str, variant: str, metric: str) -> dict[int, float]:
-    """seed -> ensemble minus single on the test split, for seeds that have both."""
+    """seed -> ensemble minus mean member on the test split, for seeds that have both."""
     ens = sweep.values(dataset, variant, "methods", "ensemble", "test", metric)
-    single = sweep.values(dataset, variant, "methods", "single", "test", metric)
-    return {s: ens[s] - single[s] for s in ens if s in single}
+    mean = sweep.values(dataset, variant, "methods", "single", "test", metric)
+    return {s: ens[s] - mean[s] for s in ens if s in mean}
 
 
 def _size_section(sweep: _Sweep) -> Section | None:
@@ -418,8 +402,8 @@ def _size_section(sweep: _Sweep) -> Section | None:
     def entry(d: str, k: str, m: int) -> str:
         return _fmt(_stat(points[d].get(k, {}).get(m, [])), k)
 
-    _table(sec, ["m"] + [f"{sweep.dataset_labels[d]} {METRIC_LABELS[k]}" for d in datasets for k in metrics],
-           [[str(m)] + [entry(d, k, m) for d in datasets for k in metrics] for m in sizes])
+    sec.table(["m"] + [f"{sweep.dataset_labels[d]} {METRIC_LABELS[k]}" for d in datasets for k in metrics],
+              [[str(m)] + [entry(d, k, m) for d in datasets for k in metrics] for m in sizes])
     sec.text("Test split; mean [min, max] over seeds.")
     return sec
 
@@ -437,10 +421,10 @@ def _cost_section(sweep: _Sweep) -> Section | None:
     if not rows:
         return None
     sec = Section("Compute cost")
-    _table(sec, ["method", "trainable parameters", "training time per run (s)", "added inference time (s)",
-                 "peak memory (MB)", "predictions averaged"], rows)
+    sec.table(["method", "trainable parameters", "training time per run (s)", "added inference time (s)",
+               "peak memory (MB)", "predictions averaged"], rows)
     sec.text("Means over all runs of the variant, datasets and seeds together (times: mean [min, max] over those "
-             "runs). Training time is per run (all members): the single-model methods are read from the members of "
+             "runs). Training time is per run (all members): the mean-member methods are read from the members of "
              "the same vectorised run, so their training time is the whole run's. Added inference time is what a "
              "method needs beyond the run's own evaluation: the forward passes of weight averaging and MC dropout. "
              "Fitting a temperature takes milliseconds; a checkpoint ensemble of E epochs costs E forward passes at "
@@ -470,28 +454,3 @@ def _intro(sweep: _Sweep) -> str:
     if sweep.skipped:
         text += f" {sweep.skipped} run(s) whose status is not \"complete\" are left out."
     return text
-
-
-def _write(sections: list[Section], output: Path, title: str, intro: str, notes: str = "") -> tuple[Path, Path]:
-    """Same layout as `report._write`: `<output>.html`, `<output>.md` and `<output>_files/figure_N.png`."""
-    md, body = [f"# {title}", "", intro, ""], []
-    if notes.strip():
-        md += [notes.strip(), ""]
-        body.append(f'<div style="white-space: pre-wrap">{html.escape(notes.strip())}</div>')
-    fig_dir = output.parent / f"{output.name}_files"
-    fig_dir.mkdir(exist_ok=True)
-    count = 0
-    for sec in sections:
-        md += [f"## {sec.title}", "", *sec.markdown]
-        body.append(f"<h2>{html.escape(sec.title)}</h2>" + "".join(sec.html))
-        for caption, png in sec.figures:
-            count += 1
-            (fig_dir / f"figure_{count}.png").write_bytes(png)
-            md += [f"![{caption}](<{fig_dir.name}/figure_{count}.png>)", ""]
-            data = base64.b64encode(png).decode()
-            body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    html_path, md_path = output.parent / f"{output.name}.html", output.parent / f"{output.name}.md"
-    html_path.write_text(_PAGE.format(title=html.escape(title), intro=html.escape(intro), body="\n".join(body)))
-    md_path.write_text("\n".join(md))
-    return html_path, md_path

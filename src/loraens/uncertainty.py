@@ -1,6 +1,6 @@
 """Per-question uncertainty scores from ensemble member probabilities.
 
-Shapes as in :mod:`loraens.metrics`: ``member_probs`` float ``[N, M, C]``, ``probs`` float
+Shapes as in :mod:`loraens.arrays`: ``member_probs`` float ``[N, M, C]``, ``probs`` float
 ``[N, C]``, ``choice_mask`` bool ``[N, C]`` (padded choices carry probability 0). A single model
 is an ensemble of one, ``[N, 1, C]``: its mutual information and disagreement are 0.
 
@@ -27,7 +27,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .metrics import ArrayLike, _as_choice_mask, _as_float, _check_shape, ensemble_probs
+from .arrays import ArrayLike, as_choice_mask, as_float, as_member_probs, check_shape
+from .metrics import ensemble_probs
 
 # Every score is oriented so that HIGHER = MORE UNCERTAIN ("1-max_prob" rather than max_prob).
 # "_norm" scores are divided by log(number of real choices) per question.
@@ -49,12 +50,6 @@ DETECTION_SCORES: tuple[str, ...] = (
 )
 
 
-def _as_member_probs(member_probs: ArrayLike) -> torch.Tensor:
-    mp = _as_float(member_probs, "member_probs")
-    _check_shape(mp, "member_probs", "NMC")
-    return mp
-
-
 def _entropy(p: torch.Tensor) -> torch.Tensor:
     """Entropy in nats over the last axis; ``xlogy`` gives ``0 * log 0 = 0``."""
     # clamp: probabilities a hair above 1 from float error would give a tiny negative entropy;
@@ -73,7 +68,7 @@ def _log_num_choices(mp: torch.Tensor, choice_mask: ArrayLike | None) -> torch.T
     if choice_mask is None:
         k = torch.full((n,), float(c), dtype=torch.float64)
     else:
-        k = _as_choice_mask(choice_mask, n, c, "member_probs").sum(dim=1).double()
+        k = as_choice_mask(choice_mask, n, c, "member_probs").sum(dim=1).double()
     # A one-choice question has entropy 0 and log 1 = 0; divide it by 1 so it scores 0, not nan.
     return torch.where(k > 1, k.log(), torch.ones_like(k))
 
@@ -84,7 +79,7 @@ def _finish(
     if normalize:
         h = h / _log_num_choices(mp, choice_mask)
     elif choice_mask is not None:
-        _as_choice_mask(choice_mask, mp.shape[0], mp.shape[2], "member_probs")  # still validate
+        as_choice_mask(choice_mask, mp.shape[0], mp.shape[2], "member_probs")  # still validate
     return h.numpy()
 
 
@@ -97,8 +92,8 @@ def max_prob(probs: ArrayLike) -> np.ndarray:
     Returns:
         float64 ``[N]``.
     """
-    p = _as_float(probs, "probs")
-    _check_shape(p, "probs", "NC")
+    p = as_float(probs, "probs")
+    check_shape(p, "probs", "NC")
     return p.max(dim=1).values.numpy()
 
 
@@ -119,7 +114,7 @@ def predictive_entropy(
     Returns:
         float64 ``[N]``, in ``[0, log k]`` (or [0, 1] normalised).
     """
-    mp = _as_member_probs(member_probs)
+    mp = as_member_probs(member_probs)
     return _finish(_entropies(mp)[0], mp, choice_mask, normalize_by_choices)
 
 
@@ -136,7 +131,7 @@ def expected_entropy(
     Returns:
         float64 ``[N]``.
     """
-    mp = _as_member_probs(member_probs)
+    mp = as_member_probs(member_probs)
     return _finish(_entropies(mp)[1], mp, choice_mask, normalize_by_choices)
 
 
@@ -156,7 +151,7 @@ def mutual_information(
     Returns:
         float64 ``[N]``, in ``[0, min(log k, log M)]``.
     """
-    mp = _as_member_probs(member_probs)
+    mp = as_member_probs(member_probs)
     pred, exp = _entropies(mp)
     return _finish((pred - exp).clamp_min(0.0) + 0.0, mp, choice_mask, normalize_by_choices)
 
@@ -174,7 +169,7 @@ def member_disagreement(member_probs: ArrayLike) -> np.ndarray:
     Returns:
         float64 ``[N]``, multiples of 1/M.
     """
-    mp = _as_member_probs(member_probs)
+    mp = as_member_probs(member_probs)
     ens_pred = ensemble_probs(mp).argmax(dim=1)  # [N]
     member_pred = mp.argmax(dim=2)  # [N, M]
     return (member_pred != ens_pred[:, None]).double().mean(dim=1).numpy()
@@ -191,7 +186,7 @@ def uncertainty_scores(
     Args:
         member_probs: float ``[N, M, C]``.  choice_mask: optional bool ``[N, C]``.
     """
-    mp = _as_member_probs(member_probs)
+    mp = as_member_probs(member_probs)
     log_k = _log_num_choices(mp, choice_mask)  # validates the mask
     pred, exp = _entropies(mp)
     mi = (pred - exp).clamp_min(0.0) + 0.0
