@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="out-of-distribution datasets: report how well each uncertainty score separates "
                          "them from --dataset (AUROC, AUPR, FPR at 95%% TPR)")
     ev.add_argument("--ood_split", metavar="S", help="split of the --ood datasets (default: --split)")
+    ev.add_argument("--device", default="auto", type=_device_flag,
+                    help="where to load the model and members: auto (a GPU if there is one), cpu, cuda, cuda:N; "
+                         "any device scores a run trained on any other (default: auto)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     rep = sub.add_parser("report", help="HTML + Markdown report comparing one or more runs",
                          description="Compute every metric from the runs' prediction files, with bootstrap "
@@ -168,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "derive the methods (single LoRA, ensemble, temperature scaling, checkpoint ensemble, "
                     "weight averaging, MC dropout, early stopping) and write summary.md/summary.html with the "
                     "paper's tables and figures. Finished cells are skipped, so after an interruption the same "
-                    "command resumes. Presets: paper-small (the default model, 2 CPU cores, about 70 min), paper (a 7B model, GPU).")
+                    "command resumes. Presets: paper-small (the default model, 2 CPU cores, about 70 min), paper (a 7B model, GPU). "
+                    "--gpus 0,1,2,3 runs one worker per GPU.")
     sw.add_argument("sweep", metavar="SWEEP", help="sweep YAML file, or a preset name: paper-small, paper")
     sw.add_argument("--output_dir", metavar="DIR", help="where the cells and summary go (default: the file's output_dir)")
     sw.add_argument("--dry-run", action="store_true", help="list the cells and whether each is complete; train nothing")
@@ -177,8 +181,40 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--report-to", metavar="PATH",
                     help="write the summary as PATH.md / PATH.html / PATH_files/ (default: <output_dir>/summary)")
     sw.add_argument("--notes", metavar="FILE", help="Markdown file inserted at the top of the summary (e.g. a reading)")
+    sw.add_argument("--gpus", metavar="LIST", type=_gpu_list,
+                    help="spread the cells over one worker process per GPU, e.g. 0,1,2,3 (each worker sees only its "
+                         "GPU through CUDA_VISIBLE_DEVICES)")
+    sw.add_argument("--workers", metavar="W", type=int,
+                    help="spread the cells over W worker processes that share the device setting (with --gpus: "
+                         "must equal the number of GPUs)")
+    sw.add_argument("--worker", metavar="I/W", type=_worker_flag, help=argparse.SUPPRESS)  # one worker's share
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def _device_flag(value: str) -> str:
+    from .config import DEVICE_PATTERN
+
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, but got {value!r}")
+    return value
+
+
+def _gpu_list(value: str) -> list[str]:
+    gpus = [g.strip() for g in value.split(",") if g.strip()]
+    if not gpus or not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
+        raise argparse.ArgumentTypeError(f"must be distinct GPU indices separated by commas (e.g. 0,1), but got {value!r}")
+    return gpus
+
+
+def _worker_flag(value: str) -> tuple[int, int]:
+    try:
+        i, w = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be I/W (worker I of W), but got {value!r}") from None
+    if not 0 <= i < w:
+        raise argparse.ArgumentTypeError(f"worker index {i} is not in 0..{w - 1}")
+    return i, w
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             return _sweep(args)
         return _evaluate(args)
-    except (ConfigError, FileNotFoundError, ValueError, ModelError) as err:
-        print(f"loraens {args.command}: error: {err}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, ValueError, ModelError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not _is_user_error(err):
+            raise
+        rank = os.environ.get("RANK")
+        where = f" (process {rank} of {os.environ.get('WORLD_SIZE')})" if rank is not None else ""
+        print(f"loraens {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         kept = " the run folder keeps the members of every finished epoch." if args.command in ("train", "demo") else ""
@@ -208,6 +248,23 @@ def main(argv: list[str] | None = None) -> int:
             kept = " finished cells are kept; rerun the same command to resume (only the interrupted cell is redone)."
         print(f"\nInterrupted;{kept}" if kept else "\nInterrupted.", file=sys.stderr)
         return 130
+    finally:
+        from .distributed import teardown
+
+        teardown()  # leave torchrun's process group, if this command joined one
+
+
+def _is_user_error(err: RuntimeError) -> bool:
+    """RuntimeErrors that carry a message for the user, not a bug's traceback: a failed sweep
+    worker, and running out of GPU memory (with what to change, added here)."""
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError):
+        err.args = (f"{err.args[0].splitlines()[0] if err.args else 'out of memory'}\nThe GPU ran out of memory. Lower "
+                    "--train.batch_size or --train.eval_batch_size, train the members a few at a time "
+                    "(--train.member_chunk), or recompute activations (--train.gradient_checkpointing true).",)
+        return True
+    return str(err).startswith("sweep worker")
 
 
 def _train(config: RunConfig, progress: bool, demo: bool) -> int:
@@ -215,9 +272,13 @@ def _train(config: RunConfig, progress: bool, demo: bool) -> int:
     from .tables import format_comparison, format_epochs, format_table
 
     m = config.ensemble
-    print(f"loraens: {m.num_members} members (rank {m.rank}, on {','.join(m.target_modules)}) of "
-          f"{config.model.name} on {config.data.dataset} -> {config.output_dir}", flush=True)
+    main = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 speaks for the run
+    if main:
+        print(f"loraens: {m.num_members} members (rank {m.rank}, on {','.join(m.target_modules)}) of "
+              f"{config.model.name} on {config.data.dataset} -> {config.output_dir}", flush=True)
     result = train_run(config, progress=progress)
+    if not main:
+        return 0
     for key, metrics in result.results.items():
         print()
         print(format_table(metrics, title=f"{key}: every member, mean member, ensemble"))
@@ -248,7 +309,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import cells, collect, is_complete, load_sweep, run_sweep, write_summary
+    from .sweep import cells, collect, is_complete, load_sweep, run_sweep, run_sweep_workers, write_summary
 
     spec = load_sweep(args.sweep, args.output_dir)
     if args.dry_run:
@@ -261,8 +322,19 @@ def _sweep(args: argparse.Namespace) -> int:
         if not Path(args.notes).is_file():
             raise FileNotFoundError(f"--notes {args.notes!r} does not exist.")
         notes = Path(args.notes).read_text()
-    if not args.report_only:  # run_sweep also writes <output_dir>/summary.md/html
-        run_sweep(spec, progress=not args.quiet, log=lambda line: print(line, flush=True))
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, but got {args.workers}.")
+    if args.gpus and args.workers is not None and args.workers != len(args.gpus):
+        raise ValueError(f"--workers {args.workers} does not match --gpus {','.join(args.gpus)} "
+                         f"({len(args.gpus)} GPUs: one worker per GPU); drop --workers.")
+    if args.worker is not None:  # one worker's share, started by --gpus / --workers
+        run_sweep(spec, progress=not args.quiet, log=log, worker=args.worker)
+        return 0
+    if not args.report_only and (args.gpus or (args.workers or 1) > 1):
+        run_sweep_workers(spec, args.gpus or [None] * args.workers, log=log)
+    elif not args.report_only:  # run_sweep also writes <output_dir>/summary.md/html
+        run_sweep(spec, progress=not args.quiet, log=log)
     if args.report_only or args.report_to or notes:
         html_path, md_path = write_summary(spec, collect(spec), args.report_to, notes)
         print(f"Wrote {md_path} and {html_path}")
@@ -278,7 +350,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive number of questions, but got {args.limit}.")
     out = evaluate_run(args.run, args.dataset, args.split, args.limit, args.ood, args.ood_split,
-                       progress=not args.quiet)
+                       progress=not args.quiet, device=args.device)
+    if not out:  # a torchrun rank other than 0: rank 0 prints
+        return 0
     print(format_table(out["metrics"], title=f"{out['key']}: every member, mean member, ensemble"))
     if out["ood"]:
         print()
