@@ -47,14 +47,13 @@ if not __package__:  # `python bench/bench_levers.py`: import bench/ as the pack
 import numpy as np
 import torch
 
+from bench.common import MODE_NAMES, build_loraens, loraens_step, make_task
 from loraens.config import ModelConfig, Scoring, SpeedConfig
 from loraens.data import load_mcqa
 from loraens.ensemble import member_layers
 from loraens.fast.support import GROUPED_EAGER
 from loraens.model import load_base_model
 from loraens.train import member_batches, member_orders
-
-from bench.common import MODE_NAMES, build_loraens, loraens_step, make_task
 
 _OFF = SpeedConfig(fused_update=False, pack_tokens=False, shared_head_positions=False, last_layer_trim=False,
                    bf16_train_head=False)

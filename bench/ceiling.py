@@ -11,7 +11,8 @@ A LoRA-ensemble training step on a frozen base must at least run
   choice token, forward and backward.
 
 `required_kernel_seconds` times each of these as bare `torch` calls at the shapes of a given step,
-on real (unpadded) tokens (attention: scaled to the causal work of the real lengths), and takes the fastest formulation and the best repetition wherever
+on real (unpadded) tokens (attention: scaled to the causal work of the real lengths), and takes the
+fastest formulation and the best repetition wherever
 there is a choice. Everything else a step does is left out: norms, rotary embeddings, SwiGLU,
 residual adds, casts, the loss, the optimizer, Python. The sum is therefore a lower bound on the
 time of that step with the kernels this torch build has on this machine, and model FLOPs over that

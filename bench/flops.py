@@ -21,8 +21,8 @@ import torch
 from loraens.config import Scoring
 from loraens.ensemble import member_layers
 from loraens.fast.last_layer import supports_last_layer_at
-from loraens.prompts import EncodedQuestion
 from loraens.fast.support import decoder_of
+from loraens.prompts import EncodedQuestion
 
 from .ceiling import best_seconds, required_kernel_seconds
 from .common import RANK, Task
@@ -96,10 +96,11 @@ def flop_model(model) -> FlopModel:
     lora_tok = {name: 6 * layer.lora_A.shape[1] * (layer.lora_A.shape[-1] + layer.lora_B.shape[1])  # A: [M, r, in]
                 for name, layer in member_layers(model).items()}
     last_prefix = f"layers.{len(decoder_of(model).layers) - 1}.mlp."
+    trimmed = supports_last_layer_at(model)  # the last layer's MLP runs at the head's positions only
     return FlopModel(n_lin=linear_params(model),
                      lora=sum(lora_tok.values()),
-                     last_mlp=sum(p.numel() for p in last.parameters() if p.dim() == 2) if supports_last_layer_at(model) else 0,
-                     last_mlp_lora=sum(v for n, v in lora_tok.items() if last_prefix in n) if supports_last_layer_at(model) else 0,
+                     last_mlp=sum(p.numel() for p in last.parameters() if p.dim() == 2) if trimmed else 0,
+                     last_mlp_lora=sum(v for n, v in lora_tok.items() if last_prefix in n) if trimmed else 0,
                      hidden=model.config.hidden_size, vocab=model.config.vocab_size)
 
 

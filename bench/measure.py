@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from loraens.fast.compiling import compile_decoder_layers
 from loraens.config import DType, ModelConfig, Scoring
 from loraens.data import load_mcqa
+from loraens.fast.compiling import compile_decoder_layers
 from loraens.model import load_base_model
 from loraens.predict import predict
 from loraens.scoring import Scorer

@@ -128,7 +128,8 @@ def run_memory(cfg: BenchConfig, configs: list[tuple]) -> list[dict]:
         results.append(res)
         # (process_peak_mb, the child's ru_maxrss, is not used: Linux carries the parent's peak
         # over fork/exec, so it shows this process's peak, not the child's.)
-        log(f"memory {side:8s} {scoring:17s} M={m:2d} B={b:2d} chunk={chunk} gc={gc_on}: step peak {res['step_peak_mb']:.0f} MB "
+        log(f"memory {side:8s} {scoring:17s} M={m:2d} B={b:2d} chunk={chunk} gc={gc_on}: "
+            f"step peak {res['step_peak_mb']:.0f} MB "
             f"(RSS loaded {res['rss_before_mb']:.0f} MB), "
             f"subprocess {time.perf_counter() - t0:.1f} s")
     return results

@@ -35,13 +35,14 @@ def peft_scores(pm, qs: list[EncodedQuestion], task: Task, c: int, adapter_names
     full-vocabulary log-softmax. `adapter_names` (one per question) selects PEFT's mixed batch.
     """
     n = len(qs)
+    device = next(pm.parameters()).device
     if task.scoring is Scoring.LETTER:
-        ids, mask = pad_right([q.prompt_ids for q in qs])
+        ids, mask = (x.to(device) for x in pad_right([q.prompt_ids for q in qs]))
         kw = {} if adapter_names is None else {"adapter_names": adapter_names}
         logits = pm(input_ids=ids, attention_mask=mask, **kw).logits  # [B, T, V]
         last = mask.sum(1) - 1
-        scores = logits[torch.arange(n), last][:, list(task.letter_ids[:c])]
-        exists = torch.tensor([[j < q.num_choices for j in range(c)] for q in qs])
+        scores = logits[torch.arange(n, device=device), last][:, list(task.letter_ids[:c])].float()
+        exists = torch.tensor([[j < q.num_choices for j in range(c)] for q in qs], device=device)
         return scores.masked_fill(~exists, float("-inf"))
     seqs, rows, cols, spans, names = [], [], [], [], []
     for i, q in enumerate(qs):
@@ -52,17 +53,17 @@ def peft_scores(pm, qs: list[EncodedQuestion], task: Task, c: int, adapter_names
             spans.append((len(q.prompt_ids), len(cont)))
             if adapter_names is not None:
                 names.append(adapter_names[i])
-    ids, mask = pad_right(seqs)
+    ids, mask = (x.to(device) for x in pad_right(seqs))
     kw = {} if adapter_names is None else {"adapter_names": names}
     logits = pm(input_ids=ids, attention_mask=mask, **kw).logits  # [S, T, V]
-    logp = logits[:, :-1].log_softmax(-1)
+    logp = logits[:, :-1].float().log_softmax(-1)  # float32, as HF losses are (the base may be bf16)
     tok = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # [S, T-1]: log p(token t+1 | tokens <= t)
     sel = torch.zeros_like(tok, dtype=torch.bool)
     for s, (p, length) in enumerate(spans):
         sel[s, p - 1: p - 1 + length] = True
     per_seq = torch.where(sel, tok, torch.zeros_like(tok)).sum(1) / sel.sum(1)  # mean over choice tokens
-    scores = torch.full((n, c), float("-inf"))
-    return scores.index_put((torch.tensor(rows), torch.tensor(cols)), per_seq)
+    scores = torch.full((n, c), float("-inf"), device=device, dtype=per_seq.dtype)
+    return scores.index_put((torch.tensor(rows, device=device), torch.tensor(cols, device=device)), per_seq)
 
 
 def build_peft(base, num_adapters: int, lr: float = LR, weight_decay: float = 0.01):
@@ -91,8 +92,8 @@ def build_peft(base, num_adapters: int, lr: float = LR, weight_decay: float = 0.
 def peft_member_step(pm, params, opts, k: int, qs: list[EncodedQuestion], task: Task) -> None:
     pm.set_adapter(f"m{k}")
     scores = peft_scores(pm, qs, task, task.num_choices)
-    targets = torch.tensor([q.answer for q in qs])
-    F.cross_entropy(scores, targets).backward()
+    targets = torch.tensor([q.answer for q in qs], device=scores.device)
+    F.cross_entropy(scores.float(), targets).backward()
     torch.nn.utils.clip_grad_norm_(params[k], MAX_GRAD_NORM)
     opts[k].step()
     opts[k].zero_grad(set_to_none=True)
@@ -108,7 +109,7 @@ def peft_eval_loop(pm, task: Task, m: int, batch_size: int) -> torch.Tensor:
     for k in range(m):
         pm.set_adapter(f"m{k}")
         for idx in batches:
-            out[idx, k] = peft_scores(pm, [qs[i] for i in idx], task, task.eval_choices).softmax(-1)
+            out[idx, k] = peft_scores(pm, [qs[i] for i in idx], task, task.eval_choices).float().softmax(-1).cpu()
     return out
 
 
@@ -121,7 +122,7 @@ def peft_eval_mixed(pm, task: Task, m: int, batch_size: int) -> torch.Tensor:
     for idx in length_sorted_batches(qs, max(1, batch_size // m)):
         sub = [qs[i] for i in idx]
         names = [f"m{k}" for k in range(m) for _ in sub]
-        probs = peft_scores(pm, sub * m, task, task.eval_choices, adapter_names=names).softmax(-1)
+        probs = peft_scores(pm, sub * m, task, task.eval_choices, adapter_names=names).float().softmax(-1).cpu()
         out[idx] = probs.view(m, len(idx), -1).transpose(0, 1)
     return out
 

@@ -81,8 +81,8 @@ def train_loraens_sides(cfg: BenchConfig, task: Task, train: TrainConfig, sides:
         cache = prefix_cache_for(base, first_lora_layer(base)) if k is not None else None
         scorer = Scorer(scoring, task.letter_ids, NORM, prefix_cache=cache)
         if init_state is None:
-            init_state = {n: (l.lora_A.detach().clone(), l.lora_B.detach().clone())
-                          for n, l in member_layers(base).items()}
+            init_state = {n: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+                          for n, layer in member_layers(base).items()}
         t0 = time.perf_counter()
         train_members(base, task.train_q, train, ens, scorer, progress=False)
         t_train = time.perf_counter() - t0

@@ -9,9 +9,9 @@ a real run; what these figures are not. Section (i) of BENCHMARKS.md, the lever 
 
 from __future__ import annotations
 
-from loraens.fast.compiling import AUTO_MIN_MEMBER_QUESTIONS
 from loraens.bootstrap import format_ci
 from loraens.config import ModelConfig
+from loraens.fast.compiling import AUTO_MIN_MEMBER_QUESTIONS
 
 from .common import ALPHA, LR, MAX_GRAD_NORM, RANK, TARGETS, fmt
 from .config import BenchConfig
@@ -85,7 +85,8 @@ def render_training(results: list[ModeResult], m: int) -> list[str]:
            "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         out.append(f"| {r.mode} | {fmt(r.peft[m])} | {fmt(r.fp32[m])} | {fmt(r.bf16[m])} | "
-                   f"**{fmt(r.bf16[m] / r.peft[m])}x** | {fmt(r.fp32[m] / r.peft[m])}x | {fmt(r.bf16[m] / r.fp32[m])}x |")
+                   f"**{fmt(r.bf16[m] / r.peft[m])}x** | {fmt(r.fp32[m] / r.peft[m])}x | "
+                   f"{fmt(r.bf16[m] / r.fp32[m])}x |")
     out += ["", "Median seconds per optimizer step (all M members) and tokens per member-example "
             "(what the forward passes hold, padding included):\n",
             "| scoring | PEFT-seq s/step | loraens fp32 s/step | loraens bf16 s/step | real tokens | "
@@ -271,7 +272,8 @@ def render_mfu_bound(results: list[ModeResult], peak: float) -> list[str]:
                        f"{100 * x['gflops'] * 1e9 / peak:.0f}% | {1e3 * x['linear']:.0f} | "
                        f"{1e3 * x['attention']:.0f} | {1e3 * x['lora']:.0f} | {1e3 * x['head']:.0f} | "
                        f"{1e3 * x['total']:.0f} | {x['linear_gflops']:.0f} | "
-                       f"**{100 * x['bound_gflops'] * 1e9 / peak:.0f}%** | {100 * x['gflops'] / x['bound_gflops']:.0f}% |")
+                       f"**{100 * x['bound_gflops'] * 1e9 / peak:.0f}%** | "
+                       f"{100 * x['gflops'] / x['bound_gflops']:.0f}% |")
     out.append("")
     return out
 
@@ -288,7 +290,8 @@ def render_compile(results: list[ModeResult], cfg: BenchConfig, peak: float) -> 
         c = r.compiled
         saved = c["eager_s"] - c["compiled_s"]
         payback = f"{(c['first_step_s'] - c['compiled_s']) / saved:.0f}" if saved > 0 else "never"
-        out.append(f"| {r.mode} | {c['eager_s']:.2f} | {c['compiled_s']:.2f} | **{c['eager_s'] / c['compiled_s']:.2f}x** "
+        out.append(f"| {r.mode} | {c['eager_s']:.2f} | {c['compiled_s']:.2f} | "
+                   f"**{c['eager_s'] / c['compiled_s']:.2f}x** "
                    f"| {c['first_step_s']:.0f} | {payback} |")
     out.append("")
     out.append(f"Medians over {cfg.compile_steps} interleaved steps on the same batches (different lengths: "
@@ -314,7 +317,8 @@ def render_compile(results: list[ModeResult], cfg: BenchConfig, peak: float) -> 
     if ev:
         out.append(f"Evaluation ({ev[0].compiled['eval_questions']:.0f} questions, M = {m}, "
                    f"median of {cfg.eval_reps} interleaved passes) with the same compiled layers:\n")
-        out.append("| scoring | first compiled pass (s) | compiled pass (s) | eager pass (s) | eager / compiled speed |")
+        out.append("| scoring | first compiled pass (s) | compiled pass (s) | eager pass (s) "
+                   "| eager / compiled speed |")
         out.append("|---|---:|---:|---:|---:|")
         for r in ev:
             c = r.compiled
@@ -366,7 +370,8 @@ def render_quality(q: dict) -> list[str]:
     for name, side in q["sides"].items():
         label = name if side["k"] is None else f"top {side['k']} of {q['layers']} layers + prefix cache"
         cis = side["cis"]
-        row = [label, f"{side['train_s']:.0f}", format_ci(cis["accuracy"]), format_ci(cis["nll"]), format_ci(cis["ece"])]
+        row = [label, f"{side['train_s']:.0f}", format_ci(cis["accuracy"]), format_ci(cis["nll"]),
+               format_ci(cis["ece"])]
         if "diff" in side:
             d = side["diff"]
             row += [f"{format_ci(d[k])} p={d[k]['p_value']:.2f}" for k in ("accuracy", "nll", "ece")]

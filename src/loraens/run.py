@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .config import CompileMode, RunConfig
 from .data import load_examples, warn_if_evaluating_on_training_file
-from . import distributed
 from .distributed import Shard
 from .ensemble import (
     attach_members,

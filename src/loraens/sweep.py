@@ -156,7 +156,8 @@ def load_sweep(source: str | Path, output_dir: str | None = None) -> SweepSpec:
         raw["output_dir"] = output_dir
     datasets = [DatasetSpec(**_fields(DatasetSpec, {"name": d} if isinstance(d, str) else d, f"datasets[{i}]"))
                 for i, d in enumerate(raw.pop("datasets") or [])]
-    variants = [VariantSpec(**_fields(VariantSpec, v, f"variants[{i}]")) for i, v in enumerate(raw.pop("variants") or [])]
+    variants = [VariantSpec(**_fields(VariantSpec, v, f"variants[{i}]"))
+                for i, v in enumerate(raw.pop("variants") or [])]
     spec = SweepSpec(datasets=datasets, variants=variants, **raw)
     _check_spec(spec)
     return spec
@@ -437,7 +438,8 @@ def derive_methods(ens: LoadedEnsemble, cell: Cell, test_key: str, val_key: str,
     m = cfg.ensemble.num_members
     per_member = sum(p.numel() for p in lora_parameters(ens.model)) // m
     test, val = load_predictions(folder, test_key), load_predictions(folder, val_key)
-    ev_test, ev_val = evaluate_ensemble(test.member_probs, test.targets), evaluate_ensemble(val.member_probs, val.targets)
+    ev_test = evaluate_ensemble(test.member_probs, test.targets)
+    ev_val = evaluate_ensemble(val.member_probs, val.targets)
     out: dict[str, Any] = {}
     if "single" in wanted:
         out["single"] = _entry(ev_test["mean_member"], 1, per_member, ev_val["mean_member"])

@@ -65,8 +65,9 @@ def member_batches(orders: np.ndarray, lengths: np.ndarray, batch_size: int, win
     With `window > 1`, each member sorts its questions by length within windows of `window`
     batches before splitting them, and all members then visit the batches in one shared shuffled
     order. At every step the members' questions are different but of similar length, so the
-    padding to a common length stays small (docs/design.md gives the measured padding), while each batch is still a random draw from the member's own order. The
-    window shrinks on small sets so that an epoch always spans at least 4 windows.
+    padding to a common length stays small (docs/design.md gives the measured padding), while each
+    batch is still a random draw from the member's own order. The window shrinks on small sets so
+    that an epoch always spans at least 4 windows.
     """
     m, n = orders.shape
     # Keep at least 4 windows per epoch: one window holding every question would sort all

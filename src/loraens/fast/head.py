@@ -5,7 +5,8 @@ vocabulary (49,152 rows for SmolLM2). That head is the largest single GEMM of a 
 with LoRA only in the top layers (the prefix cache) it is a large share of the step.
 
 The plain way computes it in float32: the bf16 weight is cast to float32 on every forward (a copy
-of the whole embedding), the GEMMs run at the float32 rate (a fraction of the bf16 rate), and the log-softmax writes a second [K, V] float32 tensor that the backward reads.
+of the whole embedding), the GEMMs run at the float32 rate (a fraction of the bf16 rate), and
+the log-softmax writes a second [K, V] float32 tensor that the backward reads.
 bf16 logits alone would be fast but round each logit by up to 2^-8 of its size, which blurs
 NLL and ECE.
 
