@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 MIRROR := $(abspath ../shared/data/mcqa)
 DATA_ENV := $(if $(LORAENS_DATA_DIR),,$(if $(wildcard $(MIRROR)),LORAENS_DATA_DIR=$(MIRROR),))
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test lint install clean-venv
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -32,6 +32,14 @@ demo: install
 
 test: install
 	$(DATA_ENV) $(PY) -m pytest -q $(ARGS)
+
+# ruff (120 columns, sorted imports) must be clean; mypy must not add to .ci/mypy-baseline.txt.
+$(VENV)/.lint-installed: $(VENV)/.installed
+	$(PIP) install -q -e '.[lint]'
+	touch $@
+
+lint: $(VENV)/.lint-installed
+	PY=$(PY) .ci/lint
 
 clean-venv:
 	rm -rf $(VENV)
