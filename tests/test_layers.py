@@ -64,3 +64,45 @@ def test_the_guard_catches_an_engine_module() -> None:
     # The canary: `loraens.run` loads the model code, so the same check must fail on it.
     result = _import_alone("loraens.run")
     assert result.returncode != 0 and "is blocked" in result.stderr
+
+
+# ---------------------------------------------------------------- static rules for fast/ and config
+
+
+def _loraens_imports(path: Path) -> set[str]:
+    """The loraens modules `path` imports (anywhere in the file, lazy imports included), absolute."""
+    import ast
+
+    package = "loraens" + "".join(f".{p}" for p in path.parent.relative_to(SRC / "loraens").parts)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                name = f"{base}.{node.module}" if node.module else base
+            else:
+                name = node.module or ""
+            names = [f"{name}.{a.name}" if not node.module and node.level else name for a in node.names]
+            found.update(n for n in names if n.startswith("loraens"))
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("loraens"))
+    return found
+
+
+SRC = Path(loraens.__file__).resolve().parent.parent
+
+
+def test_fast_imports_only_config_batching_and_itself() -> None:
+    allowed = {"loraens.config", "loraens.batching"}
+    for path in sorted((SRC / "loraens" / "fast").glob("*.py")):
+        bad = {m for m in _loraens_imports(path) if m not in allowed and not m.startswith("loraens.fast")}
+        assert not bad, f"{path.name} imports {sorted(bad)}: loraens.fast serves the member forward only"
+
+
+def test_config_imports_no_loraens_module() -> None:
+    assert _loraens_imports(SRC / "loraens" / "config.py") == set()
+
+
+def test_the_static_check_reads_relative_imports() -> None:
+    assert {"loraens.batching", "loraens.fast.packing", "loraens.fast.support"} <= _loraens_imports(
+        SRC / "loraens" / "fast" / "attention.py")
