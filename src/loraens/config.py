@@ -210,7 +210,7 @@ class TrainConfig:
     # keep the members of the best epoch. Null = train all epochs.
     early_stopping_patience: int | None = None
     # torch.compile the decoder layers: the first step compiles, later steps run faster (measured:
-    # BENCHMARKS.md, the compile section). auto: only for runs of at least 5000 member-questions
+    # BENCHMARKS.md section (f)). auto: only for runs of at least 5000 member-questions
     # (steps x members x batch_size, x K/L when a frozen-prefix cache leaves K of L layers to compile),
     # without member_chunk or checkpointing, with a C++ compiler. Evaluation always runs eagerly.
     compile: CompileMode = CompileMode.AUTO

@@ -99,7 +99,7 @@ class _MemberLoraAdd(torch.autograd.Function):
     - the backward forms the A gradient as (g B)^T x, a bmm layout that ran faster on CPU than
       x^T (g B) at SmolLM2's shapes (docs/design.md).
     Dropout keeps the plain autograd path (its masks would have to be saved). A small lever;
-    measured: BENCHMARKS.md, the levers section (`bench/bench_levers.py`).
+    measured: BENCHMARKS.md section (i) (`bench/bench_levers.py`).
     """
 
     @staticmethod

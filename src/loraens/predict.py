@@ -34,7 +34,7 @@ def predict(
 
     Decoder layers compiled for training (`--train.compile`) run eagerly here unless `compiled`:
     a compiled `no_grad` forward needs a compilation of its own and was still slower than eager
-    once compiled (measured: BENCHMARKS.md, the compile section).
+    once compiled (measured: BENCHMARKS.md section (f)).
     """
     if not questions:
         raise ValueError("predict() got no questions; check the dataset, split and --limit.")

@@ -16,7 +16,7 @@ float32, as there); only the GEMM blocking differs.
 Registered with transformers under `GROUPED_EAGER` (the CPU default of
 `--model.attn_implementation`) with eager's additive float masks. K and V are kept for the
 backward once per key/value head instead of once per query head. A small lever; measured:
-BENCHMARKS.md, the levers section (`bench/bench_levers.py`).
+BENCHMARKS.md section (i) (`bench/bench_levers.py`).
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ runs the same layers eagerly (`predict`): a `no_grad` pass would compile a secon
 slower than eager even after that. The saving per step grows with the step's work (M x B), the
 compilation does not, so `--train.compile auto` (the default) compiles runs of at least
 `AUTO_MIN_MEMBER_QUESTIONS` = steps x M x B, a threshold set from the measured payback.
-Measured (speed-up, payback in member-questions, compiled vs eager evaluation): BENCHMARKS.md,
-the compile section.
+Measured (speed-up, payback in member-questions, compiled vs eager evaluation): BENCHMARKS.md
+section (f); the figures: docs/design.md, "Choices we measured".
 """
 
 from __future__ import annotations

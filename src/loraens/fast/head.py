@@ -28,11 +28,11 @@ NLL and ECE.
 Training does not need the float32-exact logits (`exact=False`, which `train_step` passes): the
 bf16 product alone, one GEMM fewer, everything after it unchanged. The loss and its gradient then
 carry the logits' bf16 rounding, like every other bf16 product of the step; NLL and ECE are
-measured in evaluation, which keeps the exact logits, and `bench/bench.py` section (f) compares
+measured in evaluation, which keeps the exact logits, and `bench/bench.py` section (h) compares
 the trained ensemble with float32 PEFT. `bench/bench_levers.py` times it on and off ("+ bf16
 training head"; a frozen-prefix step gains most, since the head is a larger share of it).
 
-Measured against the float32 head: BENCHMARKS.md, the head section (`python bench/bench_head.py`).
+Measured against the float32 head (`python bench/bench_head.py`): docs/design.md, "Choices we measured".
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ module: the keys and values of all positions are needed, and leaving the module 
 its rotary embeddings, q/k norms (Qwen3) and attention implementation (packed or padded)
 unchanged. The MLP holds most of a layer's weights, so most of the last layer's linear work is
 skipped: a small share of a full-depth step, a larger one of a step with LoRA only in the top K
-layers (the frozen-prefix cache), where the last layer is one of K. Measured: BENCHMARKS.md, the
-levers section (`bench/bench_levers.py --top-layers 8`).
+layers (the frozen-prefix cache), where the last layer is one of K. Measured: BENCHMARKS.md
+section (i) (`bench/bench_levers.py --top-layers 8`).
 
 The result at a kept position is the full layer's: the same operations on the same values
 (up to bf16 GEMM blocking, as everywhere). Supported: decoder layers with Llama's residual
