@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train, RunConfig())
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    demo = sub.add_parser("demo", help="the minutes-long demo: 4 members on ARC-Easy, single vs ensemble",
+    demo = sub.add_parser("demo", help="the minutes-long demo: 4 members on ARC-Easy, mean member vs ensemble",
                           description="Train 4 LoRA members of the default model (SmolLM2-135M) for 3 epochs on 400 "
                                       "ARC-Easy training questions and compare single members with the ensemble "
                                       "on the 570 validation questions after every epoch. Any setting can be "
@@ -287,7 +287,7 @@ def _train(config: RunConfig, progress: bool, demo: bool) -> int:
         print(format_table(metrics, title=f"{key}: every member, mean member, ensemble"))
         if demo:
             print()
-            print(format_comparison(metrics, title=f"{key}: single member vs ensemble"))
+            print(format_comparison(metrics, title=f"{key}: mean member vs ensemble"))
     if demo:
         print()
         print(format_epochs(result.run_dir / "metrics.jsonl"))
