@@ -400,6 +400,9 @@ def run_cell(cell: Cell, mc_passes: int = 8, progress: bool = True) -> dict[str,
             "wall_seconds": round(time.time() - started, 1),
             "peak_rss_mb": round(_peak_rss_mb(), 1), "peak_rss_exact": exact_peak,
             "trainable_params_per_member": int(per_member),
+            # torch.cuda.max_memory_allocated over the cell's training (results.json), on a GPU
+            **({"peak_gpu_memory_bytes": info["peak_gpu_memory_bytes"], "gpu": info.get("gpu")}
+               if "peak_gpu_memory_bytes" in info else {}),
         },
         "methods": methods,
         "epochs": epoch_curve(cell.folder, test_key),

@@ -1,0 +1,89 @@
+"""`loraens sweep --workers W` / `--gpus LIST`: the cells spread over worker processes, each with
+its own CUDA_VISIBLE_DEVICES, then one summary; the same cells as one process would run."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+import loraens.sweep as sweep_mod
+from loraens.cli import main
+from loraens.sweep import cells, is_complete, load_sweep
+from tests.test_sweep import write_sweep
+
+
+def test_workers_share_the_cells_and_one_summary_follows(tmp_path, tiny_setup, monkeypatch, capsys):
+    model_dir, mirror = tiny_setup
+    path = write_sweep(tmp_path, model_dir, mirror, seeds=[0, 1])
+    spec = load_sweep(path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert main(["sweep", path, "--workers", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    grid = cells(spec)
+    assert all(is_complete(c, spec.mc_dropout_passes) for c in grid)
+    for i, cell in enumerate(grid, 1):  # worker i % 2 ran cell i (round robin), and said so
+        assert f"[worker {(i - 1) % 2}] [{i}/{len(grid)}] {cell.title}: done" in out
+    assert (tmp_path / "sweep" / "summary.md").is_file()
+    # A rerun finds every cell complete and trains nothing.
+    assert main(["sweep", path, "--workers", "2", "--quiet"]) == 0
+    assert "done in" not in capsys.readouterr().out
+
+
+def test_gpu_workers_see_only_their_gpu(tmp_path, monkeypatch):
+    """--gpus 3,5: worker i runs with CUDA_VISIBLE_DEVICES = the i-th entry (checked on the
+    launched commands, without GPUs)."""
+    launched = []
+
+    class FakeProc:
+        def __init__(self, cmd, env, **kw):
+            launched.append((cmd, env.get("CUDA_VISIBLE_DEVICES")))
+            self.stdout = iter(())
+
+        def wait(self):
+            return 0
+
+    spec = sweep_mod.SweepSpec("s", str(tmp_path / "out"), [sweep_mod.DatasetSpec("arc_easy")],
+                               [sweep_mod.VariantSpec("v", group="base")])
+    monkeypatch.setattr(sweep_mod.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(sweep_mod, "collect", lambda spec: [{}])
+    monkeypatch.setattr(sweep_mod, "write_summary", lambda spec, records: ("s.html", "s.md"))
+    sweep_mod.run_sweep_workers(spec, ["3", "5"], log=lambda line: None)
+    assert [env for _, env in launched] == ["3", "5"]
+    assert [cmd[cmd.index("--worker") + 1] for cmd, _ in launched] == ["0/2", "1/2"]
+    assert all(cmd[:4] == [sys.executable, "-m", "loraens", "sweep"] for cmd, _ in launched)
+
+
+def test_a_failing_worker_is_named_and_the_others_finish(tmp_path, monkeypatch):
+    class FakeProc:
+        def __init__(self, cmd, env, **kw):
+            self.code = 1 if cmd[cmd.index("--worker") + 1] == "1/2" else 0
+            self.stdout = iter(["oops\n"] if self.code else ())
+
+        def wait(self):
+            return self.code
+
+    spec = sweep_mod.SweepSpec("s", str(tmp_path / "out"), [sweep_mod.DatasetSpec("arc_easy")],
+                               [sweep_mod.VariantSpec("v", group="base")])
+    monkeypatch.setattr(sweep_mod.subprocess, "Popen", FakeProc)
+    lines = []
+    with pytest.raises(RuntimeError, match=r"worker\(s\) 1 \(exit code 1\) failed"):
+        sweep_mod.run_sweep_workers(spec, [None, None], log=lines.append)
+    assert "[worker 1] oops" in lines
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--gpus", "0,1", "--workers", "3"], "does not match --gpus 0,1"),
+])
+def test_worker_flag_errors(tmp_path, tiny_setup, capsys, flags, message):
+    model_dir, mirror = tiny_setup
+    path = write_sweep(tmp_path, model_dir, mirror)
+    assert main(["sweep", path, *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_gpu_list_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "paper-small", "--gpus", "0,x"])
+    assert "distinct GPU indices" in capsys.readouterr().err
