@@ -10,6 +10,7 @@ from transformers import (
 )
 
 from loraens.fast.attention import GROUPED_EAGER, grouped_eager_attention
+from tests.conftest import DEVICE
 
 
 def _tiny_llama(attn: str, kv_heads: int) -> LlamaForCausalLM:
@@ -17,7 +18,7 @@ def _tiny_llama(attn: str, kv_heads: int) -> LlamaForCausalLM:
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
                          attn_implementation=attn)
-    return LlamaForCausalLM(config).float()
+    return LlamaForCausalLM(config).float().to(DEVICE)
 
 
 def _tiny_gemma3(attn: str) -> Gemma3ForCausalLM:
@@ -27,7 +28,7 @@ def _tiny_gemma3(attn: str) -> Gemma3ForCausalLM:
                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
                               layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64,
                               attn_implementation=attn)
-    return Gemma3ForCausalLM(config).float()
+    return Gemma3ForCausalLM(config).float().to(DEVICE)
 
 
 def _padded_block_mask(rows: int, length: int) -> torch.Tensor:
@@ -45,8 +46,8 @@ def _padded_block_mask(rows: int, length: int) -> torch.Tensor:
 def test_model_outputs_and_gradients_match_eager(kv_heads):
     ref_model, model = _tiny_llama("eager", kv_heads), _tiny_llama(GROUPED_EAGER, kv_heads)
     model.load_state_dict(ref_model.state_dict())
-    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(1))
-    mask = _padded_block_mask(3, 9)
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    mask = _padded_block_mask(3, 9).to(DEVICE)
     outs = []
     for m in (ref_model, model):
         logits = m(input_ids=ids, attention_mask=mask).logits
@@ -63,7 +64,7 @@ def test_model_without_mask_matches_eager(make):
     and sliding-window for Gemma 3's local layer), so the logits are eager's."""
     ref_model, model = make("eager"), make(GROUPED_EAGER)
     model.load_state_dict(ref_model.state_dict())
-    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref_model(ids).logits, atol=1e-5, rtol=1e-5)
 

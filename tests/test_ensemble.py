@@ -24,6 +24,7 @@ from loraens.ensemble import (
     lora_parameters,
     member_layers,
 )
+from tests.conftest import DEVICE
 
 # fp32 forwards of a 2-layer model through two different code paths (one bmm per layer for all
 # members vs. PEFT's per-adapter nn.Linear calls) differ only by float summation order: ~1e-6.
@@ -35,7 +36,8 @@ def ens_config(**kw) -> EnsembleConfig:
 
 
 def tokens(tokenizer, text: str = "Question: What is the colour of the sky?\nAnswer:") -> torch.Tensor:
-    return torch.tensor([tokenizer(text)["input_ids"]])
+    """Input ids [1, T] of `text`, on `DEVICE` (where `make_base` puts the model)."""
+    return torch.tensor([tokenizer(text)["input_ids"]], device=DEVICE)
 
 
 def member_logits(model, ids: torch.Tensor, m: int) -> torch.Tensor:
@@ -116,14 +118,15 @@ def test_wrong_row_count_is_an_error(base_model, tokenizer):
 
 def test_zero_B_members_equal_the_base_model(make_base, tokenizer):
     ids = tokens(tokenizer)
-    with torch.no_grad():
-        base = make_base()(ids).logits
     model = make_base()
     attach_members(model, ens_config(num_members=3, init_scale=4.0))
     out = member_logits(model, ids, 3)
+    # The base model on the same M*B rows: the same GEMM shapes, so the same kernels (on CUDA the
+    # kernel, and with it the summation order, may depend on the row count).
+    base = member_logits(make_base(), ids, 3)
     for k in range(3):
         # B = 0 makes the update exactly 0 (x A^T B^T with B = 0), so equality is exact.
-        assert torch.equal(out[k], base)
+        assert torch.equal(out[k], base[k])
 
 
 # ---------------------------------------------------------------- init
@@ -171,7 +174,7 @@ def test_each_member_equals_its_exported_peft_adapter(make_base, tokenizer, tmp_
     for k in range(3):
         folder = export_member(model, k, tmp_path / f"member_{k}", cfg)
         assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
-        peft_model = PeftModel.from_pretrained(make_base(), str(folder)).eval()
+        peft_model = PeftModel.from_pretrained(make_base(), str(folder)).to(DEVICE).eval()
         loaded = peft_state(peft_model)  # PEFT found every layer under the exported names
         assert set(loaded) == {f"{n}.{w}" for n in layers for w in ("A", "B")}
         for name, layer in layers.items():
@@ -192,10 +195,11 @@ def test_peft_forward_equivalence_with_a_batch_of_two(make_base, tokenizer, tmp_
     a = tokenizer("Question: What is the colour of the sky?")["input_ids"]
     b = tokenizer("Answer: the sea is blue and cold!")["input_ids"]
     t = min(len(a), len(b))
-    ids = torch.tensor([a[:t], b[:t]])
+    ids = torch.tensor([a[:t], b[:t]], device=DEVICE)
     out = member_logits(model, ids, 2)
     for k in range(2):
         peft_model = PeftModel.from_pretrained(make_base(), str(export_member(model, k, tmp_path / f"m{k}", cfg)))
+        peft_model.to(DEVICE)
         with torch.no_grad():
             torch.testing.assert_close(out[k], peft_model(ids).logits, atol=ATOL, rtol=0)
 
@@ -221,12 +225,12 @@ def _peft_saved_adapter(make_base, folder, r: int, alpha: float, seed: int = 5):
     """An adapter created, randomised and saved by PEFT itself; returns the live PEFT model."""
     lcfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
                       task_type="CAUSAL_LM")
-    peft_model = get_peft_model(make_base(), lcfg)
+    peft_model = get_peft_model(make_base(), lcfg).to(DEVICE)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+                p.copy_((torch.randn(p.shape, generator=gen) * 0.2).to(p.device))
     peft_model.save_pretrained(str(folder))
     return peft_model.eval()
 
@@ -241,9 +245,9 @@ def test_import_adapter_saved_by_peft(make_base, tokenizer, tmp_path, alpha):
     out = member_logits(model, ids, 3)
     with torch.no_grad():
         ref = peft_model(ids).logits
-        base = make_base()(ids).logits
+    base = member_logits(make_base(), ids, 3)  # on the same M*B rows (see test_zero_B_members_equal_the_base_model)
     torch.testing.assert_close(out[1], ref, atol=ATOL, rtol=0)
-    assert torch.equal(out[0], base) and torch.equal(out[2], base)  # other slots untouched (B = 0)
+    assert torch.equal(out[0], base[0]) and torch.equal(out[2], base[2])  # other slots untouched (B = 0)
 
 
 def test_import_wrong_rank_is_an_error(make_base, tmp_path):
@@ -330,7 +334,8 @@ def test_member_layer_forward_by_hand():
     with torch.no_grad():
         layer.lora_A.normal_()
         layer.lora_B.normal_()
-    x = torch.randn(2 * 3, 7, 5)  # M=2 members, B=3 rows each, 7 tokens
+    layer.to(DEVICE)  # base too: it is a submodule
+    x = torch.randn(2 * 3, 7, 5).to(DEVICE)  # M=2 members, B=3 rows each, 7 tokens
     out = layer(x)
     for k in range(2):
         xk = x[3 * k: 3 * (k + 1)]
@@ -351,8 +356,9 @@ def test_member_layer_gradients_match_autograd_reference(x_dtype, fused):
     with torch.no_grad():
         layer.lora_A.normal_()
         layer.lora_B.normal_()
-    x = torch.randn(m * rows, t, d_in).to(x_dtype).requires_grad_(True)
-    weights = torch.randn(m * rows, t, d_out)  # a loss that weighs every output differently
+    layer.to(DEVICE)  # LoRA weights stay float32: `.to(device)` changes no dtype
+    x = torch.randn(m * rows, t, d_in).to(x_dtype).to(DEVICE).requires_grad_(True)
+    weights = torch.randn(m * rows, t, d_out).to(DEVICE)  # a loss that weighs every output differently
     (layer(x).float() * weights).sum().backward()
 
     a64 = layer.lora_A.detach().double().requires_grad_(True)
@@ -379,7 +385,8 @@ def test_member_layer_frozen_input_and_active_members():
     with torch.no_grad():
         layer.lora_A.normal_()
         layer.lora_B.normal_()
-    x = torch.randn(3 * 2, 6)
+    layer.to(DEVICE)
+    x = torch.randn(3 * 2, 6).to(DEVICE)
     layer(x).pow(2).sum().backward()
     full_a, full_b = layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
     layer.zero_grad()

@@ -1,10 +1,31 @@
-"""The full-vocabulary head's token log-probabilities: exact to float32 level at bf16 speed."""
+"""The full-vocabulary head's token log-probabilities: exact to float32 level at bf16 speed.
+
+Every tensor is drawn on the CPU from a seeded generator (the same numbers on every device) and
+moved to `DEVICE`, where the head runs; the float64 references run there too.
+"""
 
 import pytest
 import torch
 
 import loraens.fast.head as head_mod
 from loraens.fast.head import exact_logits, token_log_probs
+from tests.conftest import DEVICE
+
+
+def on(*values, **kw) -> torch.Tensor:
+    """`torch.tensor(values)` on `DEVICE`."""
+    return torch.tensor(values, device=DEVICE, **kw)
+
+
+def set_block_elements(monkeypatch, elements: int) -> None:
+    """Vocabulary blocks of `elements` logits on every device (the CUDA size is separate)."""
+    monkeypatch.setattr(head_mod, "BLOCK_ELEMENTS", elements)
+    monkeypatch.setattr(head_mod, "CUDA_BLOCK_ELEMENTS", elements)
+
+
+def weights_for(targets: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Weights 0.5 .. 1.5, one per target, on the targets' device: the loss weighs every output differently."""
+    return torch.linspace(0.5, 1.5, len(targets), dtype=dtype, device=targets.device)
 
 
 @pytest.fixture
@@ -14,14 +35,14 @@ def head_data():
     hidden = (torch.randn(37, 64, generator=gen) * 2.5).to(torch.bfloat16)
     weight = (torch.randn(3000, 64, generator=gen) * 0.6).to(torch.bfloat16)
     targets = torch.randint(0, 3000, (37,), generator=gen)
-    return hidden, weight, targets
+    return hidden.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE)
 
 
 def reference(hidden, weight, targets):
     """float64 log-softmax of the same bf16 inputs, and its gradient with respect to `hidden`."""
     h = hidden.double().requires_grad_(True)
     lp = torch.log_softmax(h @ weight.double().T, -1).gather(1, targets[:, None]).squeeze(1)
-    (lp * torch.linspace(0.5, 1.5, len(targets), dtype=torch.float64)).sum().backward()
+    (lp * weights_for(targets, torch.float64)).sum().backward()
     return lp.detach(), h.grad
 
 
@@ -41,14 +62,14 @@ def test_token_log_probs_and_gradient_match_float64(head_data, block_elements, m
     """One block, and 12 blocks of 256 columns (the last one short; targets on block edges)."""
     hidden, weight, targets = head_data
     targets = targets.clone()
-    targets[:4] = torch.tensor([255, 256, 2815, 2999])  # the last column of a block, the first of the next...
+    targets[:4] = on(255, 256, 2815, 2999)  # the last column of a block, the first of the next...
     if block_elements:
-        monkeypatch.setattr(head_mod, "BLOCK_ELEMENTS", block_elements)
-    assert head_mod.vocab_block(len(targets), weight.shape[0]) == (256 if block_elements else weight.shape[0])
+        set_block_elements(monkeypatch, block_elements)
+    assert head_mod.vocab_block(len(targets), weight.shape[0], DEVICE) == (256 if block_elements else weight.shape[0])
     ref_lp, ref_grad = reference(hidden, weight, targets)
     h = hidden.clone().requires_grad_(True)
     lp = token_log_probs(h, weight, targets)
-    (lp * torch.linspace(0.5, 1.5, len(targets))).sum().backward()
+    (lp * weights_for(targets)).sum().backward()
     assert lp.dtype == torch.float32
     assert (lp.double() - ref_lp).abs().max() < 5e-4
     assert h.grad.dtype == torch.bfloat16
@@ -61,12 +82,12 @@ def test_training_head_is_the_log_softmax_of_the_bf16_logits(head_data, block_el
     """exact=False: the same computation on the bf16-rounded logits, and their gradient."""
     hidden, weight, targets = head_data
     if block_elements:
-        monkeypatch.setattr(head_mod, "BLOCK_ELEMENTS", block_elements)
+        set_block_elements(monkeypatch, block_elements)
     h_ref = hidden.clone().requires_grad_(True)
     # float64 log-softmax of the bf16 product, and its gradient through that product (bf16 GEMM)
     logits = torch.nn.functional.linear(h_ref, weight)
     ref = torch.log_softmax(logits.double(), -1).gather(1, targets[:, None]).squeeze(1)
-    weights = torch.linspace(0.5, 1.5, len(targets))
+    weights = weights_for(targets)
     (ref * weights.double()).sum().backward()
     h = hidden.clone().requires_grad_(True)
     lp = token_log_probs(h, weight, targets, exact=False)
@@ -89,9 +110,9 @@ def test_near_certain_tokens_keep_their_small_log_probability(block_elements, mo
     subtracted before the exponentials, as a log-softmax does.
     """
     if block_elements:
-        monkeypatch.setattr(head_mod, "BLOCK_ELEMENTS", block_elements)
+        set_block_elements(monkeypatch, block_elements)
     gen = torch.Generator().manual_seed(2)
-    weight = (torch.randn(2000, 32, generator=gen) * 0.3).to(torch.bfloat16)
+    weight = (torch.randn(2000, 32, generator=gen) * 0.3).to(torch.bfloat16).to(DEVICE)
     hidden = (weight[:8].float() * 25).to(torch.bfloat16)  # row k points at vocabulary row k
     logits = hidden.double() @ weight.double().T
     targets = logits.argmax(-1)
@@ -116,17 +137,17 @@ def test_near_certain_tokens_keep_their_small_log_probability(block_elements, mo
 
 
 def test_float64_inputs_pass_gradcheck(monkeypatch):
-    monkeypatch.setattr(head_mod, "BLOCK_ELEMENTS", 5 * 256)  # 3 blocks of the 600 columns
+    set_block_elements(monkeypatch, 5 * 256)  # 3 blocks of the 600 columns
     gen = torch.Generator().manual_seed(1)
-    hidden = torch.randn(5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(600, 8, generator=gen, dtype=torch.float64) * 0.3
-    targets = torch.tensor([0, 300, 599, 255, 256])
+    hidden = torch.randn(5, 8, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(True)
+    weight = (torch.randn(600, 8, generator=gen, dtype=torch.float64) * 0.3).to(DEVICE)
+    targets = on(0, 300, 599, 255, 256)
     assert torch.autograd.gradcheck(lambda h: token_log_probs(h, weight, targets), (hidden,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_second_backward_with_retained_graph_gives_the_same_gradient(head_data, dtype, monkeypatch):
-    monkeypatch.setattr(head_mod, "BLOCK_ELEMENTS", 37 * 512)  # 6 blocks
+    set_block_elements(monkeypatch, 37 * 512)  # 6 blocks
     hidden, weight, targets = head_data
     h = hidden.to(dtype).requires_grad_(True)
     lp = token_log_probs(h, weight.to(dtype), targets).sum()
@@ -142,7 +163,7 @@ def test_second_backward_with_retained_graph_gives_the_same_gradient(head_data, 
 def test_bias_softcap_or_trainable_weight_take_the_plain_path(head_data, use_bias, softcap, trainable, monkeypatch):
     hidden, weight, targets = head_data
     monkeypatch.setattr(head_mod._TokenLogProb, "apply", None)  # the fast path would fail loudly
-    bias = torch.linspace(-1, 1, weight.shape[0]) if use_bias else None
+    bias = torch.linspace(-1, 1, weight.shape[0], device=DEVICE) if use_bias else None
     weight = weight.float().requires_grad_(trainable)
     logits = hidden.double() @ weight.detach().double().T + (0 if bias is None else bias.double())
     if softcap:
@@ -172,12 +193,12 @@ def test_shared_positions_equal_one_row_per_target(head_data, exact, block_eleme
     """Positions read by 1, 3 or 5 targets (one target twice, one position's targets in two
     blocks): the same values and gradient as giving every target its own copy of the row."""
     if block_elements:
-        monkeypatch.setattr(head_mod, "BLOCK_ELEMENTS", block_elements)
+        set_block_elements(monkeypatch, block_elements)
     hidden, weight, _ = head_data
     hidden = hidden[:8]
-    rows = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2, 2, 3, 4, 5, 6, 7, 7])
-    targets = torch.tensor([5, 900, 2999, 17, 3, 256, 3, 1200, 2000, 40, 41, 42, 43, 255, 256])
-    weights = torch.linspace(0.5, 1.5, len(targets))
+    rows = on(0, 0, 0, 1, 2, 2, 2, 2, 2, 3, 4, 5, 6, 7, 7)
+    targets = on(5, 900, 2999, 17, 3, 256, 3, 1200, 2000, 40, 41, 42, 43, 255, 256)
+    weights = weights_for(targets)
     h = hidden.clone().requires_grad_(True)
     lp = token_log_probs(h, weight, targets, rows=rows, exact=exact)
     (lp * weights).sum().backward()
@@ -195,12 +216,12 @@ def test_shared_positions_equal_one_row_per_target(head_data, exact, block_eleme
 
 
 def test_shared_positions_pass_gradcheck(monkeypatch):
-    monkeypatch.setattr(head_mod, "BLOCK_ELEMENTS", 3 * 256)  # 3 blocks of the 600 columns
+    set_block_elements(monkeypatch, 3 * 256)  # 3 blocks of the 600 columns
     gen = torch.Generator().manual_seed(3)
-    hidden = torch.randn(3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(600, 8, generator=gen, dtype=torch.float64) * 0.3
-    rows = torch.tensor([0, 0, 0, 1, 2, 2])
-    targets = torch.tensor([0, 300, 599, 255, 256, 256])
+    hidden = torch.randn(3, 8, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(True)
+    weight = (torch.randn(600, 8, generator=gen, dtype=torch.float64) * 0.3).to(DEVICE)
+    rows = on(0, 0, 0, 1, 2, 2)
+    targets = on(0, 300, 599, 255, 256, 256)
     assert torch.autograd.gradcheck(lambda h: token_log_probs(h, weight, targets, rows=rows), (hidden,))
 
 
@@ -208,12 +229,12 @@ def test_near_certain_target_keeps_its_small_log_probability_beside_others_at_it
     """At one position the argmax target has 1 - p ~ 1e-11 while two unlikely targets share the
     row: the likely one's log p stays ~-1e-11 (no cancellation against the others' terms)."""
     gen = torch.Generator().manual_seed(4)
-    weight = (torch.randn(2000, 32, generator=gen) * 0.3).to(torch.bfloat16)
+    weight = (torch.randn(2000, 32, generator=gen) * 0.3).to(torch.bfloat16).to(DEVICE)
     hidden = (weight[:2].float() * 25).to(torch.bfloat16)
     logits = hidden.double() @ weight.double().T
     best = logits.argmax(-1)
-    rows = torch.tensor([0, 0, 0, 1])
-    targets = torch.stack([best[0], torch.tensor(1500), torch.tensor(7), best[1]])
+    rows = on(0, 0, 0, 1)
+    targets = torch.stack([best[0], on(1500)[0], on(7)[0], best[1]])
     shifted = logits[rows] - logits[rows, targets][:, None]
     rest = shifted.exp().scatter(1, targets[:, None], 0.0).sum(-1)
     ref = torch.where(rest < 1, -torch.log1p(rest), -(1 + rest).log())  # float64, no cancellation

@@ -14,7 +14,7 @@ from loraens.fast.last_layer import _LastLayerAt, member_slots, supports_last_la
 from loraens.fast.prefix import PrefixCache
 from loraens.fast.support import GROUPED_EAGER
 from loraens.model import enable_gradient_checkpointing
-from tests.conftest import randomize_lora_B
+from tests.conftest import DEVICE, randomize_lora_B
 from tests.test_packing import (
     ARCHITECTURES,
     member_batch,
@@ -34,7 +34,7 @@ def model_of(tokenizer, arch: str) -> torch.nn.Module:
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
                          initializer_range=0.2, attn_implementation=GROUPED_EAGER)
     torch.manual_seed(0)
-    return with_members(Qwen3ForCausalLM(config).float().eval(), MEMBERS)
+    return with_members(Qwen3ForCausalLM(config).float().eval().to(DEVICE), MEMBERS)
 
 
 def full_last_layer():

@@ -39,7 +39,7 @@ from loraens.metrics import accuracy, ensemble_probs, nll
 from loraens.predict import predict
 from loraens.predictions import Predictions
 from loraens.train import base_log_probs, choice_kl, train_members, train_step
-from tests.conftest import scorer
+from tests.conftest import DEVICE, scorer
 
 
 def ens_config(**kw) -> EnsembleConfig:
@@ -193,8 +193,10 @@ def test_kl_is_zero_at_initialisation_and_positive_after_training(make_base, let
     enc = letter_encoder.encode_all(questions[:8])
     ref = base_log_probs(model, enc, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)  # [N, C]
     batch = collate(enc, num_choices=5).repeat_members(3)
-    lp = scorer(Scoring.LETTER, letter_encoder.letter_ids).log_probs(model, batch, 3)  # [M, N, C]
-    kl = choice_kl(lp, ref[None].expand(3, -1, -1))
+    lp = scorer(Scoring.LETTER, letter_encoder.letter_ids).log_probs(model, batch, 3)  # [M, N, C], model's device
+    # `base_log_probs` returns CPU log-probs (as train_step below takes them); compare on the model's device.
+    ref_there = ref.to(lp.device)
+    kl = choice_kl(lp, ref_there[None].expand(3, -1, -1))
     assert torch.allclose(kl, torch.zeros_like(kl), atol=1e-6)
     # So at init the regularised loss and its gradient equal the plain ones.
     chunk = np.tile(np.arange(8), (3, 1))
@@ -207,7 +209,7 @@ def test_kl_is_zero_at_initialisation_and_positive_after_training(make_base, let
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     randomize_B(layers, std=0.3)
     lp = scorer(Scoring.LETTER, letter_encoder.letter_ids).log_probs(model, batch, 3)
-    assert (choice_kl(lp, ref[None].expand(3, -1, -1)) > 1e-4).all()
+    assert (choice_kl(lp, ref_there[None].expand(3, -1, -1)) > 1e-4).all()
 
 
 def test_choice_kl_by_hand_with_padded_choices():
@@ -232,7 +234,7 @@ def test_kl_regulariser_keeps_members_closer_to_the_base(make_base, letter_encod
         ref = base_log_probs(model, enc, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
         with torch.no_grad():
             lp = scorer(Scoring.LETTER, letter_encoder.letter_ids).log_probs(model.eval(), collate(enc, num_choices=5).repeat_members(2), 2)
-        kls.append(choice_kl(lp, ref[None].expand(2, -1, -1)).mean().item())
+        kls.append(choice_kl(lp, ref.to(lp.device)[None].expand(2, -1, -1)).mean().item())
     assert kls[1] < 0.5 * kls[0]
 
 
@@ -259,7 +261,7 @@ def test_delta_sq_norms_is_the_frobenius_norm_of_the_update(make_base, randomize
     model = make_base()
     layers = attach_members(model, ens_config())
     randomize_B(layers, std=0.3)
-    by_hand = torch.zeros(3)
+    by_hand = torch.zeros(3, device=DEVICE)
     for layer in layers.values():
         for k in range(3):
             by_hand[k] += (layer.scaling * layer.lora_B[k] @ layer.lora_A[k]).pow(2).sum()
@@ -299,6 +301,7 @@ def test_dropout_masks_differ_between_members(make_base, tokenizer, randomize_B)
         for layer in layers.values():
             layer.lora_B[1].copy_(layer.lora_B[0])
     ids = tokenizer("Which gas do plants take in?", return_tensors="pt").input_ids.repeat(2, 1)  # one row per member
+    ids = ids.to(DEVICE)
     model.eval()
     with torch.no_grad():
         same = model(ids).logits
@@ -330,10 +333,11 @@ def test_top_layers_wraps_only_the_top_layers_and_exports_to_peft(make_base, tok
     assert {layer_index(name) for name in layers} == {n - 1}
     assert len(layers) == 2  # q_proj and v_proj of the last layer
     randomize_B(layers, std=0.3)
-    ids = torch.tensor([tokenizer("Question: why is the sky blue?")["input_ids"]])
+    ids = torch.tensor([tokenizer("Question: why is the sky blue?")["input_ids"]], device=DEVICE)
     with torch.no_grad():
         out = model(ids.repeat(2, 1)).logits
-    peft_model = PeftModel.from_pretrained(make_base(), str(export_member(model, 1, tmp_path / "m1", cfg))).eval()
+    peft_model = PeftModel.from_pretrained(make_base(), str(export_member(model, 1, tmp_path / "m1", cfg)))
+    peft_model.to(DEVICE).eval()
     with torch.no_grad():
         torch.testing.assert_close(out[1:], peft_model(ids).logits, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="more than the model"):

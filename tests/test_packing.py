@@ -23,7 +23,7 @@ from loraens.fast.compiling import compile_decoder_layers
 from loraens.fast.packing import pack, padding_mask, to_packed, to_rows
 from loraens.fast.prefix import PrefixCache, prefix_cache_for
 from loraens.fast.support import FLEX, GROUPED_EAGER, SDPA_PACKED, can_pack
-from tests.conftest import scorer
+from tests.conftest import DEVICE, scorer
 
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -32,22 +32,33 @@ ARCHITECTURES = {
 }
 
 
-def tiny_model(tokenizer, arch: str = "llama", attn: str = GROUPED_EAGER) -> torch.nn.Module:
+def tiny_model(tokenizer, arch: str = "llama", attn: str = GROUPED_EAGER,
+               head_dim: int | None = None) -> torch.nn.Module:
+    """A 2-layer, 32-wide model of `arch` with seeded weights (drawn on the CPU), on `DEVICE`, in eval mode.
+
+    `head_dim`: None for hidden / heads = 8; FlexAttention's CUDA kernel needs at least 16.
+    """
     config_cls, model_cls = ARCHITECTURES[arch]
+    extra = {} if head_dim is None else {"head_dim": head_dim}
     config = config_cls(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                        initializer_range=0.2, attn_implementation=attn)
+                        initializer_range=0.2, attn_implementation=attn, **extra)
     torch.manual_seed(0)
-    return model_cls(config).float().eval()
+    return model_cls(config).float().eval().to(DEVICE)
+
+
+def randomize_B(layers, std: float = 0.2, seed: int = 1) -> None:
+    """Non-zero B (drawn on the CPU, copied to each layer's device): members differ, and A gets gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B.copy_((torch.randn(layer.lora_B.shape, generator=gen) * std).to(layer.lora_B.device))
 
 
 def with_members(model, members: int = 3):
     layers = attach_members(model, EnsembleConfig(num_members=members, rank=4, alpha=8.0, seed=0,
                                                   target_modules=("q_proj", "v_proj", "o_proj", "down_proj")))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero B: members differ, and A gets gradients
-        for layer in layers.values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.2)
+    randomize_B(layers)
     return model
 
 
@@ -182,10 +193,7 @@ def test_packed_top_layers_over_the_prefix_cache_equal_padded(tokenizer, letter_
     model = tiny_model(tokenizer)
     layers = attach_members(model, EnsembleConfig(num_members=3, rank=4, alpha=8.0, seed=0, top_layers=1))
     assert all(".1." in name for name in layers)  # LoRA in the top layer only: the cache holds layer 0's output
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in layers.values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.2)
+    randomize_B(layers)
     model.train()
     cache = prefix_cache_for(model, first_lora_layer(model))
     enc = (letter_encoder if scoring is Scoring.LETTER else cloze_encoder).encode_all(questions)
@@ -248,15 +256,20 @@ def test_packed_gradients_with_checkpointing_and_member_chunks_equal_padded(toke
 @pytest.mark.parametrize("scoring", [Scoring.LETTER, Scoring.CHOICE_LIKELIHOOD])
 def test_sdpa_and_flex_packed_equal_grouped_eager_padded(tokenizer, letter_encoder, cloze_encoder, questions, attn,
                                                          arch, scoring):
-    """The CUDA implementations (run here on the CPU: SDPA's math kernel, FlexAttention eagerly)
-    give the scores and LoRA gradients of the padded grouped-eager forward. FlexAttention has no
-    backward on the CPU: there only its scores are compared (its gradients in the CUDA run)."""
+    """The CUDA implementations (on the CPU: SDPA's math kernel, FlexAttention eagerly; on CUDA
+    (LORAENS_TEST_DEVICE=cuda): SDPA's fused kernels, FlexAttention compiled by Inductor) give the
+    scores and LoRA gradients of the padded grouped-eager forward. FlexAttention has no backward
+    on the CPU: there only its scores are compared (its gradients in the CUDA run). Its CUDA
+    kernel needs heads of at least 16 dimensions (Triton's tl.dot), so the FlexAttention case
+    uses head_dim 16 for both models, on every device."""
     enc = (letter_encoder if scoring is Scoring.LETTER else cloze_encoder).encode_all(questions)
     batch = member_batch(enc, 3)
-    ref = with_members(tiny_model(tokenizer, arch)).train()
+    head_dim = 16 if attn == FLEX else None
+    ref = with_members(tiny_model(tokenizer, arch, head_dim=head_dim)).train()
     lp_ref, g_ref = scores_and_grads(ref, batch, 3, scoring, letter_encoder.letter_ids, pack_tokens=False)
-    model = with_members(tiny_model(tokenizer, arch, attn=attn)).train()
+    model = with_members(tiny_model(tokenizer, arch, attn=attn, head_dim=head_dim)).train()
     assert can_pack(model)
+    assert model.model.layers[0].self_attn.head_dim == (head_dim or 8)  # the config's head_dim took effect
     spied = "_flex" if attn == FLEX else "sdpa_attention"
     backward = attn != FLEX or next(model.parameters()).device.type == "cuda"
     with mock.patch.object(attention, spied, wraps=getattr(attention, spied)) as spy:

@@ -21,7 +21,7 @@ from loraens.ensemble import attach_members, export_member
 from loraens.predict import predict
 from loraens.predictions import Predictions
 from loraens.prompts import PromptEncoder, PromptError, letter_token_ids
-from tests.conftest import scorer
+from tests.conftest import DEVICE, scorer
 
 # Packed vs unpacked fp32 forwards differ by summation order only (different sequence lengths,
 # SDPA mask layouts, restricted vs full output head). Measured: <= 2e-6 for letter and mean
@@ -36,13 +36,14 @@ def ens_config(**kw) -> EnsembleConfig:
 
 
 def scored(model, encoded, m, scoring, letter_ids=(), normalization=Normalization.MEAN, c=None):
+    """Member log-probs [M, B, C] of `encoded`, on the model's device."""
     with torch.no_grad():
         batch = collate(encoded, num_choices=c).repeat_members(m)
         return scorer(scoring, letter_ids, normalization).log_probs(model, batch, m)
 
 
 def assert_matches_reference(lp, refs, choice_counts):
-    """lp [B, C] against per-question reference log-probs; masked choices must be -inf."""
+    """lp [B, C] against per-question reference log-probs (both on the model's device); masked choices must be -inf."""
     for i, (ref, n) in enumerate(zip(refs, choice_counts)):
         torch.testing.assert_close(lp[i, :n], ref, atol=ATOL, rtol=0)
         assert torch.all(lp[i, n:] == float("-inf"))
@@ -124,6 +125,7 @@ def test_members_match_their_peft_adapters(make_base, letter_encoder, cloze_enco
     assert (lp[0] - lp[1]).nan_to_num(0.0).abs().max() > 1e-3  # the members really differ
     for k in range(2):
         peft_model = PeftModel.from_pretrained(make_base(), str(export_member(model, k, tmp_path / f"m{k}", cfg)))
+        peft_model.to(DEVICE)
         with torch.no_grad():
             refs = [reference(peft_model, q, scoring, enc.letter_ids) for q in encoded]
         assert_matches_reference(lp[k], refs, [q.num_choices for q in encoded])
@@ -200,7 +202,7 @@ def test_predict_is_in_input_order(make_base, letter_encoder, cloze_encoder, que
     assert preds.choice_mask.sum(1).tolist() == [q.num_choices for q in encoded]
     model.eval()
     for i, q in enumerate(encoded):  # each question scored alone, for both members
-        alone = scored(model, [q], 2, scoring, enc.letter_ids)[:, 0].exp()  # [M, n]
+        alone = scored(model, [q], 2, scoring, enc.letter_ids)[:, 0].exp().cpu()  # [M, n]; predictions are on the CPU
         torch.testing.assert_close(preds.member_probs[i, :, : q.num_choices], alone, atol=ATOL, rtol=0)
         assert torch.all(preds.member_probs[i, :, q.num_choices:] == 0)
     torch.testing.assert_close(preds.member_probs.sum(-1), torch.ones(7, 2), atol=1e-5, rtol=0)

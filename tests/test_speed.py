@@ -19,7 +19,7 @@ from loraens.fast import attention, last_layer
 from loraens.run import build_ensemble
 from loraens.train import train_step
 from tests.conftest import scorer
-from tests.test_packing import tiny_model
+from tests.test_packing import randomize_B, tiny_model
 
 LEVERS = [f.name for f in dataclasses.fields(SpeedConfig)]
 # The code each lever switches on: (module, function); its call count must change with the lever.
@@ -33,7 +33,8 @@ PATHS = {
 
 
 def _step(model, encoded, speed: dict, scoring: Scoring, letter_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training step's per-member losses [M] and the flattened LoRA gradients, fp32."""
+    """One training step's per-member losses [M] (on the CPU) and the flattened LoRA gradients (on the
+    model's device), fp32."""
     for p in lora_parameters(model):
         p.grad = None
     for layer in member_layers(model).values():
@@ -49,10 +50,7 @@ def test_each_lever_off_gives_the_same_step(tokenizer, letter_encoder, cloze_enc
     model = tiny_model(tokenizer)
     layers = attach_members(model, EnsembleConfig(num_members=3, rank=4, alpha=8.0, seed=0,
                                                   target_modules=["q_proj", "v_proj", "down_proj"]))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero B: members differ, and A gets gradients
-        for layer in layers.values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.2)
+    randomize_B(layers, std=0.2, seed=1)  # non-zero B (drawn on the CPU): members differ, and A gets gradients
     model.train()
     enc = letter_encoder if scoring is Scoring.LETTER else cloze_encoder
     encoded = enc.encode_all(questions[:9])

@@ -24,7 +24,7 @@ from loraens.ensemble import active_members, attach_members, export_member, lora
 from loraens.model import enable_gradient_checkpointing
 from loraens.predict import predict
 from loraens.train import linear_schedule, member_batches, member_orders, train_members, train_step
-from tests.conftest import scorer
+from tests.conftest import DEVICE, scorer
 
 # Final LoRA weights after a few AdamW steps at lr 1e-2. The two paths compute the same math in
 # fp32 in a different order (one bmm over members + packed/padded batches vs. per-adapter
@@ -180,7 +180,7 @@ def test_vectorised_training_equals_separate_peft_training(make_base, letter_enc
     assert clipped.any() and not clipped.all(), (seen_norms[0], max_norm)
 
     for k in range(3):
-        peft_model = PeftModel.from_pretrained(make_base(), str(folders[k]), is_trainable=True)
+        peft_model = PeftModel.from_pretrained(make_base(), str(folders[k]), is_trainable=True).to(DEVICE)
         before = peft_state(peft_model)
         ref_norms, ref_losses = reference_member_training(peft_model, encoded, train, cfg, k, 4, scoring,
                                                           enc.letter_ids, normalization, reference)
@@ -189,7 +189,8 @@ def test_vectorised_training_equals_separate_peft_training(make_base, letter_enc
         for key in after:
             assert (after[key] - before[key]).abs().max() > 1e-3, key  # the weights really moved
         assert_weights_close(mine, after, first_grads[k])
-        torch.testing.assert_close(torch.stack([s[k] for s in seen_norms]), torch.tensor(ref_norms), rtol=1e-4, atol=0)
+        norms = torch.stack([s[k] for s in seen_norms]).cpu()  # on the model's device; the reference's are floats
+        torch.testing.assert_close(norms, torch.tensor(ref_norms), rtol=1e-4, atol=0)
         assert [s.train_loss[k] for s in summaries] == pytest.approx(ref_losses, rel=LOSS_RTOL)
 
 
@@ -349,7 +350,8 @@ def test_train_step_gradient_does_not_depend_on_micro_batches(make_base, letter_
     # Hand check of the loss: member k's mean NLL over its 3 questions.
     with torch.no_grad():
         lp = scorer(scoring, enc.letter_ids, Normalization.MEAN).log_probs(model, collate([encoded[i] for i in chunk.reshape(-1)], num_choices=5), 2)
-    expected = -lp.gather(-1, torch.tensor([[encoded[i].answer] for i in chunk.reshape(-1)]).view(2, 3, 1)).mean((1, 2))
+    answers = torch.tensor([[encoded[i].answer] for i in chunk.reshape(-1)], device=lp.device).view(2, 3, 1)
+    expected = -lp.gather(-1, answers).mean((1, 2)).cpu()  # train_step returns the losses on the CPU
     torch.testing.assert_close(loss1, expected, atol=1e-6, rtol=1e-6)
     for loss, grads in results[1:]:
         torch.testing.assert_close(loss, loss1, atol=1e-6, rtol=1e-6)
@@ -370,6 +372,7 @@ def test_member_chunks_and_gradient_checkpointing_give_the_same_step(make_base, 
     model = ensemble(make_base, randomize_B, ens_config(num_members=3))
     model.train()
     chunk = np.array([[0, 1], [5, 4], [2, 3]])
+    # On the CPU, where `base_log_probs` returns it; `train_step` moves it to the model's device.
     base_lp = torch.log_softmax(torch.randn(6, 5, generator=torch.Generator().manual_seed(3)), -1)
 
     def step(member_chunk=None, checkpointing=False):
