@@ -7,12 +7,6 @@ import torch
 from torch._dynamo.utils import counters
 
 from loraens.batching import collate
-from loraens.fast.compiling import (
-    compile_decision,
-    compile_decoder_layers,
-    cpp_compiler,
-    layers_to_compile,
-)
 from loraens.config import (
     CompileMode,
     ConfigError,
@@ -22,6 +16,12 @@ from loraens.config import (
     TrainConfig,
 )
 from loraens.ensemble import attach_members, first_lora_layer, member_layers
+from loraens.fast.compiling import (
+    compile_decision,
+    compile_decoder_layers,
+    cpp_compiler,
+    layers_to_compile,
+)
 from loraens.fast.prefix import prefix_cache_for
 from loraens.predict import predict
 from loraens.train import planned_steps

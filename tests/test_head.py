@@ -241,3 +241,15 @@ def test_near_certain_target_keeps_its_small_log_probability_beside_others_at_it
     lp = token_log_probs(hidden, weight, targets, rows=rows)
     assert (-ref[0]) < 1e-6  # near-certain
     assert ((lp.double() - ref).abs() <= 1e-2 * ref.abs()).all()
+
+
+def test_exact_logits_hold_at_a_7b_hidden_size():
+    """H = 4096 (Llama-2-7B): long reductions, where a GEMM that reduced partial sums in bf16
+    (cuBLAS may, on CUDA) would lose the residual; the float32-level accuracy must hold there too."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = (torch.randn(64, 4096, generator=gen) * 2).to(torch.bfloat16).to(DEVICE)
+    weight = (torch.randn(512, 4096, generator=gen) * 0.05).to(torch.bfloat16).to(DEVICE)
+    ref = hidden.double() @ weight.double().T
+    bf16_err = (torch.nn.functional.linear(hidden, weight).double() - ref).abs().max()
+    exact_err = (exact_logits(hidden, weight).double() - ref).abs().max()
+    assert exact_err < bf16_err / 50 and exact_err < 1e-3, (float(exact_err), float(bf16_err))

@@ -10,9 +10,9 @@ import torch
 from loraens.batching import collate
 from loraens.config import EnsembleConfig, Normalization, Scoring, TrainConfig
 from loraens.ensemble import attach_members, first_lora_layer, lora_parameters
+from loraens.fast.prefix import prefix_cache_for
 from loraens.metrics import compute_metrics, ensemble_probs
 from loraens.predict import predict
-from loraens.fast.prefix import prefix_cache_for
 from loraens.train import train_members
 from tests.conftest import scorer
 

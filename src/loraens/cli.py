@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(args)
         return _evaluate(args)
     except (ConfigError, FileNotFoundError, ValueError, ModelError, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and not _is_user_error(err):
+        if isinstance(err, RuntimeError) and not isinstance(err, ModelError) and not _is_user_error(err):
             raise
         rank = os.environ.get("RANK")
         where = f" (process {rank} of {os.environ.get('WORLD_SIZE')})" if rank is not None else ""

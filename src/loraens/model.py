@@ -100,12 +100,12 @@ def converted_gguf_dir(gguf_path: Path) -> Path:
     return target
 
 
-def resolve_device(config: ModelConfig) -> torch.device:
+def resolve_device(config: ModelConfig, flag: str = "--model.device") -> torch.device:
     """The device `--model.device` names, checked against the machine.
 
     auto: CUDA when available, else the CPU. Under torchrun (or `accelerate launch`), auto and
     cuda mean this process's own GPU, cuda:$LOCAL_RANK. A CUDA device on a machine without one
-    is a `ModelError` that says what to pass instead.
+    is a `ModelError` that says what to pass instead (naming `flag`, the setting the user gave).
     """
     name = config.device
     local_rank = os.environ.get("LOCAL_RANK")
@@ -116,13 +116,13 @@ def resolve_device(config: ModelConfig) -> torch.device:
     if not torch.cuda.is_available():
         cuda = torch.version.cuda
         build = "a CPU-only build of torch" if cuda is None else f"torch built for CUDA {cuda}"
-        raise ModelError(f"--model.device {config.device} asks for a CUDA GPU, but none is visible here "
-                         f"({build}, torch.cuda.is_available() is False). Pass --model.device cpu, or auto to use a "
+        raise ModelError(f"{flag} {config.device} asks for a CUDA GPU, but none is visible here "
+                         f"({build}, torch.cuda.is_available() is False). Pass {flag} cpu, or auto to use a "
                          "GPU only when there is one.")
     count = torch.cuda.device_count()
     index = int(name.split(":")[1]) if ":" in name else int(local_rank or 0)
     if index >= count:
-        raise ModelError(f"--model.device {config.device} names GPU {index}, but only {count} GPU(s) are visible "
+        raise ModelError(f"{flag} {config.device} names GPU {index}, but only {count} GPU(s) are visible "
                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
                          f"use cuda:0 .. cuda:{count - 1}.")
     return torch.device("cuda", index)

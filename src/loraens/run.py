@@ -334,7 +334,7 @@ def evaluate_run(run_dir: str | Path, dataset: str | None = None, split: str = "
     shard = None
     if config is not None:
         shard = distributed.setup(config.ensemble.num_members,
-                                  resolve_device(dataclasses.replace(config.model, device=device)))
+                                  resolve_device(dataclasses.replace(config.model, device=device), "--device"))
     ens = load_run(run_dir, device, shard)
     main = ens.shard.is_main
     dataset = dataset or ens.config.data.dataset

@@ -37,6 +37,9 @@ Measured against the float32 head (`python bench/bench_head.py`): docs/design.md
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -56,10 +59,27 @@ def _logit_parts(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tens
     (float64 stays float64).
     """
     if hidden.dtype == weight.dtype == torch.bfloat16:
-        y = F.linear(hidden, weight)  # rounded to bf16
-        return y, torch.addmm(y, hidden, weight.t(), beta=-1)  # h W^T - y, rounded once, tiny
+        with _full_precision_reductions(hidden.device):
+            y = F.linear(hidden, weight)  # rounded to bf16
+            return y, torch.addmm(y, hidden, weight.t(), beta=-1)  # h W^T - y, rounded once, tiny
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     return (F.linear(hidden.to(dtype), weight.to(dtype)),)
+
+
+@contextmanager
+def _full_precision_reductions(device: torch.device) -> Iterator[None]:
+    """On CUDA, bf16 GEMMs that accumulate in float32 throughout (cuBLAS may otherwise reduce
+    split-K partial sums in bf16, which would round the residual GEMM's `h W^T - y` away)."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_bf16_reduced_precision_reduction
+    matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        matmul.allow_bf16_reduced_precision_reduction = saved
 
 
 def _sum_parts(parts: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
