@@ -139,7 +139,8 @@ def _train_tokenizer() -> PreTrainedTokenizerFast:
     )
     tok.train_from_iterator(corpus, trainer)
     # A BOS token on prompts (add_special_tokens=True), as real chat models have.
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>",
+                                                                                         tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>")
 
 

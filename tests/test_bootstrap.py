@@ -129,7 +129,8 @@ def test_paired_is_antisymmetric():
 
 def test_paired_needs_the_same_questions():
     p, t = _probs(10, 0)
-    with pytest.raises(ValueError, match=r"N = 10 and N = 9 \(shapes \[\(10, 4\), \(10,\)\] and \[\(9, 4\), \(9,\)\]\)"):
+    with pytest.raises(ValueError,
+                       match=r"N = 10 and N = 9 \(shapes \[\(10, 4\), \(10,\)\] and \[\(9, 4\), \(9,\)\]\)"):
         paired_bootstrap(nll, (p, t), (p[:9], t[:9]))
 
 

@@ -71,7 +71,8 @@ def test_compiled_layers_match_eager_scores_and_gradients(make_base, letter_enco
         predict(compiled, enc, ids, 2, scorer(Scoring.LETTER), progress=False)
     assert torch._dynamo.eval_frame._stance.stance == "default"
     # ... unless asked to run them compiled, which traces the no_grad forward anew.
-    got = predict(compiled, enc, ids, 2, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False, compiled=True).member_probs
+    got = predict(compiled, enc, ids, 2, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False,
+                  compiled=True).member_probs
     assert counters["stats"]["unique_graphs"] > graphs
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 

@@ -74,7 +74,8 @@ def test_attach_wraps_exactly_the_targets_and_freezes_the_base(base_model):
     trainable = {n for n, p in base_model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.lora_{w}" for n in layers for w in ("A", "B")}
     count = sum(p.numel() for p in base_model.parameters() if p.requires_grad)
-    expected = sum(cfg.num_members * cfg.rank * (lay.base.in_features + lay.base.out_features) for lay in layers.values())
+    expected = sum(cfg.num_members * cfg.rank * (lay.base.in_features + lay.base.out_features)
+                   for lay in layers.values())
     # q_proj is 32 -> 32 and v_proj 32 -> 16 (2 KV heads of 8) in the tiny Llama.
     assert expected == n_layers * cfg.num_members * cfg.rank * ((32 + 32) + (32 + 16))
     assert count == expected == sum(p.numel() for p in lora_parameters(base_model))
@@ -178,7 +179,8 @@ def test_each_member_equals_its_exported_peft_adapter(make_base, tokenizer, tmp_
         loaded = peft_state(peft_model)  # PEFT found every layer under the exported names
         assert set(loaded) == {f"{n}.{w}" for n in layers for w in ("A", "B")}
         for name, layer in layers.items():
-            assert torch.equal(loaded[f"{name}.A"], layer.lora_A[k]) and torch.equal(loaded[f"{name}.B"], layer.lora_B[k])
+            assert torch.equal(loaded[f"{name}.A"], layer.lora_A[k]) and torch.equal(loaded[f"{name}.B"],
+                                                                                     layer.lora_B[k])
         with torch.no_grad():
             ref = peft_model(ids).logits
         torch.testing.assert_close(out[k], ref, atol=ATOL, rtol=0)

@@ -49,7 +49,8 @@ def ens_config(**kw) -> EnsembleConfig:
 def scores(model, encoder, questions, m: int) -> torch.Tensor:
     """Member probabilities [N, M, C] of the letter-scored questions."""
     enc = encoder.encode_all(questions)
-    return predict(model, enc, [q.id for q in questions], m, scorer(Scoring.LETTER, encoder.letter_ids), progress=False).member_probs
+    return predict(model, enc, [q.id for q in questions], m, scorer(Scoring.LETTER, encoder.letter_ids),
+                   progress=False).member_probs
 
 
 # --------------------------------------------------------------------------- MC dropout
@@ -103,7 +104,8 @@ def test_weight_average_is_the_mean_update_not_the_mean_prediction(make_base, le
     model = make_base()
     layers = attach_members(model, ens_config())
     randomize_B(layers, std=0.3)
-    means = {n: torch.stack([l.lora_B[k] @ l.lora_A[k] for k in range(3)]).mean(0).detach() for n, l in layers.items()}
+    means = {n: torch.stack([layer.lora_B[k] @ layer.lora_A[k] for k in range(3)]).mean(0).detach()
+             for n, layer in layers.items()}
     member_probs = scores(model, letter_encoder, questions[:8], 3)
     with weight_averaged(model):
         for name, layer in layers.items():  # one member of rank M*r whose update is the mean update
@@ -170,8 +172,10 @@ def test_temperature_scaled_members_and_ensemble():
 
 def test_checkpoint_ensemble_stacks_one_member_over_epochs():
     t, mask = torch.tensor([0, 1]), torch.ones(2, 2, dtype=torch.bool)
-    epochs = [Predictions(torch.tensor([[[0.9, 0.1], [0.5, 0.5]], [[0.2, 0.8], [0.5, 0.5]]]) * 1.0, t, mask, ["a", "b"]),
-              Predictions(torch.tensor([[[0.7, 0.3], [0.5, 0.5]], [[0.4, 0.6], [0.5, 0.5]]]) * 1.0, t, mask, ["a", "b"])]
+    epochs = [Predictions(torch.tensor([[[0.9, 0.1], [0.5, 0.5]], [[0.2, 0.8], [0.5, 0.5]]]) * 1.0, t, mask, ["a",
+                                                                                                              "b"]),
+              Predictions(torch.tensor([[[0.7, 0.3], [0.5, 0.5]], [[0.4, 0.6], [0.5, 0.5]]]) * 1.0, t, mask, ["a",
+                                                                                                              "b"])]
     snap = checkpoint_ensemble(epochs, member=0)
     assert snap.member_probs.shape == (2, 2, 2)
     torch.testing.assert_close(ensemble_probs(snap.member_probs).float(), torch.tensor([[0.8, 0.2], [0.3, 0.7]]))
@@ -203,7 +207,8 @@ def test_kl_is_zero_at_initialisation_and_positive_after_training(make_base, let
     grads = []
     for coef in (0.0, 1.0):
         model.zero_grad()
-        train_step(model, enc, chunk, scorer(Scoring.LETTER, letter_encoder.letter_ids, Normalization.MEAN), TrainConfig(kl_coef=coef), 5, ref)
+        train_step(model, enc, chunk, scorer(Scoring.LETTER, letter_encoder.letter_ids, Normalization.MEAN),
+                   TrainConfig(kl_coef=coef), 5, ref)
         grads.append([p.grad.clone() for layer in layers.values() for p in (layer.lora_A, layer.lora_B)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
@@ -230,10 +235,12 @@ def test_kl_regulariser_keeps_members_closer_to_the_base(make_base, letter_encod
     for coef in (0.0, 5.0):
         model = make_base()
         attach_members(model, cfg)
-        train_members(model, enc, TrainConfig(epochs=3, lr=0.05, batch_size=4, kl_coef=coef), cfg, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
+        train_members(model, enc, TrainConfig(epochs=3, lr=0.05, batch_size=4, kl_coef=coef), cfg,
+                      scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
         ref = base_log_probs(model, enc, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
         with torch.no_grad():
-            lp = scorer(Scoring.LETTER, letter_encoder.letter_ids).log_probs(model.eval(), collate(enc, num_choices=5).repeat_members(2), 2)
+            batch = collate(enc, num_choices=5).repeat_members(2)
+            lp = scorer(Scoring.LETTER, letter_encoder.letter_ids).log_probs(model.eval(), batch, 2)
         kls.append(choice_kl(lp, ref.to(lp.device)[None].expand(2, -1, -1)).mean().item())
     assert kls[1] < 0.5 * kls[0]
 
@@ -286,7 +293,8 @@ def test_regulariser_shrinks_what_it_penalises(make_base, letter_encoder, questi
     for coef in (0.0, value):
         model = make_base()
         randomize_B(attach_members(model, cfg), std=0.3)
-        train_members(model, enc, TrainConfig(epochs=2, lr=0.02, batch_size=4, **{setting: coef}), cfg, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
+        train_members(model, enc, TrainConfig(epochs=2, lr=0.02, batch_size=4, **{setting: coef}), cfg,
+                      scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
         norms.append(size(model).detach())
     assert (norms[1] < 0.8 * norms[0]).all()
 
@@ -352,7 +360,8 @@ def test_top_layers_trains_without_backward_through_the_frozen_bottom(make_base,
         # (The MLP, not the layer: the last layer runs through `loraens.last_layer`'s wrapper.)
         layer.mlp.register_forward_hook(lambda mod, args, out: seen.append(out.requires_grad))
     enc = letter_encoder.encode_all(questions[:4])
-    lp = scorer(Scoring.LETTER, letter_encoder.letter_ids).log_probs(model, collate(enc, num_choices=5).repeat_members(3), 3)
+    lp = scorer(Scoring.LETTER, letter_encoder.letter_ids).log_probs(model, collate(enc,
+                                                                                    num_choices=5).repeat_members(3), 3)
     assert seen == [False] * (len(seen) - 1) + [True]  # only the top layer is part of the backward graph
     lp[..., 0].sum().backward()
     assert all(p.grad is not None for layer in member_layers(model).values() for p in (layer.lora_A, layer.lora_B))
@@ -374,7 +383,8 @@ def test_regularised_gradient_of_a_member_does_not_depend_on_the_others(make_bas
             with torch.no_grad():
                 for layer in layers.values():
                     layer.lora_B[1:] += 0.5
-        train_step(model, enc, chunk, scorer(Scoring.LETTER, letter_encoder.letter_ids, Normalization.MEAN), TrainConfig(**reg), 5, ref)
+        train_step(model, enc, chunk, scorer(Scoring.LETTER, letter_encoder.letter_ids, Normalization.MEAN),
+                   TrainConfig(**reg), 5, ref)
         grads.append([p.grad[0].clone() for layer in layers.values() for p in (layer.lora_A, layer.lora_B)])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -54,7 +54,8 @@ def test_default_model_scores_and_trains_members():
     assert accuracy > 0.3
 
     train = load_mcqa("arc_easy", "train", data_dir=MIRROR, limit=16, seed=0)
-    summaries = train_members(model, encoder.encode_all(train), TrainConfig(epochs=1, batch_size=8, lr=1e-3), config, scorer(Scoring.CHOICE_LIKELIHOOD), progress=False)
+    summaries = train_members(model, encoder.encode_all(train), TrainConfig(epochs=1, batch_size=8, lr=1e-3),
+                              config, scorer(Scoring.CHOICE_LIKELIHOOD), progress=False)
     assert summaries[0].step == 2 and all(torch.isfinite(torch.tensor(summaries[0].train_loss)))
     after = predict(model, questions, [e.id for e in val], 2, scorer(Scoring.CHOICE_LIKELIHOOD), progress=False)
     # Each member moved, and differently: own init and own data order.

@@ -123,7 +123,8 @@ def reference_member_training(peft_model, encoded, train: TrainConfig, cfg: Ense
             if step >= total:
                 break
             idx = chunk[member]  # member k's questions at this step
-            per_q = torch.stack([-reference(peft_model, encoded[i], scoring, letter_ids, normalization)[encoded[i].answer]
+            per_q = torch.stack([-reference(peft_model, encoded[i], scoring, letter_ids,
+                                            normalization)[encoded[i].answer]
                                  for i in idx])
             per_q.mean().backward()
             norms.append(float(torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)))
@@ -173,7 +174,8 @@ def test_vectorised_training_equals_separate_peft_training(make_base, letter_enc
         return norms
 
     monkeypatch.setattr(train_mod, "clip_grad_norm_per_member", spy)
-    summaries = train_members(model, encoded, train, cfg, scorer(scoring, enc.letter_ids, normalization), progress=False)
+    summaries = train_members(model, encoded, train, cfg, scorer(scoring, enc.letter_ids, normalization),
+                              progress=False)
     assert [s.step for s in summaries] == [3, 4]
     assert len(seen_norms) == 4
     clipped = seen_norms[0] > max_norm
@@ -250,7 +252,7 @@ def test_member_batches_bucket_by_length_within_each_members_window():
     bucketed = member_batches(orders, lengths, 4, 2, 0, 1)  # windows of 2 batches = 8 questions
     assert len(bucketed) == 10
     for k in range(2):
-        for s, c in enumerate(bucketed):
+        for c in bucketed:
             # The batch's questions come from ONE window of member k's own order...
             windows = {int(np.where(orders[k] == i)[0][0]) // 8 for i in c[k]}
             assert len(windows) == 1
@@ -304,7 +306,8 @@ def test_scheduler_lrs_seen_by_the_optimizer(make_base, letter_encoder, question
     cfg = ens_config(num_members=2)
     model = ensemble(make_base, randomize_B, cfg)
     train = TrainConfig(epochs=1, lr=0.1, warmup_ratio=0.25, batch_size=1)
-    train_members(model, letter_encoder.encode_all(questions[:4]), train, cfg, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
+    train_members(model, letter_encoder.encode_all(questions[:4]), train, cfg,
+                  scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
     assert lrs == pytest.approx([0.05, 0.1, 0.1 * 2 / 3, 0.1 / 3])
 
 
@@ -344,12 +347,14 @@ def test_train_step_gradient_does_not_depend_on_micro_batches(make_base, letter_
     results = []
     for accum in (1, 2, 3):
         copy_ = copy.deepcopy(model)
-        loss = train_step(copy_, encoded, chunk, scorer(scoring, enc.letter_ids, Normalization.MEAN), TrainConfig(batch_size=6, grad_accum=accum), 5)
+        loss = train_step(copy_, encoded, chunk, scorer(scoring, enc.letter_ids, Normalization.MEAN),
+                          TrainConfig(batch_size=6, grad_accum=accum), 5)
         results.append((loss, [p.grad.clone() for p in lora_parameters(copy_)]))
     (loss1, grads1) = results[0]
     # Hand check of the loss: member k's mean NLL over its 3 questions.
     with torch.no_grad():
-        lp = scorer(scoring, enc.letter_ids, Normalization.MEAN).log_probs(model, collate([encoded[i] for i in chunk.reshape(-1)], num_choices=5), 2)
+        batch = collate([encoded[i] for i in chunk.reshape(-1)], num_choices=5)
+        lp = scorer(scoring, enc.letter_ids, Normalization.MEAN).log_probs(model, batch, 2)
     answers = torch.tensor([[encoded[i].answer] for i in chunk.reshape(-1)], device=lp.device).view(2, 3, 1)
     expected = -lp.gather(-1, answers).mean((1, 2)).cpu()  # train_step returns the losses on the CPU
     torch.testing.assert_close(loss1, expected, atol=1e-6, rtol=1e-6)
@@ -382,7 +387,8 @@ def test_member_chunks_and_gradient_checkpointing_give_the_same_step(make_base, 
         layer.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
         if checkpointing:
             enable_gradient_checkpointing(copy_)
-        loss = train_step(copy_, encoded, chunk, scorer(scoring, enc.letter_ids, Normalization.MEAN), TrainConfig(kl_coef=0.3, member_chunk=member_chunk), 5, base_lp)
+        loss = train_step(copy_, encoded, chunk, scorer(scoring, enc.letter_ids, Normalization.MEAN),
+                          TrainConfig(kl_coef=0.3, member_chunk=member_chunk), 5, base_lp)
         return loss, [p.grad.clone() for p in lora_parameters(copy_)], calls
 
     loss0, grads0, calls0 = step()
@@ -419,9 +425,11 @@ def test_checkpointing_leaves_the_frozen_bottom_layers_out_of_the_backward(make_
         layers = model.model.layers
         # Hooks on a layer's first modules: checkpointing's recomputation stops early, as soon as it
         # has what the backward needs, so a hook at the end of a whole layer would not see it.
-        layers[0].input_layernorm.register_forward_hook(lambda mod, inp, out, calls=bottom_calls: calls.append(out.requires_grad))
+        layers[0].input_layernorm.register_forward_hook(lambda mod, inp, out,
+                                                        calls=bottom_calls: calls.append(out.requires_grad))
         layers[-1].self_attn.q_proj.register_forward_hook(lambda mod, inp, out, calls=top_calls: calls.append(1))
-        train_step(model, encoded, chunk, scorer(Scoring.LETTER, letter_encoder.letter_ids, Normalization.MEAN), TrainConfig(), 5)
+        train_step(model, encoded, chunk, scorer(Scoring.LETTER, letter_encoder.letter_ids, Normalization.MEAN),
+                   TrainConfig(), 5)
         results.append([p.grad.clone() for p in lora_parameters(model)])
         assert bottom_calls == [False]  # run once, outside autograd: never recomputed
         assert len(top_calls) == (2 if checkpointing else 1)  # the LoRA layer is
@@ -450,7 +458,8 @@ def test_active_members_rejects_a_range_outside_the_ensemble(make_base):
 
 def member_nll(model, encoded, m, letter_ids) -> torch.Tensor:
     """Mean NLL of the correct choice, per member: [M]."""
-    preds = predict(model, encoded, [str(i) for i in range(len(encoded))], m, scorer(Scoring.LETTER, letter_ids), progress=False)
+    preds = predict(model, encoded, [str(i) for i in range(len(encoded))], m, scorer(Scoring.LETTER, letter_ids),
+                    progress=False)
     p = preds.member_probs[torch.arange(len(encoded)), :, preds.targets]  # [N, M]
     return -p.log().mean(0)
 
@@ -474,7 +483,8 @@ def test_training_lowers_every_members_loss(make_base, letter_encoder, randomize
     model = ensemble(make_base, randomize_B, cfg, b_std=0.0)  # the default start: every member = base
     before = member_nll(model, encoded, 3, letter_encoder.letter_ids)
     train = TrainConfig(epochs=15, lr=2e-2, warmup_ratio=0.0, batch_size=4, max_grad_norm=1.0)
-    summaries = train_members(model, encoded, train, cfg, scorer(Scoring.LETTER, letter_encoder.letter_ids), progress=False)
+    summaries = train_members(model, encoded, train, cfg, scorer(Scoring.LETTER, letter_encoder.letter_ids),
+                              progress=False)
     assert summaries[-1].step == 30
     after = member_nll(model, encoded, 3, letter_encoder.letter_ids)
     assert torch.all(after < 0.5 * before), (before, after)
