@@ -135,6 +135,14 @@ def test_compile_auto_without_a_compiler_runs_eagerly_and_says_how_to_fix(monkey
     assert compile_decision(_train(), 10, 5) == (False, "")  # short run: nothing to say
 
 
+def test_compile_auto_stays_eager_on_a_gpu_and_says_so(monkeypatch):
+    monkeypatch.setattr("loraens.fast.compiling.cpp_compiler", lambda: "g++")
+    use, note = compile_decision(_train(batch_size=8), 600, 5, device_type="cuda")
+    assert not use and "on cuda the layers run eagerly" in note and "--train.compile true" in note
+    assert compile_decision(_train(batch_size=8, compile="true"), 600, 5, device_type="cuda")[0]  # forced
+    assert compile_decision(_train(batch_size=8), 600, 5, device_type="cpu")[0]  # the same run on a CPU
+
+
 def test_cpp_compiler_prefers_cxx(monkeypatch, tmp_path):
     fake = tmp_path / "my-cxx"
     fake.write_text("#!/bin/sh\n")
@@ -179,7 +187,8 @@ def test_auto_compiled_run_falls_back_to_eager_only_inside_the_run(tiny_setup, t
         seen["during"] = torch._dynamo.config.suppress_errors
         return real_train_members(*args, **kwargs)
 
-    monkeypatch.setattr(run_mod, "compile_decision", lambda train, steps, members, layers=None: (True, "compiling"))
+    monkeypatch.setattr(run_mod, "compile_decision",
+                        lambda train, steps, members, layers=None, device_type="cpu": (True, "compiling"))
     monkeypatch.setattr(run_mod, "compile_decoder_layers", lambda model, cache: seen.setdefault("compiled", True))
     monkeypatch.setattr(run_mod, "train_members", recording_train_members)
     before = torch._dynamo.config.suppress_errors

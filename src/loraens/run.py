@@ -187,7 +187,7 @@ def train_run(config: RunConfig, progress: bool = True) -> RunResult:
         enable_gradient_checkpointing(ens.model)
     train_q = ens.encoder.encode_all(train_examples)
     use_compile, note = compile_decision(config.train, planned_steps(len(train_q), config.train), shard.count,
-                                         layers_to_compile(ens.model, ens.scorer.prefix_cache))
+                                         layers_to_compile(ens.model, ens.scorer.prefix_cache), device.type)
     if note and main:
         print(f"loraens: {note}")
     if use_compile:

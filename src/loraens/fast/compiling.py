@@ -39,7 +39,7 @@ def cpp_compiler() -> str | None:
 
 
 def compile_decision(train: TrainConfig, total_steps: int, num_members: int,
-                     compiled_layers: tuple[int, int] | None = None) -> tuple[bool, str]:
+                     compiled_layers: tuple[int, int] | None = None, device_type: str = "cpu") -> tuple[bool, str]:
     """Whether to compile the decoder layers for a run of `total_steps` optimizer steps.
 
     Returns (compile, note); the note is for the user ("" when there is nothing to say).
@@ -48,7 +48,8 @@ def compile_decision(train: TrainConfig, total_steps: int, num_members: int,
     (not combined with compilation in our tests), and only when a C++ compiler is there for
     Inductor. `compiled_layers` = (K, L) when only K of the L layers would compile (a frozen-prefix
     cache): the compilation costs the same, the saving per step is about K / L of it, so the
-    member-questions count K / L of their number.
+    member-questions count K / L of their number. On a GPU (`device_type` "cuda") `auto` does not
+    compile: its payback was measured on CPUs only, and Inductor's GPU kernels are another matter.
     """
     if train.compile is CompileMode.TRUE:
         return True, ("compiling the decoder layers (--train.compile true); the first training step takes longer "
@@ -62,6 +63,9 @@ def compile_decision(train: TrainConfig, total_steps: int, num_members: int,
     share = f" x {k}/{n_layers} compiled layers" if compiled_layers else ""
     size = (f"{total_steps} steps x {num_members} members x {train.batch_size} questions{share} = {work:,} "
             f"member-questions >= {AUTO_MIN_MEMBER_QUESTIONS:,}")
+    if device_type != "cpu":
+        return False, (f"--train.compile auto compiles on CPUs, where its payback is measured; on {device_type} the "
+                       "layers run eagerly. Pass --train.compile true to compile them there.")
     if cpp_compiler() is None:
         return False, (f"--train.compile auto: this run is long enough for compiling to pay ({size}), but no C++ "
                        "compiler was found ($CXX, g++, c++, clang++), so the layers run eagerly. Install g++ for "
