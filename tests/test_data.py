@@ -191,8 +191,12 @@ def test_csv_error_names_row(tmp_path):
 
 def test_malformed_json_line(tmp_path):
     path = write_jsonl(tmp_path / "torn.jsonl", [q(), '{"question": "cut off', q()])
-    with pytest.raises(DataError, match=r"torn.jsonl, line 2: malformed JSON"):
-        load_mcqa(str(path), skip_invalid=True)
+    with pytest.raises(DataError, match=r"torn.jsonl, line 2: malformed JSON \(Unterminated string starting at "
+                                        r"column 14\): '\{\"question\": \"cut off'.*skip_invalid"):
+        load_mcqa(str(path))
+    # skip_invalid skips a malformed line like any other invalid row, and says so.
+    with pytest.warns(DataWarning, match=r"skipped 1 invalid row\(s\) of 3; first: line 2: malformed JSON"):
+        assert [e.id for e in load_mcqa(str(path), skip_invalid=True)] == ["torn/0", "torn/2"]
 
 
 def test_skip_invalid_reports_count_and_reasons(tmp_path):
