@@ -18,6 +18,7 @@ import math
 import os
 import random
 import reprlib
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -213,7 +214,8 @@ def _answer_index(value: Any, n: int, field: str) -> int:
         index = int(value)  # JSON written from pandas turns ints into floats
     elif text.isascii() and text.isdigit():
         # CSV cells are strings. ASCII digits only: "²" and "٣" are digits to str.isdigit(), not to int().
-        index = int(text) if len(text.lstrip("0")) <= _MAX_DIGITS else n
+        digits = text.lstrip("0") or "0"  # int() refuses 4301+ digits, even leading zeros
+        index = int(digits) if len(digits) <= _MAX_DIGITS else n
     elif text.isascii() and len(text) == 1 and text.upper() in LETTERS:
         index = LETTERS.index(text.upper())
     if index is None:
@@ -245,7 +247,8 @@ def _number_text(value: int | float, what: str) -> str:
     try:
         return str(value)
     except ValueError:
-        raise DataError(f"{what} is a number with more than 4300 digits; write it as text") from None
+        raise DataError(f"{what} is a number with more than {sys.get_int_max_str_digits()} digits, more than "
+                        "Python prints; write it as text") from None
 
 
 def _check_text(text: str, what: str) -> None:
@@ -354,8 +357,9 @@ def _json_object(line: str) -> tuple[dict[str, Any], str | None]:
                     "must hold one JSON object")
     except RecursionError:
         return {}, f"JSON nested too deeply to read: {_show(line)}; a question needs only a few levels"
-    except ValueError as e:  # Python refuses to read an int of over 4300 digits
-        return {}, f"a number too long to read ({str(e).split(':')[0]}): {_show(line)}"
+    except ValueError:  # Python refuses to read an int of over 4300 digits (sys.get_int_max_str_digits)
+        return {}, (f"a number with more than {sys.get_int_max_str_digits()} digits, more than Python reads: "
+                    f"{_show(line)}; no question needs one, so check the line")
     if not isinstance(row, dict):
         return {}, f"expected a JSON object, but got {_show(line)}"
     return row, None

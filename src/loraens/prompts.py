@@ -113,7 +113,7 @@ class PromptEncoder:
                           f"{self.config.max_length} and lost their beginning (first ids: {cut[:3]}); "
                           "raise --prompt.max_length if the questions need it.", stacklevel=2)
         if choices_cut:
-            warnings.warn(f"{sum(k for _, k in choices_cut)} choice(s) of {len(choices_cut)} of {len(examples)} "
+            warnings.warn(f"{sum(k for _, k in choices_cut)} choice(s) in {len(choices_cut)} of {len(examples)} "
                           f"questions were too long for --prompt.max_length {self.config.max_length} and were cut to "
                           f"their first tokens (first ids: {[i for i, _ in choices_cut[:3]]}); their likelihoods "
                           "cover only those tokens. Raise --prompt.max_length, or shorten the choices.", stacklevel=2)
