@@ -375,7 +375,8 @@ def test_lone_surrogates_are_refused_at_load(tmp_path, row, what):
 @pytest.mark.parametrize("answer", ["²", "٣", "①", "+1", "1.5", "AB", "ı"])
 def test_answers_that_only_look_like_numbers_or_letters(tmp_path, answer):
     path = write_jsonl(tmp_path / "odd.jsonl", [q(), q(answer=answer)])
-    assert f"odd.jsonl, line 2: `answer` must be a 0-based index or a letter A.., but got {answer!r}" in load_error(path)
+    message = load_error(path)
+    assert f"odd.jsonl, line 2: `answer` must be a 0-based index or a letter A.., but got {answer!r}" in message
     sheet = tmp_path / "odd.csv"
     sheet.write_text(f"question,A,B,answer\nQ?,a,b,{answer}\n", encoding="utf-8")
     assert "odd.csv, row 1 (line 2): `answer` must be a 0-based index" in load_error(sheet)
@@ -383,7 +384,8 @@ def test_answers_that_only_look_like_numbers_or_letters(tmp_path, answer):
 
 def test_numbers_over_python_digit_limit(tmp_path):
     huge = "7" * 4301
-    path = write_jsonl(tmp_path / "digits.jsonl", [q(), f'{{"question": "Q?", "choices": ["a", "b"], "answer": {huge}}}'])
+    row = f'{{"question": "Q?", "choices": ["a", "b"], "answer": {huge}}}'
+    path = write_jsonl(tmp_path / "digits.jsonl", [q(), row])
     message = load_error(path)
     assert "digits.jsonl, line 2: a number with more than 4300 digits" in message and len(message) < 600
     sheet = tmp_path / "digits.csv"

@@ -393,7 +393,7 @@ def _read_csv(path: Path) -> list[Record]:
     # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
     with _csv_field_limit(), path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, strict=True)
-        header = _next_csv_row(reader, path, "the header")
+        header = _next_csv_row(reader, path, "line 1 (the header)")
         if header is None:
             header = []
         fields = [c.strip() for c in header]
@@ -548,7 +548,9 @@ def _hub_records(dataset: str, split: str) -> tuple[list[Record], str]:
     except Exception as e:  # offline, unknown split, gated repo...: all mean "cannot read this one"
         raise DataError(f"could not load {origin}: {type(e).__name__}: {e}. Check the split name and the "
                         f"network, or point data_dir / ${DATA_DIR_ENV} at a local mirror.") from e
-    return [Record(i, f"row {i + 1}", row) for i, row in enumerate(rows)], origin
+    return [Record(i, f"row {i + 1}", row) if isinstance(row, Mapping) else
+            Record(i, f"row {i + 1}", {}, f"a row must be an object with named fields, but got {_show(row)}")
+            for i, row in enumerate(rows)], origin
 
 
 # ---------------------------------------------------------------- MMLU subjects
@@ -639,8 +641,10 @@ def load_mcqa(
         wanted = _wanted_subjects(dataset, spec if ":" in name else None, subjects)
         records, origin = _read_builtin(dataset, split, source, data_dir)
         if wanted is not None:
-            # Filter before parsing: rows of other subjects are not part of this load at all.
-            records = [r for r in records if isinstance(s := r.row.get("subject"), str) and s in wanted]
+            # Filter before parsing: rows of other subjects are not part of this load at all (a row
+            # that could not be read has no subject to filter by: it stays, to be reported).
+            records = [r for r in records if r.problem is not None
+                       or (isinstance(s := r.row.get("subject"), str) and s in wanted)]
         id_split = split
 
     examples = _parse_all(records, dataset, id_split, origin, skip_invalid)
