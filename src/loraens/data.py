@@ -302,7 +302,6 @@ def _show(value: Any) -> str:
         return f"<a {type(value).__name__}>"
 
 
-
 # ---------------------------------------------------------------- reading raw rows
 
 
