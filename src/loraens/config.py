@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+import string
 import types
 import typing
 import warnings
@@ -140,18 +141,50 @@ class PromptConfig:
     # --prompt.scoring choice-likelihood: the prompt, then each choice's `continuation_template`.
     likelihood_template: str = "Question: {question}\nAnswer:"
     continuation_template: str = " {choice}"  # appended to the choice-likelihood prompt for each choice
-    max_length: int = 512  # longest prompt (in tokens) kept; longer prompts are cut from the left
+    # Longest row in tokens: the prompt, plus (choice-likelihood) every choice. A longer prompt loses
+    # its beginning; choices are cut from their end only when they fill more than 3/4 of the row and
+    # the prompt leaves them too little: the longest are cut to one common cap, and a warning says how
+    # many were cut.
+    max_length: int = 512
 
     def __post_init__(self) -> None:
         self.scoring = _enum(Scoring, self.scoring, "prompt.scoring")
         self.normalization = _enum(Normalization, self.normalization, "prompt.normalization")
+        # The fields each template may use: any other `{name}` is a ConfigError here, not a KeyError
+        # once the model has loaded.
+        for name, allowed in {"letter_template": ("question", "choices"), "choice_template": ("letter", "choice"),
+                              "likelihood_template": ("question",), "continuation_template": ("choice",)}.items():
+            self._check_template(name, allowed)
         _check("{question}" in self.letter_template and "{choices}" in self.letter_template,
                "prompt.letter_template", "must contain {question} and {choices}", self.letter_template)
+        _check("{letter}" in self.choice_template and "{choice}" in self.choice_template,
+               "prompt.choice_template", "must contain {letter} and {choice}", self.choice_template)
         _check("{question}" in self.likelihood_template, "prompt.likelihood_template", "must contain {question}",
                self.likelihood_template)
         _check("{choice}" in self.continuation_template, "prompt.continuation_template",
                "must contain {choice}", self.continuation_template)
-        _check(self.max_length >= 8, "prompt.max_length", "must be at least 8", self.max_length)
+        _check(isinstance(self.max_length, int) and not isinstance(self.max_length, bool) and self.max_length >= 8,
+               "prompt.max_length", "must be an integer of at least 8", self.max_length)
+
+    def _check_template(self, name: str, allowed: tuple[str, ...]) -> None:
+        """A ConfigError naming `--prompt.<name>` unless it is a str.format template of `allowed` fields only."""
+        template = getattr(self, name)
+        names = ", ".join("{" + f + "}" for f in allowed)
+        _check(isinstance(template, str), f"prompt.{name}", "must be text", template)
+        try:
+            used = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        except ValueError as e:  # an unmatched { or }
+            raise ConfigError(f"`--prompt.{name}` is not a valid template ({e}): {template!r}. Its fields are "
+                              f"{names}; write a literal brace as {{{{ or }}}}.") from None
+        for f in used:
+            _check(f in allowed, f"prompt.{name}",
+                   f"may use only the fields {names}; {{{f}}} is not one of them (write a literal brace as {{{{ or "
+                   "}})", template)
+        try:
+            template.format(**{f: "x" for f in allowed})
+        except (ValueError, KeyError, IndexError, AttributeError) as e:  # e.g. {question:d}
+            raise ConfigError(f"`--prompt.{name}` cannot be filled in ({type(e).__name__}: {e}): {template!r}. "
+                              f"Use its fields plainly: {names}.") from None
 
 
 @dataclass

@@ -9,14 +9,18 @@ reads ARC, OpenBookQA, CommonsenseQA, SciQ (both shapes), MMLU and user files al
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import random
+import reprlib
+import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
@@ -33,6 +37,10 @@ DATA_DIR_ENV = "LORAENS_DATA_DIR"
 USER_FILE_SUFFIXES = (".jsonl", ".csv")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _SKIP_HINT = "Fix or remove that row, or pass skip_invalid=True (--data.skip_invalid) to skip invalid rows."
+# csv's default field limit is 128 KiB; a long passage in one cell is still a valid question.
+# 2**31 - 1 is the largest value every platform's C long holds.
+_CSV_FIELD_LIMIT = 2**31 - 1
+_MAX_DIGITS = 18  # an answer index with more digits is out of range anyway (and int() of 4301+ digits fails)
 
 
 class DataError(ValueError):
@@ -110,12 +118,20 @@ def parse_row(dataset: str, row: Mapping[str, Any], *, split: str = "", index: i
     test_no_support); `correct_answer` + `distractor1..3` (SciQ on the hub). The question is in
     `question`, or `question_stem` (OpenBookQA). A row without an id gets `"{dataset}/{split}/{index}"`.
 
+    Every text (question, choices, id, subject) must be encodable: a lone surrogate (half of a
+    UTF-16 pair, e.g. from a broken "\\ud83d" escape) is refused here, not by the tokenizer later.
+    A choice may be a number (written as text), but never NaN or infinity, nor the text "nan" that
+    pandas writes for a missing value.
+
     Raises:
         DataError: the problem and the offending value (without the location; the loader adds it).
     """
+    if not isinstance(row, Mapping):
+        raise DataError(f"a row must be an object with named fields, but got {_show(row)}")
     question = row["question_stem"] if "question_stem" in row else row.get("question")
     if not isinstance(question, str) or not question.strip():
-        raise DataError(f"the question is empty or missing: {question!r}")
+        raise DataError(f"the question is empty or missing: {_show(question)}")
+    _check_text(question, "the question")
     if "correct_answer" in row:
         choices, answer = _sciq_choices(row, question)
     elif isinstance(raw := row.get("choices"), Mapping):
@@ -125,61 +141,88 @@ def parse_row(dataset: str, row: Mapping[str, Any], *, split: str = "", index: i
         key = "answer" if "answer" in row else "answer_idx"
         answer = _answer_index(row.get(key), len(choices), key)
     else:
-        raise DataError(f"`choices` must be a list of strings or a {{text, label}} object, but got {raw!r}")
+        raise DataError(f"`choices` must be a list of strings or a {{text, label}} object, but got {_show(raw)}")
     raw_id, subject = row.get("id"), row.get("subject")
-    if raw_id is None or str(raw_id).strip() == "":
+    if isinstance(raw_id, float) and math.isnan(raw_id):
+        raw_id = None  # pandas writes a missing id as NaN
+    if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
         # ARC-Challenge train and CommonsenseQA train have null ids, MMLU and SciQ none at all:
         # the position in the split is stable, so it makes a stable id.
         raw_id = "/".join(p for p in (dataset, split, str(index)) if p)
+    elif isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, float)):
+        raise DataError(f"`id` must be text or a number, but got {_show(raw_id)}; give each question a text id, "
+                        "or leave `id` out for a positional one")
+    elif not isinstance(raw_id, str):
+        raw_id = _number_text(raw_id, "`id`")
+    _check_text(raw_id, "the id")
     subject = subject.strip() if isinstance(subject, str) and subject.strip() else None
-    return MCQAExample(str(raw_id), question, tuple(choices), answer, subject)
+    if subject is not None:
+        _check_text(subject, "the subject")
+    return MCQAExample(raw_id, question, tuple(choices), answer, subject)
 
 
 def _choice_texts(raw: Sequence[Any]) -> list[str]:
     texts: list[str] = []
     for i, c in enumerate(raw):
+        label = _label(i)
+        if isinstance(c, float) and not math.isfinite(c):
+            raise DataError(f"choice {label} is the number {c!r}, not text (NaN is how JSON and pandas write a missing "
+                            "value); write the choice's text, or drop the choice")
         if isinstance(c, (int, float)) and not isinstance(c, bool):
-            c = str(c)  # numeric answers written as JSON numbers ("choices": [1, 2, 4, 8])
+            c = _number_text(c, f"choice {label}")  # numeric answers written as JSON numbers ("choices": [1, 2, 4, 8])
         if not isinstance(c, str) or not c.strip():
-            label = LETTERS[i] if i < len(LETTERS) else str(i)
-            raise DataError(f"choice {label} is empty or not text: {c!r}")
+            raise DataError(f"choice {label} is empty or not text: {_show(c)}")
+        if c.strip().lower() == "nan":
+            raise DataError(f"choice {label} is {c!r}, the text pandas writes for a missing value; write the choice's "
+                            "text, drop the choice, or (if the answer really is NaN) say so in words, e.g. 'NaN (not "
+                            "a number)'")
+        _check_text(c, f"choice {label}")
         texts.append(c)
     if len(texts) < 2:
-        raise DataError(f"a question needs at least two choices, but got {len(texts)}: {texts!r}")
+        raise DataError(f"a question needs at least two choices, but got {len(texts)}: {_show(texts)}")
     return texts
 
 
 def _labelled_choices(raw: Mapping[str, Any], key: Any) -> tuple[list[str], int]:
     texts, labels = raw.get("text"), raw.get("label")
     if not isinstance(texts, (list, tuple)) or not isinstance(labels, (list, tuple)) or len(texts) != len(labels):
-        raise DataError(f"`choices.text` and `choices.label` must be lists of the same length, but got {dict(raw)!r}")
-    labels = [str(lab).strip() for lab in labels]
+        raise DataError(f"`choices.text` and `choices.label` must be lists of the same length, but got {_show(raw)}")
+    for lab in labels:
+        if isinstance(lab, bool) or not isinstance(lab, (str, int)):
+            raise DataError(f"`choices.label` must hold letters or numbers, but holds {_show(lab)}")
+    labels = [(lab if isinstance(lab, str) else _number_text(lab, "a label")).strip() for lab in labels]
     if len(set(labels)) != len(labels):
-        raise DataError(f"`choices.label` has duplicate labels: {labels!r}")
+        raise DataError(f"`choices.label` has duplicate labels: {_show(labels)}")
     choices = _choice_texts(texts)
     # ARC mixes letter labels ("A".."E") and digit labels ("1".."4"); answerKey uses the same kind.
-    key = str(key).strip() if isinstance(key, (str, int)) and not isinstance(key, bool) else key
+    if isinstance(key, str):
+        key = key.strip()
+    elif isinstance(key, int) and not isinstance(key, bool):
+        key = _number_text(key, "`answerKey`").strip()
     if key not in labels:
-        raise DataError(f"`answerKey` {key!r} is not one of `choices.label` {labels!r}")
+        raise DataError(f"`answerKey` {_show(key)} is not one of `choices.label` {_show(labels)}")
     return choices, labels.index(key)
 
 
 def _answer_index(value: Any, n: int, field: str) -> int:
     """An answer given as a 0-based index (int or digit string) or a letter "A".. (any case)."""
     index: int | None = None
+    text = value.strip() if isinstance(value, str) else ""
     if isinstance(value, int) and not isinstance(value, bool):
         index = value
-    elif isinstance(value, float) and value.is_integer():
+    elif isinstance(value, float) and value.is_integer():  # False for NaN and infinity
         index = int(value)  # JSON written from pandas turns ints into floats
-    elif isinstance(value, str) and value.strip().isdigit():
-        index = int(value.strip())  # CSV cells are strings
-    elif isinstance(value, str) and len(value.strip()) == 1 and value.strip().upper() in LETTERS:
-        index = LETTERS.index(value.strip().upper())
+    elif text.isascii() and text.isdigit():
+        # CSV cells are strings. ASCII digits only: "²" and "٣" are digits to str.isdigit(), not to int().
+        digits = text.lstrip("0") or "0"  # int() refuses 4301+ digits, even leading zeros
+        index = int(digits) if len(digits) <= _MAX_DIGITS else n
+    elif text.isascii() and len(text) == 1 and text.upper() in LETTERS:
+        index = LETTERS.index(text.upper())
     if index is None:
-        raise DataError(f"`{field}` must be a 0-based index or a letter A.., but got {value!r}")
+        raise DataError(f"`{field}` must be a 0-based index or a letter A.., but got {_show(value)}")
     if not 0 <= index < n:
-        raise DataError(f"`{field}` {value!r} is not among the {n} choices "
-                        f"(index 0..{n - 1}, letter A..{LETTERS[n - 1]})")
+        letters = f", letter A..{LETTERS[n - 1]}" if n <= len(LETTERS) else ""
+        raise DataError(f"`{field}` {_show(value)} is not among the {n} choices (index 0..{n - 1}{letters})")
     return index
 
 
@@ -195,80 +238,269 @@ def _sciq_choices(row: Mapping[str, Any], question: str) -> tuple[list[str], int
     return [choices[i] for i in order], order.index(0)
 
 
+def _label(i: int) -> str:
+    return LETTERS[i] if i < len(LETTERS) else str(i)
+
+
+def _number_text(value: int | float, what: str) -> str:
+    """`str(value)`, or a DataError for an int too long to print (Python refuses over 4300 digits)."""
+    try:
+        return str(value)
+    except ValueError:
+        raise DataError(f"{what} is a number with more than {sys.get_int_max_str_digits()} digits, more than "
+                        "Python prints; write it as text") from None
+
+
+def _check_text(text: str, what: str) -> None:
+    """A DataError if `text` holds a lone surrogate, which UTF-8 (so every tokenizer) cannot encode."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{what} holds a lone surrogate {text[e.start]!r} at character {e.start + 1} (half of a "
+                        f"UTF-16 pair, e.g. from a broken \\u escape), which no tokenizer can encode: {_show(text)}; "
+                        "fix the text (a JSON escape needs both halves, e.g. \\ud83d\\ude00)") from None
+
+
+def _not_utf8(text: str, what: str) -> str | None:
+    """Why `text`, read with errors="surrogateescape", was not UTF-8 in the file (None if it was)."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(text[e.start]) - 0xDC00  # surrogateescape maps an undecodable byte b to U+DC00 + b
+        return (f"not UTF-8 text: byte 0x{byte:02x} at character {e.start + 1} of {what}; save the file as UTF-8 "
+                "(in a spreadsheet: CSV UTF-8)")
+    return None
+
+
+class _ClippedRepr(reprlib.Repr):
+    """reprlib's bounded repr (never recursion, never a megabyte), also for ints too long to print."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 3, 80, 80, 40
+        self.maxlist = self.maxtuple = self.maxdict = 6
+
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:
+            return f"<an integer of about {int(x.bit_length() * math.log10(2))} digits>"
+
+
+_REPR = _ClippedRepr()
+
+
+def _show(value: Any) -> str:
+    """A short repr of `value` for messages: strings and lists clipped, nesting cut at 3 levels."""
+    try:
+        return _REPR.repr(value)
+    except Exception:  # a repr that fails must not hide the real problem
+        return f"<a {type(value).__name__}>"
+
+
 # ---------------------------------------------------------------- reading raw rows
 
 
 def read_records(path: str | Path) -> list[Record]:
     """Raw rows of a JSONL or CSV file (see `load_mcqa` for the CSV columns).
 
+    A defect of one row (malformed JSON, bytes that are not UTF-8, a bad `choices` cell, too many
+    cells) is kept in that row's `Record.problem`, so `skip_invalid` can skip it. A defect that
+    leaves no row boundaries to trust (a CSV quote never closed, a missing header) is an error.
+
     Raises:
-        DataError: the file is missing, not UTF-8, has a malformed JSON line or lacks CSV columns.
+        DataError: the file is missing or unreadable, is UTF-16, lacks CSV columns or has broken CSV quoting.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file. Give a path to an existing .jsonl or .csv file.")
     try:
+        with path.open("rb") as f:
+            head = f.read(4)
+        if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise DataError(f"{path}: the file is UTF-16 text (it starts with a UTF-16 byte-order mark). "
+                            "Save it as UTF-8.")
         return _read_csv(path) if path.suffix.lower() == ".csv" else _read_jsonl(path)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e}). Save the file as UTF-8.") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror or e}).") from None
 
 
 def _read_jsonl(path: Path) -> list[Record]:
     records: list[Record] = []
     # Iterate the file, never str.splitlines(): MMLU questions hold a raw U+0085 (NEL) that
     # splitlines() treats as a line break; a file object breaks only at \n, \r\n and \r.
-    with path.open(encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark at the start is not part of the first row. surrogateescape:
+    # bytes that are not UTF-8 spoil their own line only, which `_not_utf8` then names.
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue  # blank lines (a trailing newline, spacing) are not rows
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {lineno}: malformed JSON ({e.msg}, column {e.colno}): "
-                                f"{_clip(line)!r}. Each line must hold one JSON object.") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {lineno}: expected a JSON object, but got {_clip(line)!r}.")
-            records.append(Record(len(records), f"line {lineno}", row))
+            row, problem = _json_object(line)
+            records.append(Record(len(records), f"line {lineno}", row, problem))
     return records
+
+
+def _json_object(line: str) -> tuple[dict[str, Any], str | None]:
+    """One JSONL line as an object, or ({}, what is wrong with it)."""
+    if (problem := _not_utf8(line, "the line")) is not None:
+        return {}, problem
+    line = line.rstrip("\r\n")
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        return {}, (f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno}): {_show(line)}; each line "
+                    "must hold one JSON object")
+    except RecursionError:
+        return {}, f"JSON nested too deeply to read: {_show(line)}; a question needs only a few levels"
+    except ValueError:  # Python refuses to read an int of over 4300 digits (sys.get_int_max_str_digits)
+        return {}, (f"a number with more than {sys.get_int_max_str_digits()} digits, more than Python reads: "
+                    f"{_show(line)}; no question needs one, so check the line")
+    if not isinstance(row, dict):
+        return {}, f"expected a JSON object, but got {_show(line)}"
+    return row, None
+
+
+@contextlib.contextmanager
+def _csv_field_limit() -> Iterator[None]:
+    old = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
 
 
 def _read_csv(path: Path) -> list[Record]:
+    """Rows of a CSV file, with RFC 4180 quoting enforced.
+
+    An unclosed quote is the one defect that changes where rows end: the quoted cell runs on over
+    the following lines, swallowing their rows. Three rules catch it, in this order:
+    1. strict quoting (csv `strict=True`): inside a quoted cell a quote is written twice (""), and
+       a closing quote is followed by the separator or the end of the line. A stray quote that
+       opens a cell is almost always closed, if at all, by a later quote that breaks this rule.
+    2. a quoted cell still open at the end of the file is an error (it swallowed every later row).
+    3. a cell that spans lines, one of whose later lines parses, on its own, into exactly the
+       header's number of cells with an answer-like value (a letter or a small index) in the
+       `answer` column: that line is a swallowed row, not text. Multi-line questions stay valid
+       unless one of their lines looks exactly like a row of the file.
+    1 and 2 leave no row boundary to trust after the quote, so they stop the load (skip_invalid
+    cannot skip them); 3 is a problem of that one row.
+    """
     # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = fields
-        letter_cols = []
-        for letter in LETTERS:  # choice columns A, B, C, ... in order, stopping at the first gap
-            if letter not in fields:
-                break
-            letter_cols.append(letter)
+    with _csv_field_limit(), path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f, strict=True)
+        header = _next_csv_row(reader, path, "line 1 (the header)")
+        if header is None:
+            header = []
+        fields = [c.strip() for c in header]
+        if (problem := _not_utf8(",".join(header), "the header")) is not None:
+            raise DataError(f"{path}, line 1: {problem}.")
+        letter_cols = _letter_cols(fields)
         if "question" not in fields or "answer" not in fields or ("choices" not in fields and len(letter_cols) < 2):
             raise DataError(f"{path}: a CSV file needs columns `question`, `answer` and either `choices` (a JSON "
-                            f"list) or choice columns A, B, ...; found columns {fields!r}.")
+                            f"list) or choice columns A, B, ...; found columns {_show(fields)}.")
+        used = ["question", "answer", "choices", "id", "subject", *letter_cols]
+        repeated = sorted({c for c in fields if c in used and fields.count(c) > 1})
+        if repeated:
+            raise DataError(f"{path}, line 1: the header repeats column(s) {', '.join(repeated)}; each column "
+                            "must appear once.")
         records: list[Record] = []
-        for i, raw in enumerate(reader):
-            where = f"row {i + 1} (line {reader.line_num})"
-            row: dict[str, Any] = {"question": raw.get("question"), "answer": raw.get("answer"),
-                                   "id": raw.get("id") or None, "subject": raw.get("subject") or None}
-            problem = f"more cells than header columns: {raw[None]!r}" if None in raw else None
-            if "choices" in fields:
-                try:
-                    row["choices"] = json.loads(raw.get("choices") or "")
-                except json.JSONDecodeError:
-                    problem = f"the `choices` cell is not a JSON list: {raw.get('choices')!r}"
-            else:
-                cells = [raw.get(c) or "" for c in letter_cols]
-                while cells and not cells[-1].strip():
-                    cells.pop()  # empty trailing cells mean this question has fewer choices
-                row["choices"] = cells
-            records.append(Record(i, where, row, problem))
+        while True:
+            start = reader.line_num + 1
+            cells = _next_csv_row(reader, path, f"row {len(records) + 1} (line {start})")
+            if cells is None:
+                break
+            if not cells:
+                continue  # a blank line
+            lines = f"line {start}" if reader.line_num == start else f"lines {start}-{reader.line_num}"
+            records.append(_csv_record(len(records), f"row {len(records) + 1} ({lines})", fields, cells))
     return records
 
 
-def _clip(text: str, n: int = 80) -> str:
-    text = text.rstrip("\n")
-    return text if len(text) <= n else text[:n] + "..."
+def _next_csv_row(reader: Any, path: Path, where: str) -> list[str] | None:
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            why = ("a quote opened in this row is never closed, so its cell swallows every later row up to the end "
+                   "of the file")
+        elif "expected after" in str(e):
+            why = (f"a quoted cell is not closed properly ({e} at line {reader.line_num}): a closing quote must be "
+                   "followed by a comma or the end of the line, so either a quote was left open and swallowed the "
+                   "rows after it, or a quote inside a quoted cell was not doubled")
+        else:
+            why = f"the CSV cannot be read ({e}, at line {reader.line_num})"
+        raise DataError(f"{path}, {where}: {why}. Write a quote that is part of the text as two quotes (\"\") inside a "
+                        "quoted cell, and close every quoted cell; skip_invalid cannot skip this, since the rows after "
+                        "it have no reliable boundaries.") from None
+
+
+def _csv_record(index: int, where: str, fields: list[str], cells: list[str]) -> Record:
+    raw = dict(zip(fields, cells))
+    row: dict[str, Any] = {"question": raw.get("question"), "answer": raw.get("answer"),
+                           "id": raw.get("id") or None, "subject": raw.get("subject") or None}
+    problem = f"more cells than header columns: {_show(cells[len(fields):])}" if len(cells) > len(fields) else None
+    names = fields + [f"extra cell {i + 1}" for i in range(len(cells) - len(fields))]
+    for name, cell in zip(names, cells):
+        if (bad := _not_utf8(cell, f"the `{name}` cell")) is not None:
+            return Record(index, where, row, bad)
+    for name, cell in zip(names, cells):
+        if "\n" in cell or "\r" in cell:
+            swallowed = _rows_inside(cell, fields)
+            if swallowed:
+                return Record(index, where, row, (
+                    f"the `{name}` cell spans {len(cell.splitlines())} lines, and {len(swallowed)} of them look like "
+                    f"rows of this file (first: {_show(swallowed[0])}): a quote opened in this cell was probably "
+                    "never closed and swallowed the rows after it; close the quote, or write a quote that is part "
+                    "of the text as two quotes (\"\")"))
+    if "choices" in fields:
+        cell = raw.get("choices") or ""
+        try:
+            row["choices"] = json.loads(cell)
+        except RecursionError:
+            problem = f"the `choices` cell is JSON nested too deeply to read: {_show(cell)}"
+        except ValueError:  # malformed JSON, or an int of over 4300 digits
+            problem = f"the `choices` cell is not a JSON list: {_show(cell)}"
+    else:
+        texts = [raw.get(c) or "" for c in _letter_cols(fields)]
+        while texts and not texts[-1].strip():
+            texts.pop()  # empty trailing cells mean this question has fewer choices
+        row["choices"] = texts
+    return Record(index, where, row, problem)
+
+
+def _letter_cols(fields: list[str]) -> list[str]:
+    """Choice columns A, B, C, ... in order, up to the first missing letter."""
+    cols = []
+    for letter in LETTERS:
+        if letter not in fields:
+            break
+        cols.append(letter)
+    return cols
+
+
+def _rows_inside(cell: str, fields: list[str]) -> list[str]:
+    """Lines after the first of a multi-line cell that parse as a whole row of the file (rule 3)."""
+    answer_col = fields.index("answer")
+    found = []
+    for line in cell.splitlines()[1:]:
+        try:
+            parsed = next(csv.reader([line], strict=True), [])
+        except csv.Error:
+            continue
+        if len(parsed) == len(fields) and _looks_like_answer(parsed[answer_col]):
+            found.append(line)
+    return found
+
+
+def _looks_like_answer(cell: str) -> bool:
+    text = cell.strip()
+    return text.isascii() and ((text.isdigit() and len(text) <= 2) or (len(text) == 1 and text.upper() in LETTERS))
 
 
 def _read_builtin(dataset: str, split: str, source: DataSource,
@@ -315,7 +547,9 @@ def _hub_records(dataset: str, split: str) -> tuple[list[Record], str]:
     except Exception as e:  # offline, unknown split, gated repo...: all mean "cannot read this one"
         raise DataError(f"could not load {origin}: {type(e).__name__}: {e}. Check the split name and the "
                         f"network, or point data_dir / ${DATA_DIR_ENV} at a local mirror.") from e
-    return [Record(i, f"row {i + 1}", row) for i, row in enumerate(rows)], origin
+    return [Record(i, f"row {i + 1}", row) if isinstance(row, Mapping) else
+            Record(i, f"row {i + 1}", {}, f"a row must be an object with named fields, but got {_show(row)}")
+            for i, row in enumerate(rows)], origin
 
 
 # ---------------------------------------------------------------- MMLU subjects
@@ -406,8 +640,10 @@ def load_mcqa(
         wanted = _wanted_subjects(dataset, spec if ":" in name else None, subjects)
         records, origin = _read_builtin(dataset, split, source, data_dir)
         if wanted is not None:
-            # Filter before parsing: rows of other subjects are not part of this load at all.
-            records = [r for r in records if r.row.get("subject") in wanted]
+            # Filter before parsing: rows of other subjects are not part of this load at all (a row
+            # that could not be read has no subject to filter by: it stays, to be reported).
+            records = [r for r in records if r.problem is not None
+                       or (isinstance(s := r.row.get("subject"), str) and s in wanted)]
         id_split = split
 
     examples = _parse_all(records, dataset, id_split, origin, skip_invalid)
@@ -435,19 +671,30 @@ def _parse_all(records: list[Record], dataset: str, split: str, origin: str,
                skip_invalid: bool) -> list[MCQAExample]:
     examples: list[MCQAExample] = []
     skipped: list[str] = []
+    repeated: list[str] = []
     for rec in records:
         try:
             if rec.problem is not None:
                 raise DataError(rec.problem)
-            examples.append(parse_row(dataset, rec.row, split=split, index=rec.index))
+            example = parse_row(dataset, rec.row, split=split, index=rec.index)
         except DataError as e:
             if not skip_invalid:
                 raise DataError(f"{origin}, {rec.where}: {e}. {_SKIP_HINT}") from None
             skipped.append(f"{rec.where}: {e}")
+            continue
+        examples.append(example)
+        texts = [c.strip() for c in example.choices]
+        if len(set(texts)) < len(texts):
+            twice = next(t for t in texts if texts.count(t) > 1)
+            repeated.append(f"{rec.where}: {_show(twice)}")
     if skipped:
         # Never drop rows silently: say how many, and why for the first few.
         warnings.warn(f"{origin}: skipped {len(skipped)} invalid row(s) of {len(records)}; first: "
                       + "; ".join(skipped[:3]), DataWarning, stacklevel=3)
+    if repeated:
+        warnings.warn(f"{origin}: {len(repeated)} question(s) list a choice twice (first: {'; '.join(repeated[:3])}). "
+                      "Each copy is scored as its own choice, so the copies split their probability; remove the "
+                      "repeats from the data if that is not intended.", DataWarning, stacklevel=3)
     if not examples:
         raise DataError(f"{origin}: no valid questions (read {len(records)} row(s), skipped {len(skipped)}). "
                         "Check the file, the split and the subjects.")
