@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import loraens.train as train_mod
+from loraens import runfolder
 from loraens.cli import main
 
 
@@ -65,3 +70,114 @@ def test_interrupted_in_process_and_resumed_equals_uninterrupted(tmp_path, tiny_
     assert [r["epoch"] for r in lines] == [1, 2, 3]
     for a, b in zip(lines, ref_lines):
         assert a["train_loss"] == b["train_loss"] and a["ensemble"] == b["ensemble"]
+
+
+# ---------------------------------------------------------------- SIGKILL at random points
+
+TRIALS = 20
+WRITE_DELAY = 0.01  # seconds every atomic write waits between its temporary file and os.replace
+
+
+def _fork_train(args: list[str], write_delay: float) -> int:
+    """Start `loraens train ARGS` in a forked child (no interpreter start-up, so the 20 trials fit in
+    seconds); return its pid. The child slows every atomic write down by `write_delay` between the
+    temporary file and its replace, so random kills often land inside a write."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            real_commit = runfolder._commit
+
+            def slow_commit(tmp, path):
+                time.sleep(write_delay)
+                real_commit(tmp, path)
+
+            runfolder._commit = slow_commit
+            code = main(args)
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _run_to_end(args: list[str], write_delay: float) -> float:
+    started = time.perf_counter()
+    pid = _fork_train(args, write_delay)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    return time.perf_counter() - started
+
+
+def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_members(tmp_path, tiny_setup, capsys):
+    """20 runs killed with SIGKILL at seeded random times (inside atomic writes too), each resumed
+    by the same command (or --resume): every folder a kill leaves is refused by `evaluate`, and every
+    resumed run ends with the uninterrupted run's members, metrics and results."""
+    model_dir, mirror = tiny_setup
+    started = time.perf_counter()
+    ref = tmp_path / "ref"
+    assert main(_args(ref, model_dir, mirror)) == 0  # uninterrupted, no checkpoints between epoch ends
+    ref_members = members(ref)
+    ref_results = json.loads((ref / "results.json").read_text())["splits"]
+    # How long a run takes in a forked child (the shorter of two settings): kill times are spread over it.
+    durations = []
+    for every in ("1", "3"):
+        timed = tmp_path / f"timed_{every}"
+        durations.append(_run_to_end(_args(timed, model_dir, mirror, "--train.checkpoint_every", every), WRITE_DELAY))
+        assert max_diff(members(timed), ref_members) == 0.0  # checkpoints and slow writes change nothing
+    duration = min(durations)
+    rng = random.Random(19)
+    rows: list[dict] = []
+    for trial in range(TRIALS + 10):  # until TRIALS runs were killed before they finished
+        if sum(r["killed"] for r in rows) == TRIALS:
+            break
+        run = tmp_path / f"trial_{trial}"
+        args = _args(run, model_dir, mirror, "--train.checkpoint_every", str(rng.choice([1, 2, 3])))
+        kill_after = rng.uniform(0.02, 0.95) * duration
+        pid = _fork_train(args, WRITE_DELAY)
+        time.sleep(kill_after)
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else None
+        finished = manifest is not None and manifest["status"] == "complete"
+        killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and not finished
+        temp_files = [p.name for p in run.rglob(".*.tmp-*")] if run.is_dir() else []
+        # What a kill leaves is never scored as a complete run.
+        capsys.readouterr()
+        scored = main(["evaluate", str(run), "--quiet"]) == 0
+        evaluate_says = capsys.readouterr().err.strip()
+        if killed:
+            assert not scored and ("not complete" in evaluate_says or "is not a folder" in evaluate_says
+                                   or "not a loraens run folder" in evaluate_says), evaluate_says
+        # Resume: the same command again, or --resume RUN once config.yaml exists.
+        how = "--resume" if trial % 2 and (run / "config.yaml").is_file() else "same command"
+        resume_args = ["train", "--resume", str(run), "--quiet"] if how == "--resume" else args
+        assert main(resume_args) == (2 if finished else 0)  # a complete run is not redone
+        out = capsys.readouterr()
+        if finished:
+            assert "already holds a complete run" in out.err or "that run is complete" in out.err
+        diff = max_diff(members(run), ref_members)
+        assert diff <= 1e-6, (trial, diff)
+        assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
+        assert not (run / "checkpoint.safetensors").exists() and not list(run.rglob(".*.tmp-*"))
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in lines] == [1, 2, 3]
+        results = json.loads((run / "results.json").read_text())["splits"]["arc_easy_validation"]
+        assert results["ensemble"] == pytest.approx(ref_results["arc_easy_validation"]["ensemble"])
+        rows.append({"trial": trial, "kill_s": round(kill_after, 3), "killed": killed,
+                     "status": (manifest or {}).get("status", "-"), "checkpoint": (manifest or {}).get("checkpoint"),
+                     "in_write": temp_files, "evaluate_scored": scored, "evaluate_says": evaluate_says[:160],
+                     "resumed_by": how, "max_abs_diff": diff,
+                     "resume_says": next((x for x in out.out.splitlines() if "interrupted" in x), "")[-120:]})
+    seconds = time.perf_counter() - started
+    killed_rows = [r for r in rows if r["killed"]]
+    with capsys.disabled():
+        print(f"\nkill trials: {len(killed_rows)} killed ({len(rows) - len(killed_rows)} more found the run "
+              f"finished), a run takes {duration:.2f} s, the test {seconds:.1f} s")
+        for r in rows:
+            print(json.dumps(r))
+    assert len(killed_rows) == TRIALS
+    assert not any(r["evaluate_scored"] for r in killed_rows)
+    assert sum(bool(r["in_write"]) for r in killed_rows) >= 2  # kills between a temporary file and its replace
+    assert sum(bool(r["checkpoint"] and r["checkpoint"]["position"]) for r in killed_rows) >= 2  # mid-epoch resumes

@@ -542,9 +542,11 @@ def _train_locked(config: RunConfig, run_dir: Path, device: torch.device, shard:
     except NonFiniteError as err:
         if main:
             kept = manifest.get("checkpoint")
-            where = f"its last good checkpoint ({describe_checkpoint(kept)})" if kept else "no checkpoint yet"
-            text = (f"{err} {run_dir} is marked failed; {where} and the members of its last finished epoch are "
-                    "kept.")
+            where = (f"its last good checkpoint ({describe_checkpoint(kept)}) is kept" if kept
+                     else "it has no checkpoint yet")
+            exported = (f"the members of epoch {manifest['members_epoch']} are kept" if manifest.get("members")
+                        else "no members were exported yet")
+            text = f"{err} {run_dir} is marked failed; {where}, and {exported}."
             set_status(run_dir, manifest, FAILED, text)
             raise NonFiniteError(text) from None
         raise
@@ -563,6 +565,7 @@ def _train_locked(config: RunConfig, run_dir: Path, device: torch.device, shard:
         info["best_epoch"] = best["epoch"]
     results = {"splits": dict(last), **info}
     write_json(run_dir / "results.json", results)
+    manifest["checkpoint"] = None  # removed right below: a complete run needs none
     set_status(run_dir, manifest, COMPLETE)  # the last write: only now is the run complete
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return RunResult(run_dir, results["splits"], epochs, ens, plan.mode == "resume")
@@ -644,7 +647,7 @@ def _check_members(run_dir: Path, config: RunConfig, manifest: dict[str, Any] | 
 
 
 def load_run(run_dir: str | Path, device: str | None = "auto", shard: Shard | None = None, *,
-             verb: str = "load_run") -> LoadedEnsemble:
+             verb: str = "load_run", holding_lock: bool = False) -> LoadedEnsemble:
     """Rebuild a trained ensemble from its run folder (config.yaml + members/), checked first.
 
     The run must be complete (manifest.json; an older folder without one gets a warning), its
@@ -662,7 +665,7 @@ def load_run(run_dir: str | Path, device: str | None = "auto", shard: Shard | No
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a loraens run folder: config.yaml is missing.")
-    manifest = check_complete(run_dir, verb)
+    manifest = check_complete(run_dir, verb, holding_lock)
     config = RunConfig.load(run_dir / "config.yaml")
     if device is not None:
         config.model = dataclasses.replace(config.model, device=device)
@@ -725,7 +728,7 @@ def evaluate_run(run_dir: str | Path, dataset: str | None = None, split: str = "
     lock = RunLock(run_dir, "evaluate")
     _agree(lambda: lock.acquire() and None, main)  # a training or another evaluate writing this folder stops us
     try:
-        ens = load_run(run_dir, device, shard, verb="evaluate")
+        ens = load_run(run_dir, device, shard, verb="evaluate", holding_lock=True)
         dataset = dataset or ens.config.data.dataset
         key, own = evaluation_key(ens.config, dataset, split, limit)
         out = _evaluate(ens, run_dir, key, load_examples(ens.config.data, split, limit, dataset), progress,

@@ -287,13 +287,14 @@ def member_record(folder: Path, run_dir: Path, epoch: int | None, step: int) -> 
 # ---------------------------------------------------------------- what a reader may trust
 
 
-def describe_state(run_dir: str | Path, manifest: dict[str, Any]) -> str:
-    """One sentence on an unfinished run: who writes it, or how it ended and how to go on."""
+def describe_state(run_dir: str | Path, manifest: dict[str, Any], holding_lock: bool = False) -> str:
+    """One sentence on an unfinished run: who writes it, or how it ended and how to go on.
+    `holding_lock`: the caller holds the folder's lock itself (so no other process writes it)."""
     run_dir = Path(run_dir)
     status, reason = manifest["status"], manifest.get("reason")
     ckpt = manifest.get("checkpoint")
     where = f"its last checkpoint is at {describe_checkpoint(ckpt)}" if ckpt else "it has no checkpoint yet"
-    if status == RUNNING and is_locked(run_dir):
+    if status == RUNNING and not holding_lock and is_locked(run_dir):
         return f"{run_dir} is still being trained ({lock_holder(run_dir)}); wait for it to finish."
     if status in (RUNNING, INTERRUPTED):
         why = f" ({reason})" if reason else " (its process was killed or crashed)"
@@ -311,7 +312,7 @@ def describe_checkpoint(record: dict[str, Any]) -> str:
     return f"step {record['step']} (the end of epoch {record['epoch'] - 1})"
 
 
-def check_complete(run_dir: str | Path, verb: str) -> dict[str, Any] | None:
+def check_complete(run_dir: str | Path, verb: str, holding_lock: bool = False) -> dict[str, Any] | None:
     """The manifest of a complete run whose members are all from one epoch; else a `RunFolderError`.
 
     None (and a warning on stderr) for a run folder an older loraens wrote, without a manifest:
@@ -328,7 +329,7 @@ def check_complete(run_dir: str | Path, verb: str) -> dict[str, Any] | None:
         return None
     if manifest["status"] != COMPLETE:
         raise RunFolderError(f"loraens {verb} refuses a run that is not complete (status {manifest['status']}): "
-                             f"{describe_state(run_dir, manifest)}")
+                             f"{describe_state(run_dir, manifest, holding_lock)}")
     epochs = {m.get("epoch") for m in manifest.get("members", {}).values()}
     if len(epochs) > 1:
         per = ", ".join(f"{k}: epoch {m.get('epoch')}" for k, m in sorted(manifest["members"].items()))

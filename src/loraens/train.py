@@ -243,6 +243,8 @@ def train_members(
         set_rng_state(resume.rng, params[0].device if params else torch.device("cpu"))
     device = params[0].device if params else torch.device("cpu")
     main = first_member == 0
+    hint = (f"Lower --train.lr (now {train.lr:g}) or --ensemble.init_scale (now {ensemble.init_scale:g}); clipping "
+            "cannot rescue a gradient that is already infinite.")
     watch = DivergenceWatch(train.divergence_patience, math.ceil(n / b) // 4, state.watch)
     state.watch = watch.state
     model.train()
@@ -263,8 +265,15 @@ def train_members(
                 norms = clip_grad_norm_per_member(params, train.max_grad_norm)
             else:
                 norms = member_grad_norms(params)
-            _stop_if_not_finite(step_loss, norms, epoch, state.step + 1, first_member, device, train)
-            optimizer.step()
+            _stop_if_not_finite(step_loss, norms, epoch, state.step + 1, first_member, device, hint)
+            try:
+                optimizer.step()
+            except RuntimeError as err:  # AdamW's lr / (1 - beta1^t) past float32's range
+                if "overflow" not in str(err):
+                    raise
+                raise NonFiniteError(f"training stopped at epoch {epoch}, step {state.step + 1}: the AdamW step "
+                                     f"overflowed ({err}). {hint}") from None
+            _stop_if_weights_not_finite(params, epoch, state.step + 1, device, hint)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses += step_loss * chunk.shape[1]
@@ -298,7 +307,7 @@ def train_members(
 
 
 def _stop_if_not_finite(loss: torch.Tensor, norms: torch.Tensor, epoch: int, step: int, first_member: int,
-                        device: torch.device, train: TrainConfig) -> None:
+                        device: torch.device, hint: str) -> None:
     """Raise `NonFiniteError` on every process when any member's loss or gradient norm is not finite."""
     bad = not (bool(torch.isfinite(loss).all()) and bool(torch.isfinite(norms).all()))
     if not distributed.any_true(bad, device):
@@ -309,12 +318,19 @@ def _stop_if_not_finite(loss: torch.Tensor, norms: torch.Tensor, epoch: int, ste
         rows = [(first + j, lo, no) for first, ls, ns in pieces for j, (lo, no) in enumerate(zip(ls, ns))]
         bad_rows = [f"member {k}: loss {lo:.4g}, gradient norm {no:.4g}" for k, lo, no in rows
                     if not (math.isfinite(lo) and math.isfinite(no))]
-        clip = ("keep --train.max_grad_norm on" if train.max_grad_norm is None
-                else f"a smaller --train.max_grad_norm (now {train.max_grad_norm:g})")
         text = (f"training stopped at epoch {epoch}, step {step}: a non-finite loss or gradient norm "
-                f"({'; '.join(bad_rows)}). The step was not applied. A smaller --train.lr (now {train.lr:g}) or "
-                f"{clip} usually helps.")
+                f"({'; '.join(bad_rows)}). The step was not applied. {hint}")
     raise NonFiniteError(distributed.broadcast(text))
+
+
+def _stop_if_weights_not_finite(params: list[nn.Parameter], epoch: int, step: int, device: torch.device,
+                                hint: str) -> None:
+    """After a step: a weight that overflowed to inf (a finite but huge update) stops the run too,
+    before any checkpoint or export could keep it."""
+    bad = bool(params) and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+    if distributed.any_true(bad, device):
+        raise NonFiniteError(f"training stopped at epoch {epoch}, step {step}: the step made some LoRA weights "
+                             f"infinite or NaN. {hint}")
 
 
 def get_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
