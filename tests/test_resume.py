@@ -72,6 +72,41 @@ def test_interrupted_in_process_and_resumed_equals_uninterrupted(tmp_path, tiny_
         assert a["train_loss"] == b["train_loss"] and a["ensemble"] == b["ensemble"]
 
 
+
+@pytest.mark.parametrize("extra, kill_at", [
+    # early stopping: the best epoch's members and metrics come back from the checkpoint
+    (("--train.epochs", "6", "--train.lr", "0.3", "--train.warmup_ratio", "0", "--train.early_stopping_patience",
+      "1"), 9),
+    # regularisers, micro-batches, member groups, and max_steps ending inside epoch 2
+    (("--train.kl_coef", "0.5", "--train.delta_l2", "0.1", "--train.grad_accum", "2", "--train.member_chunk", "1",
+      "--train.max_steps", "10"), 8),
+    # the frozen-prefix cache (its hidden states are recomputed after the resume)
+    (("--ensemble.top_layers", "1"), 10),
+])
+def test_resume_keeps_every_training_feature(tmp_path, tiny_setup, monkeypatch, extra, kill_at):
+    model_dir, mirror = tiny_setup
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main(_args(ref, model_dir, mirror, *extra)) == 0
+    real = train_mod.train_step
+    calls = []
+
+    def dying(*a, **kw):
+        calls.append(1)
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "train_step", dying)
+    assert main(_args(run, model_dir, mirror, *extra, "--train.checkpoint_every", "2")) == 130
+    monkeypatch.setattr(train_mod, "train_step", real)
+    assert json.loads((run / "manifest.json").read_text())["checkpoint"]["step"] == kill_at - 1 - (kill_at - 1) % 2
+    assert main(_args(run, model_dir, mirror, *extra, "--train.checkpoint_every", "2")) == 0
+    assert max_diff(members(run), members(ref)) <= 1e-6
+    got, want = (json.loads((d / "results.json").read_text()) for d in (run, ref))
+    assert got.get("best_epoch") == want.get("best_epoch") and got["epochs_trained"] == want["epochs_trained"]
+    assert got["splits"]["arc_easy_validation"]["ensemble"] == pytest.approx(
+        want["splits"]["arc_easy_validation"]["ensemble"], abs=1e-6)
+
 # ---------------------------------------------------------------- SIGKILL at random points
 
 TRIALS = 20
