@@ -169,3 +169,10 @@ def test_a_resume_may_change_only_where_and_how_often(tmp_path):
     other = RunConfig.from_dict({"train": {"lr": 0.02, "epochs": 3}, "ensemble": {"num_members": 2}})
     assert _config_changes(tmp_path, other) == ["--ensemble.num_members: 4 there, 2 here",
                                                 "--train.epochs: 2 there, 3 here", "--train.lr: 0.01 there, 0.02 here"]
+
+
+def test_a_folder_that_cannot_be_created_is_named():
+    # /proc takes no new folders, not even from root.
+    with pytest.raises(RunFolderError, match="/proc/loraens-run cannot be used as a run folder: No such file or "
+                                             "directory"):
+        RunLock("/proc/loraens-run").acquire()

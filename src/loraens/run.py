@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -455,6 +456,7 @@ def _train_locked(config: RunConfig, run_dir: Path, device: torch.device, shard:
             assert plan.manifest is not None
             manifest = plan.manifest
             manifest["resumed"] = manifest.get("resumed", 0) + 1
+            manifest["pid"] = os.getpid()
             set_status(run_dir, manifest, RUNNING)
             remove_temp_files(run_dir)
             write_text(metrics_path, "".join(dumps(r) + "\n" for r in records))
