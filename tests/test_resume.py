@@ -81,6 +81,32 @@ def test_interrupted_in_process_and_resumed_equals_uninterrupted(tmp_path, tiny_
 
 
 
+def test_interrupted_twice_with_other_checkpoint_intervals(tmp_path, tiny_setup, monkeypatch, capsys):
+    """A resume may change --train.checkpoint_every: killed at step 5 (checkpoint every 2), resumed
+    with every 3 and killed again at step 11, resumed with no interval: the uninterrupted members."""
+    model_dir, mirror = tiny_setup
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main(_args(ref, model_dir, mirror)) == 0
+    real = train_mod.train_step
+    for every, calls_before_kill, resumed_from in (("2", 5, None), ("3", 11 - 4, "step 4 (epoch 1, 4 batches in)")):
+        def dying(*a, calls=[], kill=calls_before_kill, **kw):  # noqa: B006 (one list per definition)
+            calls.append(1)
+            if len(calls) == kill:
+                raise KeyboardInterrupt
+            return real(*a, **kw)
+
+        monkeypatch.setattr(train_mod, "train_step", dying)
+        capsys.readouterr()
+        assert main(_args(run, model_dir, mirror, "--train.checkpoint_every", every)) == 130
+        if resumed_from:
+            assert f"resuming it from its last checkpoint, {resumed_from}" in capsys.readouterr().out
+    monkeypatch.setattr(train_mod, "train_step", real)
+    capsys.readouterr()
+    assert main(_args(run, model_dir, mirror)) == 0
+    assert "resuming it from its last checkpoint, step 9 (epoch 2, 3 batches in)" in capsys.readouterr().out
+    assert json.loads((run / "manifest.json").read_text())["resumed"] == 2
+    assert max_diff(members(run), members(ref)) <= TOLERANCE
+
 @pytest.mark.parametrize("extra, kill_at", [
     # early stopping: the best epoch's members and metrics come back from the checkpoint
     (("--train.epochs", "6", "--train.lr", "0.3", "--train.warmup_ratio", "0", "--train.early_stopping_patience",

@@ -402,7 +402,7 @@ def _train_locked(config: RunConfig, run_dir: Path, device: torch.device, shard:
     eval_sets = {split_key(config.data.dataset, s): load_examples(config.data, s, config.data.eval_limit)
                  for s in config.data.eval_splits}
     data_hash = data_sha256(train_examples)
-    if plan.mode == "resume" and main and plan.checkpoint is not None:
+    if plan.mode == "resume" and plan.checkpoint is not None:  # every rank holds the plan: all stop alike
         if plan.checkpoint["run"].get("data_sha256") != data_hash:
             raise RunFolderError(f"{run_dir} holds an interrupted run, but its training questions differ from the ones "
                                  "read now (the data files changed?); it cannot be resumed on other data. Pass "
@@ -431,7 +431,7 @@ def _train_locked(config: RunConfig, run_dir: Path, device: torch.device, shard:
     fallback = (torch._dynamo.config.patch(suppress_errors=True)
                 if use_compile and config.train.compile is CompileMode.AUTO else nullcontext())
 
-    cfg_hash = config_sha256(config.to_dict())
+    cfg_hash = config_sha256(config.to_dict(), RESUMABLE_CHANGES)  # the same run, wherever and however resumed
     metrics_path = run_dir / "metrics.jsonl"
     records: list[dict[str, Any]] = []
     last: dict[str, Any] = {}

@@ -276,10 +276,14 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def config_sha256(config_dict: dict[str, Any]) -> str:
-    """A hash of a run's settings, output_dir left out (a moved run folder is the same run)."""
-    settings = {k: v for k, v in config_dict.items() if k != "output_dir"}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+def config_sha256(config_dict: dict[str, Any], ignore: tuple[str, ...] = ("output_dir",)) -> str:
+    """A hash of a run's settings without the `ignore`d ones ("section.key"; output_dir by default:
+    a moved run folder is the same run)."""
+    def keep(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        return {k: keep(v, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in d.items()
+                if f"{prefix}{k}" not in ignore}
+
+    return hashlib.sha256(json.dumps(keep(config_dict), sort_keys=True).encode()).hexdigest()
 
 
 def member_record(folder: Path, run_dir: Path, epoch: int | None, step: int) -> dict[str, Any]:
