@@ -414,3 +414,15 @@ def test_exported_members_load_with_plain_peft(trained):
         torch.testing.assert_close(auto(ids).logits, by_hand(ids).logits)
     assert peft_base_name(ModelConfig()) == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert peft_base_name(ModelConfig(name="org/some-model")) == "org/some-model"
+
+
+def test_a_base_whose_config_reads_differently_but_has_the_weights_is_a_warning(trained, capsys):
+    run, _, _ = trained
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["base_model"]["config_sha256"] = "0" * 64  # as if written by another transformers version
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--limit", "2", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert (f"loraens evaluate: warning: the base model has the weights {run}'s members were trained on, but its "
+            "config reads differently now") in err, err

@@ -111,6 +111,10 @@ def test_base_identity_tells_models_apart_but_not_where_they_live(tmp_path, tiny
     assert a == again and same_base(a, b) and a["peft_base"] == str(model_dir.resolve())
     assert b["name"] == str(moved) and not same_base(a, other)
     assert a["config_sha256"] == other["config_sha256"]  # the same architecture; only the weights differ
+    changed = load(model_dir)
+    changed.config.rope_theta = 1234.0
+    c = base_identity(cfg, changed)
+    assert same_base(a, c) and c["config_sha256"] != a["config_sha256"]  # a warning on load, not an error
     one = load(model_dir)
     with torch.no_grad():
         one.model.layers[1].mlp.down_proj.weight[0, 0] += 1.0  # the first sampled value of that tensor

@@ -221,15 +221,15 @@ def base_identity(config: ModelConfig, model: PreTrainedModel) -> dict:
     """What identifies the frozen base a run trained on, for its manifest.
 
     `config_sha256`: a hash of the model's config without the keys that only say how it was
-    loaded; `weights_sha256`: a hash of every parameter's name and shape and of 64 evenly spaced
-    values of each (as float32, on the CPU). Two models of one architecture with other weights
-    differ in the latter. Call it on the plain base, before the members are attached.
+    loaded; `weights_sha256`: a hash of every parameter's shape and of 64 evenly spaced values of
+    each (as float32, on the CPU), in the model's order. Two models of one architecture with other
+    weights differ in the latter. Call it on the plain base, before the members are attached.
     """
     cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _LOAD_KEYS}
     weights = hashlib.sha256()
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            weights.update(f"{name}{tuple(param.shape)}".encode())
+        for param in model.parameters():
+            weights.update(f"{tuple(param.shape)}".encode())
             flat = param.detach().reshape(-1)
             step = max(1, flat.numel() // _SAMPLE_PER_TENSOR)
             weights.update(flat[::step][:_SAMPLE_PER_TENSOR].float().cpu().numpy().tobytes())
@@ -252,5 +252,11 @@ def describe_base(identity: dict) -> str:
 
 
 def same_base(a: dict, b: dict) -> bool:
-    """Whether two `base_identity` records are one model (its name may differ: a moved folder)."""
-    return a.get("config_sha256") == b.get("config_sha256") and a.get("weights_sha256") == b.get("weights_sha256")
+    """Whether two `base_identity` records are one model: the same weights (its name may differ: a
+    moved folder; its config hash too, when another transformers version writes new config keys,
+    which `config_differs` tells)."""
+    return a.get("weights_sha256") == b.get("weights_sha256")
+
+
+def config_differs(a: dict, b: dict) -> bool:
+    return a.get("config_sha256") != b.get("config_sha256")

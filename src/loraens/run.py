@@ -33,6 +33,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -63,6 +64,7 @@ from .fast.prefix import prefix_cache_for
 from .metrics import evaluate_ensemble
 from .model import (
     base_identity,
+    config_differs,
     describe_base,
     enable_gradient_checkpointing,
     load_base_model,
@@ -678,6 +680,10 @@ def load_run(run_dir: str | Path, device: str | None = "auto", shard: Shard | No
                              f"{describe_base(manifest['base_model'])} ({run_dir / MANIFEST}), but config.yaml's "
                              f"model loads {describe_base(ens.base)}: another model. Point model.name in config.yaml "
                              "back at the model the run trained on.")
+    if manifest is not None and config_differs(manifest["base_model"], ens.base) and ens.shard.is_main:
+        print(f"loraens {verb}: warning: the base model has the weights {run_dir}'s members were trained on, but "
+              f"its config reads differently now ({describe_base(manifest['base_model'])} then, "
+              f"{describe_base(ens.base)} now; another transformers version?).", file=sys.stderr)
     epochs = {}
     for j, k in enumerate(ens.shard.members):
         folder = run_dir / "members" / f"member_{k}"
