@@ -301,7 +301,7 @@ def test_nan_loss_mid_run_keeps_the_last_good_checkpoint(tmp_path, tiny_setup, m
         strict(line)
     strict((run / "manifest.json").read_text())
     err = _error(capsys, ["evaluate", str(run), "--quiet"])
-    assert "refuses a run that is not complete (status failed)" in err and "holds a failed run" in err
+    assert "evaluate needs a complete run, but this one's status is failed: " in err and "holds a failed run" in err
 
 
 def test_results_never_hold_nan(tmp_path, trained):
@@ -370,9 +370,9 @@ def test_evaluate_and_report_refuse_an_unfinished_or_mixed_run(trained, capsys):
     (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
     for verb in (["evaluate", str(run), "--quiet"], ["report", str(run)]):
         err = _error(capsys, verb)
-        assert (f"loraens {verb[0]} refuses a run that is not complete (status running): {run} holds an interrupted "
-                "run (its process was killed or crashed): it has no checkpoint yet. Resume it with "
-                f"`loraens train --resume {run}`.") in err, err
+        assert (f"loraens {verb[0]}: error: {verb[0]} needs a complete run, but this one's status is running: {run} "
+                "holds an interrupted run (its process was killed or crashed): it has no checkpoint yet. Resume it "
+                f"with `loraens train --resume {run}`.") in err, err
     mixed = {**manifest, "members": {**manifest["members"], "member_1": {**manifest["members"]["member_1"],
                                                                           "epoch": 1}}}
     (run / "manifest.json").write_text(json.dumps(mixed))

@@ -218,7 +218,7 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_members(tm
         scored = main(["evaluate", str(run), "--quiet"]) == 0
         evaluate_says = capsys.readouterr().err.strip()
         if killed:
-            assert not scored and ("not complete" in evaluate_says or "is not a folder" in evaluate_says
+            assert not scored and ("needs a complete run" in evaluate_says or "is not a folder" in evaluate_says
                                    or "not a loraens run folder" in evaluate_says), evaluate_says
         # Resume: the same command again, or --resume RUN once config.yaml exists.
         how = "--resume" if trial % 2 and (run / "config.yaml").is_file() else "same command"

@@ -336,7 +336,7 @@ def check_complete(run_dir: str | Path, verb: str, holding_lock: bool = False) -
                   "checked.", file=sys.stderr)
         return None
     if manifest["status"] != COMPLETE:
-        raise RunFolderError(f"loraens {verb} refuses a run that is not complete (status {manifest['status']}): "
+        raise RunFolderError(f"{verb} needs a complete run, but this one's status is {manifest['status']}: "
                              f"{describe_state(run_dir, manifest, holding_lock)}")
     epochs = {m.get("epoch") for m in manifest.get("members", {}).values()}
     if len(epochs) > 1:
