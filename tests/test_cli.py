@@ -102,7 +102,8 @@ def test_member_chunk_and_gradient_checkpointing_train_the_same_members(tmp_path
             torch.testing.assert_close(lean_w[key], plain_w[key], atol=1e-5, rtol=1e-4)
 
 
-def test_retraining_replaces_the_previous_run_and_own_files_use_split_placeholder(tmp_path, tiny_setup):
+def test_retraining_replaces_the_previous_run_only_with_overwrite_and_own_files_use_split_placeholder(
+        tmp_path, tiny_setup, capsys):
     model_dir, mirror = tiny_setup
     run = tmp_path / "run"
     (run / "predictions").mkdir(parents=True)
@@ -114,7 +115,12 @@ def test_retraining_replaces_the_previous_run_and_own_files_use_split_placeholde
             for q in make_questions(6, seed=seed)))
     args = _train_args(run, model_dir, mirror, "--data.dataset", str(tmp_path / "own_{split}.jsonl"),
                        "--train.epochs", "1")
-    assert main(args) == 0
+    # Without --overwrite the old folder is refused and left exactly as it was.
+    assert main(args) == 2
+    assert "Pass --overwrite to replace it" in capsys.readouterr().err
+    assert (run / "predictions" / "stale_test.safetensors").read_bytes() == b"old"
+    assert json.loads((run / "results.json").read_text())["splits"] == {"stale_test": {}}
+    assert main([*args, "--overwrite"]) == 0
     results = json.loads((run / "results.json").read_text())
     assert set(results["splits"]) == {"own_validation"} and "ood" not in results
     assert not (run / "predictions" / "stale_test.safetensors").exists()

@@ -72,3 +72,51 @@ def test_two_processes_train_the_members_of_one(tiny_setup, tmp_path):
         r1["splits"]["arc_easy_test"]["ensemble"]["nll"], abs=1e-5)
     lines = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert len(lines[0]["train_loss"]) == 3  # every member's loss, gathered on rank 0
+
+
+def test_a_two_process_run_killed_mid_epoch_resumes_in_one_process(tiny_setup, tmp_path, capsys):
+    """Checkpoints gather every member's weights and AdamW state from every rank: a 2-process run
+    whose rank 0 is killed (SIGKILL) after a mid-epoch checkpoint resumes in ONE process and ends
+    with the members of an uninterrupted one-process run."""
+    import signal
+    import time
+
+    from loraens.cli import main
+
+    model_dir, mirror = tiny_setup
+    out = tmp_path / "killed"
+    flags = ["train", "--model.name", str(model_dir), "--model.dtype", "float32", "--model.device", "cpu",
+             "--data.data_dir", str(mirror), "--ensemble.num_members", "3", "--ensemble.rank", "2",
+             "--train.epochs", "2", "--train.batch_size", "2", "--train.lr", "0.01", "--train.compile", "false",
+             "--train.checkpoint_every", "1", "--output_dir", str(out), "--quiet"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "loraens", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            path = out / "manifest.json"
+            record = json.loads(path.read_text()).get("checkpoint") if path.is_file() else None
+            if record and record["step"] >= 8 and record["position"] > 0:  # epoch 2, mid-way
+                break
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.01)
+        # SIGKILL rank 0 (the pid in the folder's lock); torchrun then stops rank 1 and exits.
+        os.kill(int((out / ".lock").read_text().split()[0]), signal.SIGKILL)
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(60)
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    capsys.readouterr()
+    assert main(flags) == 0  # the same command, in one process: resumes
+    assert "resuming it from its last checkpoint, step " in capsys.readouterr().out
+    ref = tmp_path / "ref"
+    assert main([*flags[:-3], "--output_dir", str(ref), "--quiet"]) == 0
+    for k in range(3):
+        a = load_file(str(ref / "members" / f"member_{k}" / "adapter_model.safetensors"))
+        b = load_file(str(out / "members" / f"member_{k}" / "adapter_model.safetensors"))
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)

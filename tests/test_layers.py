@@ -20,11 +20,12 @@ import loraens
 
 EVALUATION_MODULES = (
     "arrays", "predictions", "metrics", "uncertainty", "ood", "selective", "bootstrap", "ensemble_size",
-    "methods", "plots", "pages", "tables", "report", "sweep_report",
+    "methods", "plots", "pages", "tables", "report", "sweep_report", "runfolder",
 )
 BLOCKED_PACKAGES = ("transformers", "peft")
 ENGINE_MODULES = tuple(f"loraens.{m}" for m in (
-    "scoring", "ensemble", "model", "train", "predict", "run", "distributed", "fast", "fast.packing", "fast.prefix",
+    "scoring", "ensemble", "model", "train", "predict", "run", "checkpoint", "distributed", "fast", "fast.packing",
+    "fast.prefix",
     "fast.head", "fast.attention", "fast.last_layer", "fast.compiling", "fast.support",
 ))
 

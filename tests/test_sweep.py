@@ -57,11 +57,11 @@ def test_sweep_runs_every_cell_resumes_after_an_interruption_and_aggregates(tmp_
     real_train_run = sweep_mod.train_run
     calls: list[str] = []
 
-    def interrupted(config, progress=True):
+    def interrupted(config, progress=True, **kwargs):
         calls.append(config.output_dir)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_train_run(config, progress=False)
+        return real_train_run(config, progress=False, **kwargs)
 
     monkeypatch.setattr(sweep_mod, "train_run", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -20,6 +20,7 @@ from typing import Any
 
 from .config import ConfigError, RunConfig, read_yaml, section_fields
 from .model import ModelError
+from .train import NonFiniteError
 
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/demo",
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "on the eval splits after every epoch, and write the run folder.")
     add_config_flags(train, RunConfig())
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_folder_flags(train)
 
     demo = sub.add_parser("demo", help="the minutes-long demo: 4 members on ARC-Easy, mean member vs ensemble",
                           description="Train 4 LoRA members of the default model (SmolLM2-135M) for 3 epochs on 400 "
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "changed with the flags below.")
     add_config_flags(demo, RunConfig.from_dict(DEMO_DEFAULTS))
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_folder_flags(demo)
 
     ev = sub.add_parser("evaluate", help="score a saved run on any dataset and split",
                         description="Load a run folder's members and score them on a dataset split; writes "
@@ -194,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_run_folder_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", metavar="RUN",
+                        help="continue the interrupted run in RUN from its last checkpoint, with its config.yaml (the "
+                             "same command again does this too, and says so); the result is the uninterrupted run's")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what --output_dir holds (a complete, failed or interrupted run) and start over; "
+                             "without it a complete run is never replaced")
+
+
 def _device_flag(value: str) -> str:
     from .config import DEVICE_PATTERN
 
@@ -231,22 +243,26 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     try:
         if args.command in ("train", "demo"):
-            config = resolve_config(args, DEMO_DEFAULTS if args.command == "demo" else None)
-            return _train(config, progress=not args.quiet, demo=args.command == "demo")
+            config = _train_config(args)
+            return _train(config, progress=not args.quiet, demo=args.command == "demo",
+                          resume=True if args.resume else (False if args.overwrite else None),
+                          overwrite=args.overwrite)
         if args.command == "report":
             return _report(args)
         if args.command == "sweep":
             return _sweep(args)
         return _evaluate(args)
     except (ConfigError, FileNotFoundError, ValueError, ModelError, RuntimeError) as err:
-        if isinstance(err, RuntimeError) and not isinstance(err, ModelError) and not _is_user_error(err):
+        if (isinstance(err, RuntimeError) and not isinstance(err, (ModelError, NonFiniteError))
+                and not _is_user_error(err)):
             raise
         rank = os.environ.get("RANK")
         where = f" (process {rank} of {os.environ.get('WORLD_SIZE')})" if rank is not None else ""
         print(f"loraens {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        kept = " the run folder keeps the members of every finished epoch." if args.command in ("train", "demo") else ""
+        kept = (" rerun the same command (or `loraens train --resume RUN`) to continue from the last checkpoint."
+                if args.command in ("train", "demo") else "")
         if args.command == "sweep":
             kept = " finished cells are kept; rerun the same command to resume (only the interrupted cell is redone)."
         print(f"\nInterrupted;{kept}" if kept else "\nInterrupted.", file=sys.stderr)
@@ -270,7 +286,27 @@ def _is_user_error(err: RuntimeError) -> bool:
     return str(err).startswith("sweep worker")
 
 
-def _train(config: RunConfig, progress: bool, demo: bool) -> int:
+def _train_config(args: argparse.Namespace) -> RunConfig:
+    """The run's settings: the defaults (the demo's), or with --resume RUN that run's config.yaml;
+    then --config; then the flags."""
+    if args.resume is None:
+        return resolve_config(args, DEMO_DEFAULTS if args.command == "demo" else None)
+    if args.overwrite:
+        raise ConfigError("--resume continues a run and --overwrite starts it over; give one of them.")
+    run = Path(args.resume)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"--resume {args.resume}: {run / 'config.yaml'} does not exist, so there is no run "
+                                "to resume there.")
+    given = getattr(args, "output_dir", None)
+    if given is not None and Path(given).resolve() != run.resolve():
+        raise ConfigError(f"--resume {args.resume} continues the run in that folder; --output_dir {given} names "
+                          "another. Drop --output_dir.")
+    config = resolve_config(args, read_yaml(run / "config.yaml"))
+    config.output_dir = str(run)
+    return config
+
+
+def _train(config: RunConfig, progress: bool, demo: bool, resume: bool | None = None, overwrite: bool = False) -> int:
     from .run import train_run
     from .tables import format_comparison, format_epochs, format_table
 
@@ -279,7 +315,7 @@ def _train(config: RunConfig, progress: bool, demo: bool) -> int:
     if main:
         print(f"loraens: {m.num_members} members (rank {m.rank}, on {','.join(m.target_modules)}) of "
               f"{config.model.name} on {config.data.dataset} -> {config.output_dir}", flush=True)
-    result = train_run(config, progress=progress)
+    result = train_run(config, progress=progress, resume=resume, overwrite=overwrite)
     if not main:
         return 0
     for key, metrics in result.results.items():
@@ -297,10 +333,12 @@ def _train(config: RunConfig, progress: bool, demo: bool) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from .report import build_report
+    from .runfolder import check_complete
 
     for run in args.runs:
         if not Path(run).is_dir():
             raise FileNotFoundError(f"RUN {run!r} is not a folder; give run folders such as runs/demo.")
+        check_complete(run, "report")  # an unfinished or mixed run is refused, before any figure is drawn
     if args.resamples < 10:
         raise ValueError(f"--resamples must be at least 10, but got {args.resamples}.")
     output = Path(args.output) if args.output else Path(args.runs[0]) / "report"
@@ -358,6 +396,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not out:  # a torchrun rank other than 0: rank 0 prints
         return 0
     print(format_table(out["metrics"], title=f"{out['key']}: every member, mean member, ensemble"))
+    if out.get("kept"):
+        print(f"(the training run scored these same questions; its recorded figures for {out['key']} are kept)")
     if out["ood"]:
         print()
         print(format_ood(out["key"], out["ood"]))

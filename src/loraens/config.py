@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 import string
 import types
@@ -58,6 +59,14 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 def _check(cond: bool, flag: str, constraint: str, value: Any) -> None:
     if not cond:
         raise ConfigError(f"`--{flag}` {constraint}, but got {value!r}.")
+
+
+def _check_finite(section: Any, name: str) -> None:
+    """Every float setting of `section` must be a finite number (inf and nan pass `> 0`-style checks)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"`--{name}.{f.name}` must be a finite number, but got {value!r}.")
 
 
 @dataclass
@@ -208,6 +217,7 @@ class EnsembleConfig:
     prefix_cache: bool = True
 
     def __post_init__(self) -> None:
+        _check_finite(self, "ensemble")
         _check(self.num_members >= 1, "ensemble.num_members", "must be at least 1", self.num_members)
         _check(self.rank >= 1, "ensemble.rank", "must be at least 1", self.rank)
         _check(self.alpha > 0, "ensemble.alpha", "must be positive", self.alpha)
@@ -254,8 +264,15 @@ class TrainConfig:
     # Recompute each decoder layer's activations in the backward pass instead of keeping them:
     # less memory for long prompts or large batches, about a third more compute.
     gradient_checkpointing: bool = False
+    # Besides every epoch end, write a checkpoint every N optimizer steps (null: at epoch ends only).
+    # A killed run resumes from its last checkpoint (`loraens train --resume RUN`).
+    checkpoint_every: int | None = None
+    # Warn when the mean training loss stays above its first window's value for this many windows in
+    # a row (a window is a quarter epoch); the run goes on. Null turns the check off.
+    divergence_patience: int | None = 3
 
     def __post_init__(self) -> None:
+        _check_finite(self, "train")
         self.compile = _enum(CompileMode, self.compile, "train.compile")
         _check(self.member_chunk is None or self.member_chunk >= 1, "train.member_chunk",
                "must be at least 1 (or null for all members at once)", self.member_chunk)
@@ -280,6 +297,10 @@ class TrainConfig:
         _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
                "train.early_stopping_patience", "must be at least 1 (or null to disable)",
                self.early_stopping_patience)
+        _check(self.checkpoint_every is None or self.checkpoint_every >= 1, "train.checkpoint_every",
+               "must be at least 1 (or null for epoch ends only)", self.checkpoint_every)
+        _check(self.divergence_patience is None or self.divergence_patience >= 1, "train.divergence_patience",
+               "must be at least 1 (or null to disable the warning)", self.divergence_patience)
 
 
 @dataclass

@@ -119,6 +119,18 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def any_true(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is true on any rank (every rank gets the answer); `flag` in a single process.
+
+    One tiny all-reduce, on `device` (NCCL needs a GPU tensor), e.g. a non-finite loss on any rank
+    stops every rank at the same step."""
+    if not active():
+        return flag
+    box = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
+
+
 def teardown() -> None:
     """Leave the process group (at the end of a command)."""
     if dist.is_available() and dist.is_initialized():

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .config import EnsembleConfig
@@ -262,6 +262,15 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
+def member_grad_norms(params: list[nn.Parameter]) -> torch.Tensor:
+    """Each member's gradient norm over `params` (member axis first), shape [M]; nothing is changed."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    return torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+
+
+@torch.no_grad()
 def clip_grad_norm_per_member(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip each member's gradient to `max_norm`, as `clip_grad_norm_` would if it trained alone.
 
@@ -300,29 +309,75 @@ def export_member(model: nn.Module, member: int, folder: str | Path, config: Ens
     """Write member `member` as a standard PEFT LoRA adapter folder and return its path.
 
     The folder holds `adapter_config.json` and `adapter_model.safetensors`, loadable with
-    `peft.PeftModel.from_pretrained(base_model, folder)`.
+    `peft.PeftModel.from_pretrained(base_model, folder)`; with `base_model_name` (a hub id or a
+    path, `loraens.model.peft_base_name`) also with `AutoPeftModelForCausalLM.from_pretrained(folder)`.
     """
     return write_member(member_tensors(model, member), folder, config, base_model_name)
 
 
 def write_member(tensors: dict[str, torch.Tensor], folder: str | Path, config: EnsembleConfig,
-                 base_model_name: str | None = None) -> Path:
+                 base_model_name: str | None = None, epoch: int | None = None) -> Path:
     """Write `member_tensors(...)`'s output as a PEFT LoRA adapter folder (any process can: the
-    tensors carry the module names)."""
+    tensors carry the module names). Each file is written whole or not at all (temporary file +
+    `os.replace`). `epoch` (1-based) goes into the weights' metadata, so an ensemble mixed from two
+    epochs is seen even without the run's manifest."""
     from peft import LoraConfig
+    from safetensors.torch import save
+
+    from .runfolder import write_bytes, write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / PEFT_WEIGHTS), metadata={"format": "pt"})
+    metadata = {"format": "pt"}
+    if epoch is not None:
+        metadata["loraens_epoch"] = str(epoch)
+    write_bytes(folder / PEFT_WEIGHTS, save(tensors, metadata=metadata))
     names = {key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for key in tensors}
     indices = sorted({i for i in map(layer_index, names) if i is not None})
-    LoraConfig(
+    cfg = LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
         target_modules=sorted(set(config.target_modules)), bias="none", task_type="CAUSAL_LM",
         layers_to_transform=indices if config.top_layers is not None else None,
         base_model_name_or_path=base_model_name,
-    ).save_pretrained(str(folder))
+    ).to_dict()
+    # What LoraConfig.save_pretrained writes (sets as lists, sorted keys), written atomically.
+    cfg = {k: sorted(v) if isinstance(v, set) else v for k, v in cfg.items()}
+    write_text(folder / PEFT_CONFIG, json.dumps(cfg, indent=2, sort_keys=True))
     return folder
+
+
+def read_member(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """A PEFT adapter folder's (adapter_config.json, weights, weights' metadata).
+
+    Every problem is a `ValueError` (or `FileNotFoundError`) that names the file: a missing file,
+    JSON that does not parse, a truncated or damaged safetensors file, non-finite weights.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    cfg_path, weights_path = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
+    if not cfg_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: it needs {PEFT_CONFIG} and {PEFT_WEIGHTS}.")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{cfg_path} is not valid JSON ({err}).") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object (a PEFT adapter config), but holds "
+                         f"{type(cfg).__name__}.")
+    try:
+        tensors = load_file(str(weights_path))
+        with safe_open(str(weights_path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors' own SafetensorError, or an OSError: name the file either way
+        raise ValueError(f"{weights_path} cannot be read as a safetensors file ({type(err).__name__}: {err}); "
+                         "it is truncated or damaged.") from None
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{weights_path} holds non-finite weights ({bad} of {value.numel()} values of {key} "
+                             "are NaN or infinite); such a member cannot be used.")
+    return cfg, tensors, metadata
 
 
 @torch.no_grad()
@@ -330,17 +385,14 @@ def import_member(model: nn.Module, member: int, folder: str | Path) -> None:
     """Load a PEFT LoRA adapter folder into member slot `member` of `model`.
 
     The adapter's rank and targets must match the model's member layers; its alpha may differ
-    (the weights are rescaled so the update B A * alpha / r is the same).
+    (the weights are rescaled so the update B A * alpha / r is the same). Damaged files and
+    non-finite weights are refused (`read_member`).
     """
     folder = Path(folder)
-    cfg_path, weights_path = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
-    if not cfg_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: it needs {PEFT_CONFIG} and {PEFT_WEIGHTS}.")
-    cfg = json.loads(cfg_path.read_text())
+    cfg, tensors, _ = read_member(folder)
     for flag in ("use_dora", "use_rslora"):
         if cfg.get(flag):
             raise ValueError(f"Adapter {folder} uses {flag}=true, which loraens members do not support.")
-    tensors = load_file(str(weights_path))
     layers = member_layers(model)
     expected = {_peft_key(n, w) for n in layers for w in ("A", "B")}
     # PEFT may save keys with the adapter name ("lora_A.default.weight"); normalise that away.

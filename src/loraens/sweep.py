@@ -381,7 +381,8 @@ def run_cell(cell: Cell, mc_passes: int = 8, progress: bool = True) -> dict[str,
         marker.unlink()  # an incomplete or outdated record must not survive a rerun
     exact_peak = _reset_peak_rss()
     started = time.time()
-    result = train_run(cell.config, progress=progress)
+    # An interrupted cell resumes from its checkpoint; a finished or outdated one is replaced.
+    result = train_run(cell.config, progress=progress, overwrite=True)
     assert result.ensemble is not None
     info = json.loads((cell.folder / "results.json").read_text())
     d = cell.config.data

@@ -13,16 +13,19 @@ once, before training), and `train.delta_l2` adds the squared norm of the member
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .batching import collate
 from .config import EnsembleConfig, TrainConfig
 from .ensemble import (
@@ -31,6 +34,7 @@ from .ensemble import (
     delta_sq_norms,
     lora_disabled,
     lora_parameters,
+    member_grad_norms,
 )
 from .prompts import EncodedQuestion
 from .scoring import Scorer
@@ -105,6 +109,85 @@ def planned_steps(num_questions: int, train: TrainConfig) -> int:
     return total if train.max_steps is None else min(total, train.max_steps)
 
 
+class NonFiniteError(RuntimeError):
+    """A member's training loss or gradient norm is NaN or infinite. Training stops before the step
+    is applied, so the weights stay finite; the message says where and what to change."""
+
+
+@dataclass
+class TrainProgress:
+    """Where training stands: with the members' weights, the optimizer's and scheduler's states and
+    the RNG states (`TrainResume`), enough to continue exactly as an uninterrupted run would.
+
+    Between epochs `epoch` is the next one and `position` 0; inside an epoch `orders` holds its
+    members' data orders ([M, n], this process's members) and `position` the batches done.
+    """
+
+    epoch: int = 1  # the epoch in progress or next (1-based)
+    position: int = 0  # batches of `epoch` done
+    step: int = 0  # optimizer steps done
+    losses: list[float] | None = None  # each member's loss summed over this epoch's questions so far
+    seen: int = 0  # questions per member so far in this epoch
+    epoch_seconds: float = 0.0
+    orders: np.ndarray | None = None
+    summaries: list[EpochSummary] = field(default_factory=list)
+    done: bool = False  # early stopping ended training
+    watch: dict[str, Any] = field(default_factory=dict)  # `DivergenceWatch` state
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainResume:
+    """What `train_members` restores before its first step: the progress, this process's AdamW state
+    (per parameter index, as `optimizer.state_dict()["state"]` holds it), the AdamW param groups and
+    the scheduler state (JSON-able), and the torch RNG states ("cpu", and "cuda" on a GPU)."""
+
+    progress: TrainProgress
+    optimizer_state: dict[int, dict[str, torch.Tensor]]
+    param_groups: list[dict[str, Any]]
+    scheduler_state: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+
+
+class DivergenceWatch:
+    """A warning when the members' mean training loss stays above its starting value.
+
+    The starting value is the mean loss over the first window of steps; after every later window,
+    a mean above it counts one and a mean at or below it resets the count. At `patience` windows
+    in a row the run may be diverging (a learning rate far too large does this without ever
+    producing a NaN): `update` returns the warning, once.
+    """
+
+    def __init__(self, patience: int | None, window: int, state: dict[str, Any] | None = None) -> None:
+        self.patience, self.window = patience, max(1, window)
+        self.state = state if state is not None else {}
+        self.state.setdefault("start", None)
+        self.state.setdefault("sum", 0.0)
+        self.state.setdefault("count", 0)
+        self.state.setdefault("above", 0)
+        self.state.setdefault("warned", False)
+
+    def update(self, mean_loss: float, lr: float) -> str | None:
+        st = self.state
+        if self.patience is None or st["warned"]:
+            return None
+        st["sum"] += mean_loss
+        st["count"] += 1
+        if st["count"] < self.window:
+            return None
+        mean, st["sum"], st["count"] = st["sum"] / st["count"], 0.0, 0
+        if st["start"] is None:
+            st["start"] = mean
+            return None
+        st["above"] = st["above"] + 1 if mean > st["start"] else 0
+        if st["above"] < self.patience:
+            return None
+        st["warned"] = True
+        return (f"the members' mean training loss has stayed above its starting value ({st['start']:.4g}) for "
+                f"{st['above']} windows of {self.window} step(s) in a row (now {mean:.4g}): the run may be "
+                f"diverging. A smaller --train.lr (now {lr:g}) usually helps.")
+
+
 def train_members(
     model: nn.Module,
     questions: list[EncodedQuestion],
@@ -114,6 +197,9 @@ def train_members(
     on_epoch_end: Callable[[EpochSummary], bool | None] | None = None,
     progress: bool = True,
     first_member: int = 0,
+    *,
+    on_checkpoint: Callable[[TrainProgress, torch.optim.Optimizer, Any], None] | None = None,
+    resume: TrainResume | None = None,
 ) -> list[EpochSummary]:
     """Fine-tune every member of `model` on `questions`; returns one summary per epoch.
 
@@ -122,6 +208,12 @@ def train_members(
     `on_epoch_end` may return True to stop training (early stopping). `first_member`: the
     model's M = `ensemble.num_members` members are members first_member .. of a larger ensemble
     (one torchrun process's share); they see those members' data orders.
+
+    `on_checkpoint(progress, optimizer, scheduler)` is called after every epoch end (after
+    `on_epoch_end`) and every `train.checkpoint_every` steps inside an epoch; `resume` continues
+    from such a point (the members' weights already restored in `model`), and the remaining steps
+    are exactly those of the uninterrupted run. A NaN or infinite loss or gradient norm raises
+    `NonFiniteError` before its step is applied.
     """
     m, b = ensemble.num_members, train.batch_size
     n = len(questions)
@@ -141,41 +233,118 @@ def train_members(
     # Dropout masks come from torch's global generator: seed it from the run seed, so a run (or a
     # sweep cell resumed in a fresh process) is reproducible from its config alone.
     torch.manual_seed(ensemble.seed)
+    state = TrainProgress()
+    if resume is not None:
+        state = resume.progress
+        optimizer.load_state_dict({"state": resume.optimizer_state,
+                                   "param_groups": [{**g, "params": own["params"]} for g, own in
+                                                    zip(resume.param_groups, optimizer.state_dict()["param_groups"])]})
+        scheduler.load_state_dict(resume.scheduler_state)
+        set_rng_state(resume.rng, params[0].device if params else torch.device("cpu"))
+    device = params[0].device if params else torch.device("cpu")
+    main = first_member == 0
+    hint = (f"Lower --train.lr (now {train.lr:g}) or --ensemble.init_scale (now {ensemble.init_scale:g}); clipping "
+            "cannot rescue a gradient that is already infinite.")
+    watch = DivergenceWatch(train.divergence_patience, math.ceil(n / b) // 4, state.watch)
+    state.watch = watch.state
     model.train()
-    summaries: list[EpochSummary] = []
-    step = 0
-    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    for epoch in range(1, train.epochs + 1):
-        if step >= total:
-            break
-        start = time.perf_counter()
-        orders = member_orders(n, m, epoch, ensemble.seed, ensemble.member_data_order, first_member)
-        losses = torch.zeros(m)
-        seen = 0
-        for chunk in member_batches(orders, lengths, b, train.bucket_window, ensemble.seed, epoch):
-            if step >= total:
+    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    while not state.done and state.epoch <= train.epochs and state.step < total:
+        epoch = state.epoch
+        start = time.perf_counter() - state.epoch_seconds
+        if state.orders is None:
+            state.orders = member_orders(n, m, epoch, ensemble.seed, ensemble.member_data_order, first_member)
+        batches = member_batches(state.orders, lengths, b, train.bucket_window, ensemble.seed, epoch)
+        losses = torch.zeros(m) if state.losses is None else torch.tensor(state.losses, dtype=torch.float32)
+        for chunk in batches[state.position:]:
+            if state.step >= total:
                 break
             # chunk: [M, b] question indices, member k's in row k; the last batch may be shorter
-            losses += train_step(model, questions, chunk, scorer, train, c, base_lp) * chunk.shape[1]
-            seen += chunk.shape[1]
+            step_loss = train_step(model, questions, chunk, scorer, train, c, base_lp)
             if train.max_grad_norm is not None:
-                clip_grad_norm_per_member(params, train.max_grad_norm)
-            optimizer.step()
+                norms = clip_grad_norm_per_member(params, train.max_grad_norm)
+            else:
+                norms = member_grad_norms(params)
+            _stop_if_not_finite(step_loss, norms, epoch, state.step + 1, first_member, device, hint)
+            try:
+                optimizer.step()
+            except RuntimeError as err:  # AdamW's lr / (1 - beta1^t) past float32's range
+                if "overflow" not in str(err):
+                    raise
+                raise NonFiniteError(f"training stopped at epoch {epoch}, step {state.step + 1}: the AdamW step "
+                                     f"overflowed ({err}). {hint}") from None
+            _stop_if_weights_not_finite(params, epoch, state.step + 1, device, hint)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
+            losses += step_loss * chunk.shape[1]
+            state.seen += chunk.shape[1]
+            state.step += 1
+            state.position += 1
+            warning = watch.update(float(step_loss.mean()), train.lr)
+            if warning is not None:
+                state.warnings.append(f"epoch {epoch}, step {state.step}: {warning}")
+                if main:
+                    print(f"loraens: warning: {state.warnings[-1]}", file=sys.stderr, flush=True)
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{float(losses.sum() / max(seen, 1) / m):.4f}")
-        summary = EpochSummary(epoch, step, (losses / max(seen, 1)).tolist(), time.perf_counter() - start)
-        summaries.append(summary)
+            bar.set_postfix(epoch=epoch, loss=f"{float(losses.sum() / max(state.seen, 1) / m):.4f}")
+            every = train.checkpoint_every
+            if (on_checkpoint is not None and every is not None and state.step % every == 0
+                    and state.position < len(batches) and state.step < total):
+                state.losses, state.epoch_seconds = losses.tolist(), time.perf_counter() - start
+                on_checkpoint(state, optimizer, scheduler)
+        summary = EpochSummary(epoch, state.step, (losses / max(state.seen, 1)).tolist(), time.perf_counter() - start)
+        state.summaries.append(summary)
+        state.epoch, state.position, state.losses, state.seen, state.epoch_seconds, state.orders = (
+            epoch + 1, 0, None, 0, 0.0, None)
         if on_epoch_end is not None:
-            stop = on_epoch_end(summary)
+            state.done = bool(on_epoch_end(summary))
             model.train()
-            if stop:
-                break
+        if on_checkpoint is not None:
+            on_checkpoint(state, optimizer, scheduler)
     bar.close()
     model.eval()
-    return summaries
+    return state.summaries
+
+
+def _stop_if_not_finite(loss: torch.Tensor, norms: torch.Tensor, epoch: int, step: int, first_member: int,
+                        device: torch.device, hint: str) -> None:
+    """Raise `NonFiniteError` on every process when any member's loss or gradient norm is not finite."""
+    bad = not (bool(torch.isfinite(loss).all()) and bool(torch.isfinite(norms).all()))
+    if not distributed.any_true(bad, device):
+        return
+    pieces = distributed.gather((first_member, loss.tolist(), norms.float().cpu().tolist()))
+    text = None
+    if pieces is not None:
+        rows = [(first + j, lo, no) for first, ls, ns in pieces for j, (lo, no) in enumerate(zip(ls, ns))]
+        bad_rows = [f"member {k}: loss {lo:.4g}, gradient norm {no:.4g}" for k, lo, no in rows
+                    if not (math.isfinite(lo) and math.isfinite(no))]
+        text = (f"training stopped at epoch {epoch}, step {step}: a non-finite loss or gradient norm "
+                f"({'; '.join(bad_rows)}). The step was not applied. {hint}")
+    raise NonFiniteError(distributed.broadcast(text))
+
+
+def _stop_if_weights_not_finite(params: list[nn.Parameter], epoch: int, step: int, device: torch.device,
+                                hint: str) -> None:
+    """After a step: a weight that overflowed to inf (a finite but huge update) stops the run too,
+    before any checkpoint or export could keep it."""
+    bad = bool(params) and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+    if distributed.any_true(bad, device):
+        raise NonFiniteError(f"training stopped at epoch {epoch}, step {step}: the step made some LoRA weights "
+                             f"infinite or NaN. {hint}")
+
+
+def get_rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's global RNG states that training draws from (LoRA dropout): the CPU's, and `device`'s on a GPU."""
+    out = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def set_rng_state(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
 
 
 def train_step(
