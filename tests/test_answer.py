@@ -63,16 +63,19 @@ def test_predict_writes_one_valid_answer_per_question(tiny, tmp_path, capsys):
     for rec, q in zip(lines, questions):
         assert FIELDS <= set(rec) and SCORES <= set(rec["uncertainty"])
         k = len(q.choices)
-        assert len(rec["probs"]) == k and len(rec["member_probs"]) == 3 and all(len(m) == k for m in rec["member_probs"])
-        assert sum(rec["probs"]) == pytest.approx(1, abs=1e-5) and sum(rec["calibrated_probs"]) == pytest.approx(1, abs=1e-5)
-        assert rec["answer_index"] == int(np.argmax(rec["probs"])) and rec["answer_text"] == q.choices[rec["answer_index"]]
+        assert len(rec["probs"]) == k and len(rec["member_probs"]) == 3
+        assert all(len(m) == k for m in rec["member_probs"])
+        assert sum(rec["probs"]) == pytest.approx(1, abs=1e-5)
+        assert sum(rec["calibrated_probs"]) == pytest.approx(1, abs=1e-5)
+        assert rec["answer_index"] == int(np.argmax(rec["probs"]))
+        assert rec["answer_text"] == q.choices[rec["answer_index"]]
         assert rec["answer_label"] == "ABCDE"[rec["answer_index"]]
         np.testing.assert_allclose(rec["probs"], np.mean(rec["member_probs"], axis=0), atol=2e-6)
         # The decision and the set follow the stored rules (default risk 0.5, LAC at alpha 0.1).
         assert rec["rule"]["kind"] == "risk" and rec["rule"]["target"] == 0.5 and rec["conformal"]["alpha"] == 0.1
         threshold = cal.risk_rule(0.5).threshold
-        expected = "answer" if threshold is not None and rec["uncertainty"]["1-max_prob"] <= threshold + 1e-6 else "abstain"
-        assert rec["decision"] == expected
+        answers = threshold is not None and rec["uncertainty"]["1-max_prob"] <= threshold + 1e-6
+        assert rec["decision"] == ("answer" if answers else "abstain")
         assert all(0 <= j < k for j in rec["conformal_set"])
 
     # The same numbers as the members' own forward on those questions.
@@ -140,7 +143,8 @@ def test_a_calibration_of_other_members_is_refused(tiny, tmp_path, capsys):
     weights = other / "members" / "member_0" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes() + b" ")  # any change of the members' files
     capsys.readouterr()
-    assert main(["predict", str(other), "--input", str(tiny.questions_file), "--output", str(tmp_path / "x.jsonl")]) == 2
+    out = str(tmp_path / "x.jsonl")
+    assert main(["predict", str(other), "--input", str(tiny.questions_file), "--output", out]) == 2
     assert "fitted with other members" in capsys.readouterr().err
 
 

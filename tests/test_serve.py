@@ -135,7 +135,8 @@ def test_health_describes_the_run(server):
 
 
 def test_predict_one_and_many_questions(server, questions, expected):
-    one = httpx.post(f"{server.url}/predict", json={"id": "u3", **{k: questions[3][k] for k in ("question", "choices")}})
+    one = httpx.post(f"{server.url}/predict",
+                     json={"id": "u3", "question": questions[3]["question"], "choices": questions[3]["choices"]})
     assert one.status_code == 200, one.text
     body = one.json()
     assert body["calibrated"] is True and len(body["answers"]) == 1
@@ -398,7 +399,8 @@ def ask_in_browser(url: str, question: str, choices: list[str], screenshot: Path
             state: document.body.dataset.state, errors: document.body.dataset.errors,
             error: document.getElementById('error').textContent,
             decision: document.getElementById('decision').textContent,
-            ensemble: Array.from(document.querySelectorAll('#ensemble .bar')).map(b => [b.dataset.p, b.getBoundingClientRect().width]),
+            ensemble: Array.from(document.querySelectorAll('#ensemble .bar'))
+                .map(b => [b.dataset.p, b.getBoundingClientRect().width]),
             member: document.querySelectorAll('#members .bar').length,
             members: document.querySelectorAll('#members h3').length,
             set: Array.from(document.querySelectorAll('#set span')).map(s => Number(s.dataset.choice)),

@@ -37,10 +37,12 @@ def make_tiny_run(root: Path, tiny_llama, tokenizer, calibrate: bool = True) -> 
     mirror = root / "mirror"
     (mirror / "arc_easy").mkdir(parents=True)
     for split, n, seed in (("train", 12, 0), ("validation", 7, 1), ("test", 9, 2)):
-        write_jsonl(mirror / "arc_easy" / f"{split}.jsonl", [_arc_row(q, i) for i, q in enumerate(make_questions(n, seed))])
+        rows = [_arc_row(q, i) for i, q in enumerate(make_questions(n, seed))]
+        write_jsonl(mirror / "arc_easy" / f"{split}.jsonl", rows)
     cal = write_jsonl(root / "own_cal.jsonl", [{"id": f"c{i}", "question": q.question, "choices": list(q.choices),
                                                 "answer": q.answer} for i, q in enumerate(make_questions(80, seed=5))])
-    unlabelled = write_jsonl(root / "questions.jsonl", [{"id": f"u{i}", "question": q.question, "choices": list(q.choices)}
+    unlabelled = write_jsonl(root / "questions.jsonl", [{"id": f"u{i}", "question": q.question,
+                                                         "choices": list(q.choices)}
                                                         for i, q in enumerate(make_questions(12, seed=9))])
     run = root / "run"
     args = ["train", "--output_dir", str(run), "--model.name", str(model_dir), "--model.dtype", "float32",

@@ -169,22 +169,23 @@ class Answerer:
         return preds
 
     def records(self, preds: Predictions, examples: Sequence[MCQAExample],
-                settings: DecisionSettings = DecisionSettings()) -> list[dict[str, Any]]:
+                settings: DecisionSettings | None = None) -> list[dict[str, Any]]:
         """Answer records from scored questions (`score`), with the decision rule of `settings`."""
         return answer_records(preds.member_probs, preds.choice_mask, [e.choices for e in examples],
-                              [e.id for e in examples], self.calibration, settings)
+                              [e.id for e in examples], self.calibration, settings or DecisionSettings())
 
-    def answer(self, questions: Sequence[Any], settings: DecisionSettings = DecisionSettings(),
+    def answer(self, questions: Sequence[Any], settings: DecisionSettings | None = None,
                progress: bool = False) -> list[dict[str, Any]]:
         """Answer records for `questions` (MCQAExamples or dicts), in order (see the module docstring)."""
         examples = [question_from(q, i) for i, q in enumerate(questions)]
         if not examples:
             return []
+        settings = settings or DecisionSettings()
         if self.calibration is not None:
             settings.resolve(self.calibration)  # an unknown risk or alpha fails before the forward
         return self.records(self.score(examples, progress), examples, settings)
 
-    def answer_all(self, questions: Sequence[MCQAExample], settings: DecisionSettings = DecisionSettings(),
+    def answer_all(self, questions: Sequence[MCQAExample], settings: DecisionSettings | None = None,
                    progress: bool = True) -> Iterator[dict[str, Any]]:
         """Answer records, `CHUNK` questions at a time (a progress bar over the questions)."""
         with tqdm(total=len(questions), desc="predict", unit="question", disable=not progress) as bar:
@@ -209,7 +210,7 @@ def load_answerer(run_dir: str | Path, device: str = "auto", batch_size: int | N
     return Answerer(ens, calibration, run_dir)
 
 
-def answer(run_dir: str | Path, questions: Sequence[Any], settings: DecisionSettings = DecisionSettings(),
+def answer(run_dir: str | Path, questions: Sequence[Any], settings: DecisionSettings | None = None,
            device: str = "auto") -> list[dict[str, Any]]:
     """One call: load the run and answer `questions` (for many calls, keep a `load_answerer`)."""
     return load_answerer(run_dir, device).answer(questions, settings)
@@ -324,13 +325,15 @@ def describe_calibration(cal: Calibration) -> str:
     for a in cal.alphas:
         k = f"{a:g}"
         lines.append(f"  alpha {k:<5} " + "   ".join(
-            f"{m.upper()} threshold {_fmt_q(cal.quantiles[m].get(k))}, size {sizes.get(m, {}).get(k, float('nan')):.2f}"
+            f"{m.upper()} threshold {_fmt_q(cal.quantiles[m].get(k))}, "
+            f"size {sizes.get(m, {}).get(k, float('nan')):.2f}"
             for m in cal.quantiles))
     lines.append(f"answer or abstain on {cal.score} (SGR, error rate among answered <= target with probability "
                  f">= {1 - cal.delta:g}):")
     for r in cal.risk:
         if r.threshold is None:
-            lines.append(f"  risk {r.target:<5g} no threshold qualifies on {cal.n} questions: abstain on every question")
+            lines.append(f"  risk {r.target:<5g} no threshold qualifies on {cal.n} questions: "
+                         "abstain on every question")
         else:
             lines.append(f"  risk {r.target:<5g} answer when {cal.score} <= {r.threshold:.4f}: answers "
                          f"{100 * r.coverage:.1f}% of the calibration questions, error there {100 * r.risk:.1f}% "

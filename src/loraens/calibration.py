@@ -49,8 +49,8 @@ from .conformal import (
     sgr_threshold,
     true_scores,
 )
-from .metrics import ensemble_probs
 from .methods import apply_temperature, fit_temperature
+from .metrics import ensemble_probs
 from .predictions import Predictions
 from .uncertainty import SCORE_NAMES, uncertainty_scores
 
@@ -319,7 +319,7 @@ class DecisionSettings:
 
 def answer_records(member_probs: ArrayLike, choice_mask: ArrayLike, choices: Sequence[Sequence[str]],
                    ids: Sequence[str], calibration: Calibration | None,
-                   settings: DecisionSettings = DecisionSettings()) -> list[dict[str, Any]]:
+                   settings: DecisionSettings | None = None) -> list[dict[str, Any]]:
     """One answer per question: the chosen choice, the probabilities, uncertainty, decision and set.
 
     Args:
@@ -338,12 +338,14 @@ def answer_records(member_probs: ArrayLike, choice_mask: ArrayLike, choices: Seq
     decide: np.ndarray | None = None
     sets: np.ndarray | None = None
     calibrated: np.ndarray | None = None
-    alpha, method = None, None
+    alpha: float = 0.0
+    method: str | None = None
     if calibration is not None:
         if calibration.num_members != mp.shape[1]:
             raise CalibrationError(f"calibration.json was fitted for {calibration.num_members} members, but the "
                                    f"predictions have {mp.shape[1]}; rerun `loraens calibrate`.")
-        rule, threshold, alpha, method = settings.resolve(calibration)
+        rule, threshold, alpha_, method = (settings or DecisionSettings()).resolve(calibration)
+        alpha = alpha_
         decide = np.zeros(n, dtype=bool) if threshold is None else scores[calibration.score] <= threshold
         sets = prediction_sets(probs, calibration.quantile(alpha, method), mask, method)
         calibrated = apply_temperature(torch.as_tensor(probs), calibration.temperature,

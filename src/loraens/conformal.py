@@ -382,8 +382,8 @@ def guarantee_summary(cal_member_probs: ArrayLike, cal_targets: ArrayLike, test_
         cal_true = true_scores(cal_p, cal_targets, cal_m, method)
         for alpha in alphas:
             q = conformal_quantile(cal_true, alpha)
-            ev = evaluate_sets(prediction_sets(test_p, q, test_m, method), test_targets)
-            out["sets"][method][_key(alpha)] = {"quantile": None if math.isinf(q) else q, **ev.to_dict()}
+            sets = evaluate_sets(prediction_sets(test_p, q, test_m, method), test_targets)
+            out["sets"][method][_key(alpha)] = {"quantile": None if math.isinf(q) else q, **sets.to_dict()}
     cal_ok, test_ok = correct_answers(cal_p, cal_targets), correct_answers(test_p, test_targets)
     for r in risks:
         rule = sgr_threshold(cal_ok, cal_s[score], r, delta)

@@ -299,8 +299,9 @@ def create_app(answerer: Answerer, max_batch: int = 16, batch_wait_ms: float = 5
             "calibrated": cal is not None,
             "calibration": None if cal is None else {
                 "dataset": cal.dataset, "split": cal.split, "n": cal.n, "temperature": cal.temperature,
-                "score": cal.score, "delta": cal.delta, "risks": cal.risks, "coverages": [c.target for c in cal.coverage],
-                "alphas": cal.alphas, "default_risk": cal.default_risk, "default_alpha": cal.default_alpha,
+                "score": cal.score, "delta": cal.delta, "risks": cal.risks,
+                "coverages": [c.target for c in cal.coverage], "alphas": cal.alphas,
+                "default_risk": cal.default_risk, "default_alpha": cal.default_alpha,
                 "default_set": cal.default_set, "created": cal.created},
             "note": None if cal is not None else NO_CALIBRATION,
             "limits": {"max_choices": MAX_CHOICES, "max_question_chars": MAX_QUESTION_CHARS,
@@ -327,7 +328,7 @@ def create_app(answerer: Answerer, max_batch: int = 16, batch_wait_ms: float = 5
         for i, q in enumerate(body.items()):
             try:
                 ex = question_from(q.model_dump(), i, "questions" if body.questions is not None else "request")
-                tokens = answerer.ensemble.encoder.encode(ex).num_tokens
+                tokens = answerer.ensemble.encoder.encode_all([ex])[0].num_tokens
             except (DataError, PromptError) as err:
                 raise BadRequest(str(err)) from None
             if tokens > max_tokens:
