@@ -398,3 +398,46 @@ def guarantee_summary(cal_member_probs: ArrayLike, cal_targets: ArrayLike, test_
 def _key(x: float) -> str:
     """0.1 -> "0.1": alphas and risk targets as JSON keys."""
     return f"{float(x):g}"
+
+
+def binomial_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Two-sided exact (Clopper-Pearson) interval of a proportion; (0, 1) when n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    tail = (1.0 - level) / 2
+    low = 0.0 if successes == 0 else float(beta_dist.ppf(tail, successes, n - successes + 1))
+    high = 1.0 if successes == n else float(beta_dist.ppf(1 - tail, successes + 1, n - successes))
+    return low, high
+
+
+MEMBER_0, MEAN_MEMBER, ENSEMBLE = "member_0", "mean_member", "ensemble"
+
+
+def single_vs_ensemble(cal_member_probs: ArrayLike, cal_targets: ArrayLike, test_member_probs: ArrayLike,
+                       test_targets: ArrayLike, *, cal_mask: ArrayLike | None = None,
+                       test_mask: ArrayLike | None = None, alphas: Sequence[float] = (0.1,),
+                       risks: Sequence[float] = (0.1,), delta: float = 0.1,
+                       score: str = "1-max_prob") -> dict[str, dict[str, Any]]:
+    """`guarantee_summary` for member 0 alone, for every member alone averaged ("mean_member"), and the ensemble.
+
+    The single members use "1-max_prob" for the abstention rule (their mutual information and
+    disagreement are 0); the ensemble uses `score`. The mean member averages every number over
+    the members (its thresholds are left out: each member has its own).
+    """
+    mp = as_float(cal_member_probs, "cal_member_probs").numpy()
+    kw = dict(cal_mask=cal_mask, test_mask=test_mask, alphas=alphas, risks=risks, delta=delta)
+    members = [guarantee_summary(cal_member_probs, cal_targets, test_member_probs, test_targets, member=k,
+                                 score="1-max_prob", **kw) for k in range(mp.shape[1])]  # type: ignore[arg-type]
+    ensemble = guarantee_summary(cal_member_probs, cal_targets, test_member_probs, test_targets, score=score,
+                                 **kw)  # type: ignore[arg-type]
+    return {MEMBER_0: members[0], MEAN_MEMBER: _mean_of(members), ENSEMBLE: ensemble}
+
+
+def _mean_of(dicts: list[Any]) -> Any:
+    """Average the numbers of same-shaped nested dicts; thresholds and quantiles are dropped."""
+    first = dicts[0]
+    if isinstance(first, Mapping):
+        return {k: _mean_of([d[k] for d in dicts]) for k in first if k not in ("threshold", "quantile")}
+    if isinstance(first, bool) or not isinstance(first, (int, float)):
+        return first
+    return float(np.mean([float(d) for d in dicts]))
