@@ -3,7 +3,6 @@ single member vs ensemble, from a run's calibration split to its test split."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
