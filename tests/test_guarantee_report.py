@@ -59,3 +59,29 @@ def test_report_without_calibration_pairs_validation_with_test(tmp_path):
     section = md[md.index("guarantees on arc_easy_test"):]
     assert sum(line.startswith(("| single member", "| mean member", "| ensemble")) for line in
                section.split("| model | target risk r")[0].splitlines()) == 18
+
+
+def test_sweep_report_compares_the_guarantees_of_mean_member_and_ensemble(tmp_path):
+    from loraens.sweep import guarantees
+    from loraens.sweep_report import build_sweep_report
+
+    cells = []
+    for seed in (0, 1):
+        record = guarantees(_preds(300, 10 + seed, "v"), _preds(400, 20 + seed, "t"))
+        assert set(record) >= {"mean_member", "ensemble", "alphas", "risks"}
+        cells.append({"dataset": "arc_easy", "dataset_label": "ARC-Easy", "variant": "plain",
+                      "variant_label": "no regulariser", "variant_group": "base", "seed": seed, "status": "complete",
+                      "methods": {}, "guarantees": record})
+    html, md = build_sweep_report(cells, tmp_path / "summary")
+    text = md.read_text()
+    section = text[text.index("## Answers with guarantees"):]
+    assert "| ARC-Easy: mean member |" in section and "| ARC-Easy: ensemble |" in section
+    assert "LAC set size (alpha 0.1)" in section and "answered at risk 0.1" in section
+    row = next(line for line in section.splitlines() if line.startswith("| ARC-Easy: ensemble |"))
+    coverage = float(row.split("|")[2].strip().strip("*").split()[0])
+    assert 0.8 < coverage <= 1.0
+    # Without guarantees in the cells (older sweeps), the section is left out.
+    for c in cells:
+        del c["guarantees"]
+    _, md = build_sweep_report(cells, tmp_path / "old")
+    assert "Answers with guarantees" not in md.read_text()
