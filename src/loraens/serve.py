@@ -22,6 +22,7 @@ field; a request never reaches the model unless it is valid. The server binds 12
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from .answer import Answerer, question_from
 from .calibration import NO_CALIBRATION, CalibrationError, DecisionSettings
 from .data import DataError, MCQAExample
-from .prompts import PromptError
+from .prompts import PromptEncoder, PromptError
 
 MAX_CHOICES = 26  # letters A..Z; letter scoring takes at most 10 (checked when the question is encoded)
 MAX_QUESTION_CHARS = 4000
@@ -264,6 +265,10 @@ def create_app(answerer: Answerer, max_batch: int = 16, batch_wait_ms: float = 5
         raise ValueError(f"--batch_wait_ms must be at least 0, but got {batch_wait_ms}")
     stats = Stats()
     batcher = Batcher(answerer, max_batch, batch_wait_ms / 1000, stats)
+    # Requests are checked on the event loop while a forward may be encoding in the worker thread: the
+    # checks get their own copy of the tokenizer, so the two never share one (Rust) tokenizer object.
+    source = answerer.ensemble.encoder
+    checker = PromptEncoder(copy.deepcopy(source.tokenizer), source.config)
     page = PAGE.read_text(encoding="utf-8")
 
     @asynccontextmanager
@@ -328,7 +333,7 @@ def create_app(answerer: Answerer, max_batch: int = 16, batch_wait_ms: float = 5
         for i, q in enumerate(body.items()):
             try:
                 ex = question_from(q.model_dump(), i, "questions" if body.questions is not None else "request")
-                tokens = answerer.ensemble.encoder.encode_all([ex])[0].num_tokens
+                tokens = checker.encode_all([ex])[0].num_tokens
             except (DataError, PromptError) as err:
                 raise BadRequest(str(err)) from None
             if tokens > max_tokens:
