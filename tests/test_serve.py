@@ -376,8 +376,12 @@ class DevTools:
         os.close(self._from_chrome)
 
 
-def ask_in_browser(url: str, question: str, choices: list[str], screenshot: Path, profile: Path) -> dict:
-    """Open the page, type a question and its choices, click Ask, wait for the bars, take a screenshot."""
+def ask_in_browser(url: str, question: str, choices: list[str], screenshot: Path, profile: Path,
+                   rule: str | None = None) -> dict:
+    """Open the page, type a question and its choices, click Ask, wait for the bars, take a screenshot.
+
+    `rule`: an option of the decision-rule menu to pick first (e.g. "risk:0.2"), as a user would.
+    """
     browser = _chromium()
     assert browser is not None
     tools = DevTools(browser, profile)
@@ -389,6 +393,9 @@ def ask_in_browser(url: str, question: str, choices: list[str], screenshot: Path
         for field_id, text in (("question", question), ("choices", "\n".join(choices))):
             tools.eval(session, f"document.getElementById('{field_id}').focus()")
             tools.call("Input.insertText", session, text=text)  # typed, as a keyboard would
+        if rule is not None:
+            tools.eval(session, f"(() => {{ const s = document.getElementById('rule'); s.value = {json.dumps(rule)};"
+                                " s.dispatchEvent(new Event('change')); })()")
         box = tools.eval(session, "(() => { const r = document.getElementById('submit').getBoundingClientRect();"
                                   " return [r.x + r.width / 2, r.y + r.height / 2]; })()")
         for kind in ("mousePressed", "mouseReleased"):

@@ -338,6 +338,13 @@ def describe_calibration(cal: Calibration) -> str:
             lines.append(f"  risk {r.target:<5g} answer when {cal.score} <= {r.threshold:.4f}: answers "
                          f"{100 * r.coverage:.1f}% of the calibration questions, error there {100 * r.risk:.1f}% "
                          f"(bound {100 * r.bound:.1f}%)")
+    default = cal.risk_rule(cal.default_risk)
+    if default.threshold is None:
+        answering = [f"{r.target:g} ({100 * r.coverage:.0f}%)" for r in cal.risk if r.threshold is not None]
+        lines.append(f"  note: at the default risk {cal.default_risk:g} this run abstains on every question; "
+                     + (f"rules that answer (share of calibration questions): {', '.join(answering)}, e.g. "
+                        f"`loraens predict ... --risk {answering[0].split()[0]}`" if answering else
+                        "no calibrated risk answers any question: calibrate on more questions or with larger --risk"))
     for c in cal.coverage:
         lines.append(f"  coverage {c.target:<4g} answer when {cal.score} <= {c.threshold:.4f} (no guarantee): error "
                      f"{100 * c.risk:.1f}% on calibration")

@@ -57,7 +57,7 @@ from .uncertainty import SCORE_NAMES, uncertainty_scores
 CALIBRATION_FILE = "calibration.json"
 FORMAT = 1
 DEFAULT_ALPHAS = (0.05, 0.1, 0.2)
-DEFAULT_RISKS = (0.05, 0.1, 0.2)
+DEFAULT_RISKS = (0.05, 0.1, 0.2, 0.3)
 DEFAULT_COVERAGES = (0.8, 0.9)
 DEFAULT_DELTA = 0.1
 DEFAULT_SCORE = "1-max_prob"

@@ -142,7 +142,8 @@ def _ood_section(run: str, in_key: str, ood_keys: list[str], preds: dict[str, Pr
     return sec
 
 
-GUARANTEE_DEFAULTS = {"alphas": (0.05, 0.1, 0.2), "risks": (0.05, 0.1, 0.2), "delta": 0.1, "score": "1-max_prob"}
+GUARANTEE_DEFAULTS = {"alphas": (0.05, 0.1, 0.2), "risks": (0.05, 0.1, 0.2, 0.3), "delta": 0.1,
+                      "score": "1-max_prob"}
 
 
 def _guarantee_pairs(run_dir: Path, preds: dict[str, Predictions],
@@ -213,8 +214,8 @@ def _guarantee_section(run: str, cal_key: str, test_key: str, cal: Predictions, 
                 rows.append([label, method.upper(), f"{1 - a:.2f}", f"{e['coverage']:.3f}{ci_text}",
                              f"{e['mean_size']:.2f}", f"{100 * e['singleton']:.1f}%", f"{100 * e['empty']:.1f}%"])
             sizes = [res[m]["sets"][method][k]["mean_size"] for m in labels]
-            best = int(np.argmin(sizes))
-            bold.add((len(rows) - len(labels) + best, 4))
+            if max(sizes) > min(sizes):
+                bold.add((len(rows) - len(labels) + int(np.argmin(sizes)), 4))
     sec.table(["model", "set", "promised coverage", "test coverage [95%]", "mean set size", "singletons", "empty"],
               rows, bold)
     rows, bold = [], set()
@@ -232,7 +233,8 @@ def _guarantee_section(run: str, cal_key: str, test_key: str, cal: Predictions, 
                          f"{e['test_coverage']:.3f}", risk_text,
                          "yes" if e["test_risk"] <= r else "no"])
         kept = [res[m]["risk"][k]["test_coverage"] for m in labels]
-        bold.add((len(rows) - len(labels) + int(np.argmax(kept)), 4))
+        if max(kept) > min(kept):
+            bold.add((len(rows) - len(labels) + int(np.argmax(kept)), 4))
     sec.table(["model", "target risk r", "answered (calibration)", "risk bound (calibration)",
                "answered (test coverage kept)", "error among answered (test) [95%]", "test risk <= r"], rows, bold)
     lines = []
@@ -241,10 +243,15 @@ def _guarantee_section(run: str, cal_key: str, test_key: str, cal: Predictions, 
         s0, se = (res[m]["sets"][method][f"{a:g}"]["mean_size"] for m in (MEAN_MEMBER_KEY, ENSEMBLE_KEY))
         lines.append(f"{method.upper()} sets at alpha {a:g}: mean size {se:.2f} for the ensemble vs {s0:.2f} for the "
                      f"mean member ({'smaller' if se < s0 else 'not smaller'})")
-    r = 0.1 if 0.1 in risks else risks[len(risks) // 2]
-    k0, ke = (res[m]["risk"][f"{r:g}"]["test_coverage"] for m in (MEAN_MEMBER_KEY, ENSEMBLE_KEY))
-    lines.append(f"at risk {r:g} the ensemble answers {100 * ke:.1f}% of the test questions vs {100 * k0:.1f}% for the "
-                 f"mean member ({'more' if ke > k0 else 'not more'})")
+    for r in risks:
+        (k0, e0), (ke, ee) = ((res[m]["risk"][f"{r:g}"]["test_coverage"], res[m]["risk"][f"{r:g}"]["test_risk"])
+                              for m in (MEAN_MEMBER_KEY, ENSEMBLE_KEY))
+        if max(k0, ke) == 0:
+            lines.append(f"at risk {r:g} neither answers any question (no threshold qualifies on {n_cal} calibration "
+                         "questions)")
+            continue
+        lines.append(f"at risk {r:g} the ensemble answers {100 * ke:.1f}% of the test questions (error "
+                     f"{100 * ee:.1f}%) vs {100 * k0:.1f}% (error {100 * e0:.1f}%) for the mean member")
     sec.text("Reading: " + "; ".join(lines) + ".")
     grid_a = np.round(np.arange(0.05, 0.41, 0.05), 2)
     grid_r = np.round(np.arange(0.05, 0.41, 0.05), 2)
