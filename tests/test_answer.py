@@ -131,6 +131,7 @@ def test_calibrate_reuses_saved_predictions_and_refuses_the_training_split(tiny,
                  "0.2", "--risk", "0.5", "0.9", "--delta", "0.2"]) == 0
     out = capsys.readouterr().out
     assert "used the saved predictions" in out and "temperature T" in out and "LAC threshold" in out
+    assert "note: at the default risk 0.5 this run abstains on every question" in out and "--risk 0.9" in out
     after = json.loads((tiny.run / CALIBRATION_FILE).read_text())
     assert after["conformal"] == before["conformal"] and after["selective"] == before["selective"]
     assert main(["calibrate", str(tiny.run), "--split", "train", "--quiet"]) == 2
