@@ -137,17 +137,46 @@ def test_aps_scores_agree_with_mapie(fixed):
     np.testing.assert_allclose(true_scores(cal_p, cal_t, method="aps"), np.ravel(ref), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("alpha", [0.05, 0.1, 0.2, 0.3])
+def test_aps_sets_agree_with_mapie_at_the_same_threshold(fixed, alpha):
+    """MAPIE calibrates APS with randomised scores; given its threshold, the sets (include_last_label=True) match."""
+    mapie = pytest.importorskip("mapie.classification")
+    cal_p, cal_t, test_p, _ = fixed
+    ref = mapie.SplitConformalClassifier(estimator=_Identity(5), confidence_level=1 - alpha, conformity_score="aps",
+                                         prefit=True, random_state=0).conformalize(cal_p, cal_t)
+    _, ref_sets = ref.predict_set(test_p, conformity_score_params={"include_last_label": True})
+    q = float(np.ravel(ref._mapie_classifier.conformity_score_function_.quantiles_)[0])
+    np.testing.assert_array_equal(prediction_sets(test_p, q, method="aps"), ref_sets[:, :, 0])
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.1, 0.2, 0.3])
+def test_quantile_agrees_with_mapie(fixed, alpha):
+    utils = pytest.importorskip("mapie.utils")
+    cal_p, cal_t, _, _ = fixed
+    for method in ("lac", "aps"):
+        scores = true_scores(cal_p, cal_t, method=method)
+        ref = utils._compute_classification_quantile(scores, np.array([alpha]))
+        assert conformal_quantile(scores, alpha) == pytest.approx(float(np.ravel(ref)[0]))
+
+
 @pytest.mark.parametrize("method", ["lac", "aps"])
 @pytest.mark.parametrize("alpha", [0.05, 0.1, 0.2])
 def test_sets_agree_with_crepes_p_values(fixed, method, alpha):
+    """crepes: a choice is in the set when its p-value exceeds alpha. For LAC that is our set exactly; for APS
+    it is the score rule {y: s(x, y) <= q}, which our sets (the crossing choice included) contain."""
     crepes = pytest.importorskip("crepes")
     cal_p, cal_t, test_p, _ = fixed
     scores_cal = true_scores(cal_p, cal_t, method=method)
     scores_test = lac_scores(test_p) if method == "lac" else aps_scores(test_p)
     cc = crepes.ConformalClassifier().fit(scores_cal)
-    ref = cc.predict_set(scores_test, confidence=1 - alpha, smoothing=False)
-    ours = prediction_sets(test_p, conformal_quantile(scores_cal, alpha), method=method)
-    np.testing.assert_array_equal(ours, ref.astype(bool))
+    ref = cc.predict_set(scores_test, confidence=1 - alpha, smoothing=False).astype(bool)
+    q = conformal_quantile(scores_cal, alpha)
+    ours = prediction_sets(test_p, q, method=method)
+    if method == "lac":
+        np.testing.assert_array_equal(ours, ref)
+    else:
+        np.testing.assert_array_equal(ref, scores_test - q <= 1e-8)  # crepes' set is the score rule
+        assert (ours | ~ref).all() and ours.any(axis=1).all()  # ours contains it and is never empty
 
 
 def test_lac_nonconformity_is_crepes_hinge(fixed):
@@ -216,8 +245,11 @@ def test_padded_choices_are_never_in_a_set_and_aps_is_cumulative():
     mask = np.array([[True, True, True, False], [True, True, True, False]])
     np.testing.assert_allclose(aps_scores(p, mask)[:, :3], [[0.5, 1.0, 0.8], [0.75, 1.0, 0.5]])
     assert np.isinf(aps_scores(p, mask)[:, 3]).all() and np.isinf(lac_scores(p, mask)[:, 3]).all()
-    np.testing.assert_array_equal(prediction_sets(p, 0.85, mask, "aps"), [[True, False, True, False],
-                                                                          [True, False, True, False]])
+    # APS takes choices by probability until the total reaches q, the one reaching it (and its ties) included.
+    np.testing.assert_array_equal(prediction_sets(p, 0.75, mask, "aps"), [[True, False, True, False],
+                                                                          [True, True, True, False]])
+    np.testing.assert_array_equal(prediction_sets(p, 0.4, mask, "aps"), [[True, False, False, False],
+                                                                         [False, False, True, False]])
 
 
 def test_sgr_answers_nothing_when_no_threshold_meets_the_target():
