@@ -139,12 +139,12 @@ def test_aps_scores_agree_with_mapie(fixed):
 
 @pytest.mark.parametrize("alpha", [0.05, 0.1, 0.2, 0.3])
 def test_aps_sets_agree_with_mapie_at_the_same_threshold(fixed, alpha):
-    """MAPIE calibrates APS with randomised scores; given its threshold, the sets (include_last_label=True) match."""
+    """MAPIE calibrates APS with randomised scores; given its threshold, the sets (include_last_label=False) match."""
     mapie = pytest.importorskip("mapie.classification")
     cal_p, cal_t, test_p, _ = fixed
     ref = mapie.SplitConformalClassifier(estimator=_Identity(5), confidence_level=1 - alpha, conformity_score="aps",
                                          prefit=True, random_state=0).conformalize(cal_p, cal_t)
-    _, ref_sets = ref.predict_set(test_p, conformity_score_params={"include_last_label": True})
+    _, ref_sets = ref.predict_set(test_p, conformity_score_params={"include_last_label": False})
     q = float(np.ravel(ref._mapie_classifier.conformity_score_function_.quantiles_)[0])
     np.testing.assert_array_equal(prediction_sets(test_p, q, method="aps"), ref_sets[:, :, 0])
 
@@ -163,7 +163,7 @@ def test_quantile_agrees_with_mapie(fixed, alpha):
 @pytest.mark.parametrize("alpha", [0.05, 0.1, 0.2])
 def test_sets_agree_with_crepes_p_values(fixed, method, alpha):
     """crepes: a choice is in the set when its p-value exceeds alpha. For LAC that is our set exactly; for APS
-    it is the score rule {y: s(x, y) <= q}, which our sets (the crossing choice included) contain."""
+    it is the score rule {y: s(x, y) <= q}, which our sets (the top choice always included) contain."""
     crepes = pytest.importorskip("crepes")
     cal_p, cal_t, test_p, _ = fixed
     scores_cal = true_scores(cal_p, cal_t, method=method)
@@ -245,8 +245,9 @@ def test_padded_choices_are_never_in_a_set_and_aps_is_cumulative():
     mask = np.array([[True, True, True, False], [True, True, True, False]])
     np.testing.assert_allclose(aps_scores(p, mask)[:, :3], [[0.5, 1.0, 0.8], [0.75, 1.0, 0.5]])
     assert np.isinf(aps_scores(p, mask)[:, 3]).all() and np.isinf(lac_scores(p, mask)[:, 3]).all()
-    # APS takes choices by probability until the total reaches q, the one reaching it (and its ties) included.
-    np.testing.assert_array_equal(prediction_sets(p, 0.75, mask, "aps"), [[True, False, True, False],
+    # APS: the choices whose running total (in probability order) is at most q, ties with the last one
+    # taken included; the top choice always, even when it alone holds more than q.
+    np.testing.assert_array_equal(prediction_sets(p, 0.85, mask, "aps"), [[True, False, True, False],
                                                                           [True, True, True, False]])
     np.testing.assert_array_equal(prediction_sets(p, 0.4, mask, "aps"), [[True, False, False, False],
                                                                          [False, False, True, False]])

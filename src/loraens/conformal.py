@@ -14,10 +14,9 @@ are exchangeable, the set contains the true answer with probability at least ``1
   enough), which is a warning in itself.
 - APS, adaptive prediction sets (Romano, Sesia & Candès 2020), not randomised:
   ``s(x, y)`` = the total probability of the choices at least as likely as y, y included
-  (choices sorted by probability, ties by index). A set takes the most probable choices until
-  their total reaches ``q``, the choice that reaches it included (MAPIE's ``include_last_label=True``):
-  a superset of ``{y: s(x, y) <= q}``, so at least as well covered, and never empty. Sets grow
-  where the model is unsure.
+  (choices sorted by probability, ties by index). A set holds the choices with ``s(x, y) <= q``
+  and always the top choice (MAPIE's ``include_last_label=False``): a superset of the score rule,
+  so at least as well covered, and never empty. Sets grow where the model is unsure.
 
 When ``ceil((n + 1)(1 - alpha)) > n`` the calibration split is too small for that alpha and ``q``
 is infinite: every choice is in every set. Comparisons allow ``1e-8`` of float error (as MAPIE
@@ -148,10 +147,10 @@ def prediction_sets(probs: ArrayLike, quantile: float, choice_mask: ArrayLike | 
     """bool [N, C]: each question's conformal set at threshold `quantile`; never a padded choice.
 
     LAC: the choices whose score ``1 - p`` is at most `quantile` (+ EPSILON); a set may be empty.
-    APS: the most probable choices until their total reaches `quantile`, the one that reaches it
-    included (with any choice tied with it), as MAPIE's APS with ``include_last_label=True``. It
-    holds every choice whose APS score is at most `quantile`, and more, so its coverage is at
-    least that of the score rule, and it is never empty: the top choice is always in it.
+    APS: the choices whose APS score is at most `quantile`, and always the top choice (with any
+    choice tied with the last one taken), as MAPIE's APS with ``include_last_label=False``. A
+    superset of the score rule, so its coverage is at least 1 - alpha, and never empty: where the
+    top choice alone holds more than `quantile`, the set is that choice.
     """
     scores = choice_scores(probs, choice_mask, method)
     finite = np.isfinite(scores)
@@ -160,18 +159,16 @@ def prediction_sets(probs: ArrayLike, quantile: float, choice_mask: ArrayLike | 
     if method == "lac":
         return finite & (scores - quantile <= EPSILON)
     p, _ = _probs_and_mask(probs, choice_mask)
-    reaches = finite & (scores - quantile >= -EPSILON)  # APS score = total down to and including the choice
-    masked = np.where(reaches, scores, np.inf)
-    last = masked.argmin(axis=1)  # the first choice, in rank order, whose total reaches the quantile
+    top = np.where(finite, scores, np.inf).min(axis=1)  # the top choice's score is its own probability
+    threshold = np.maximum(quantile, top)
+    within = finite & (scores - threshold[:, None] <= EPSILON)
+    last = np.where(within, scores, -np.inf).argmax(axis=1)  # the lowest-ranked choice within the threshold
     p_last = p[np.arange(p.shape[0]), last]
     # As MAPIE: a last choice of probability ~0 would pull in every choice; use the smallest non-zero one.
     tiny = p_last <= EPSILON
     if tiny.any():
         p_last[tiny] = np.where(finite & (p > EPSILON), p, np.inf)[tiny].min(axis=1)
-    sets = finite & (p - p_last[:, None] >= -EPSILON)
-    never = ~reaches.any(axis=1)  # the quantile exceeds the total probability: every choice
-    sets[never] = finite[never]
-    return sets
+    return finite & (p - p_last[:, None] >= -EPSILON)
 
 
 @dataclass(frozen=True)
