@@ -136,7 +136,7 @@ class Calibration:
                                              "choices ranked at or above y"},
                           "quantiles": self.quantiles,
                           "rule": "a choice is in the set when its score <= the quantile of its alpha "
-                                  "(null: every choice)"},
+                                  "(null: every choice); APS sets always hold the top choice too"},
             "selective": {"method": SGR_METHOD, "score": self.score, "delta": self.delta,
                           "rule": "answer when the score <= threshold (null: abstain on every question)",
                           "risk": [r.to_dict() for r in self.risk],
