@@ -20,7 +20,7 @@ import loraens
 
 EVALUATION_MODULES = (
     "arrays", "predictions", "metrics", "uncertainty", "ood", "selective", "bootstrap", "ensemble_size",
-    "methods", "plots", "pages", "tables", "report", "sweep_report", "runfolder",
+    "methods", "plots", "pages", "tables", "report", "sweep_report", "runfolder", "conformal", "calibration",
 )
 BLOCKED_PACKAGES = ("transformers", "peft")
 ENGINE_MODULES = tuple(f"loraens.{m}" for m in (

@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "must equal the number of GPUs)")
     sw.add_argument("--worker", metavar="I/W", type=_worker_flag, help=argparse.SUPPRESS)  # one worker's share
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_answer_verbs(sub)
     return parser
 
 
@@ -204,6 +205,156 @@ def _add_run_folder_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace what --output_dir holds (a complete, failed or interrupted run) and start over; "
                              "without it a complete run is never replaced")
+
+
+# ---------------------------------------------------------------- calibrate | predict | serve
+
+
+def _add_answer_verbs(sub: Any) -> None:
+    """The verbs that answer new questions: calibrate (fit the decisions), predict (a file), serve (HTTP)."""
+    from .calibration import DEFAULT_ALPHAS, DEFAULT_COVERAGES, DEFAULT_DELTA, DEFAULT_RISKS, DEFAULT_SCORE
+    from .uncertainty import SCORE_NAMES
+
+    cal = sub.add_parser(
+        "calibrate", help="fit the decision rules (temperature, risk-controlled abstention, conformal sets)",
+        description="Score a labelled split the members never trained on and store in RUN/calibration.json "
+                    "what decisions need: the ensemble temperature; for each target risk r, the threshold on an "
+                    "uncertainty score under which the error rate among answered questions is at most r with "
+                    "probability 1 - delta (SGR, Geifman & El-Yaniv 2017); plain thresholds that answer the most "
+                    "certain 80%% / 90%%; and split-conformal thresholds (LAC, APS) whose answer sets hold the right "
+                    "answer with probability at least 1 - alpha.")
+    cal.add_argument("run", metavar="RUN", help="run folder written by `loraens train` or `loraens demo`")
+    cal.add_argument("--dataset", help="built-in dataset, mmlu:<subjects>, or a labelled .jsonl/.csv file "
+                                       "(default: the run's training dataset)")
+    cal.add_argument("--split", default="validation", help="labelled split to calibrate on (default: validation)")
+    cal.add_argument("--limit", type=int, help="a seeded random subset of this many questions")
+    cal.add_argument("--alpha", type=float, nargs="+", default=list(DEFAULT_ALPHAS), metavar="A",
+                     help="miscoverages of the conformal sets (default: %(default)s)")
+    cal.add_argument("--risk", type=float, nargs="+", default=list(DEFAULT_RISKS), metavar="R",
+                     help="target error rates among answered questions (default: %(default)s)")
+    cal.add_argument("--coverage", type=float, nargs="+", default=list(DEFAULT_COVERAGES), metavar="C",
+                     help="plain coverage thresholds, no guarantee (default: %(default)s)")
+    cal.add_argument("--delta", type=float, default=DEFAULT_DELTA,
+                     help="1 - delta is the confidence of the risk guarantee (default: %(default)s)")
+    cal.add_argument("--score", default=DEFAULT_SCORE, choices=SCORE_NAMES, metavar="SCORE",
+                     help=f"uncertainty score of the abstention rule: {', '.join(SCORE_NAMES)} (default: %(default)s)")
+    cal.add_argument("--set", default="lac", choices=("lac", "aps"), help="default conformal set (default: lac)")
+    cal.add_argument("--rescore", action="store_true",
+                     help="score the split again even when predictions/<key>.safetensors already holds it")
+    cal.add_argument("--device", default="auto", type=_device_flag, help="auto, cpu, cuda, cuda:N (default: auto)")
+    cal.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    pr = sub.add_parser(
+        "predict", help="answer unlabelled questions from a file: answer, probabilities, uncertainty, decision, set",
+        description="Answer every question of a JSONL or CSV file (the formats `loraens train` reads; no answer "
+                    "field needed). Each output line holds the id, the chosen answer, the ensemble's and every "
+                    "member's probabilities, the uncertainty scores, and with a calibration.json the decision "
+                    "(answer or abstain) and the conformal answer set.")
+    pr.add_argument("run", metavar="RUN", help="run folder (calibrated with `loraens calibrate` for decisions)")
+    pr.add_argument("--input", required=True, metavar="FILE", help="questions: .jsonl or .csv")
+    pr.add_argument("--output", required=True, metavar="FILE", help="answers file, or - for standard output")
+    pr.add_argument("--format", choices=("jsonl", "csv"),
+                    help="output format (default: from the --output suffix, else jsonl)")
+    pr.add_argument("--limit", type=int, help="answer only the first N questions")
+    rule = pr.add_mutually_exclusive_group()
+    rule.add_argument("--risk", type=float, help="decide at this calibrated target risk (default: calibration's)")
+    rule.add_argument("--coverage", type=float, help="decide by a calibrated plain coverage instead (no guarantee)")
+    pr.add_argument("--alpha", type=float, help="conformal sets at this calibrated alpha (default: calibration's)")
+    pr.add_argument("--set", choices=("lac", "aps"), help="conformal set method (default: calibration's)")
+    pr.add_argument("--batch_size", type=int, help="questions per forward pass (default: the run's eval batch size)")
+    pr.add_argument("--device", default="auto", type=_device_flag, help="auto, cpu, cuda, cuda:N (default: auto)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sv = sub.add_parser(
+        "serve", help="serve the ensemble over HTTP (POST /predict, GET /health, a UI at /)",
+        description="Load the run once and answer questions over HTTP: POST /predict with one question or many, "
+                    "GET /health, and a one-page UI at /. Requests that arrive together are scored in one batch.")
+    sv.add_argument("run", metavar="RUN", help="run folder (calibrated with `loraens calibrate` for decisions)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--max_batch", type=int, default=16, help="most questions scored in one batch (default: 16)")
+    sv.add_argument("--batch_wait_ms", type=float, default=5.0,
+                    help="how long a batch waits for more requests once one arrived (default: 5)")
+    sv.add_argument("--device", default="auto", type=_device_flag, help="auto, cpu, cuda, cuda:N (default: auto)")
+    sv.add_argument("--quiet", action="store_true", help="log warnings only")
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .answer import calibrate_run, describe_calibration
+
+    if not Path(args.run).is_dir():
+        raise FileNotFoundError(f"RUN {args.run!r} is not a folder; give a run folder such as runs/demo.")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive number of questions, but got {args.limit}.")
+    cal, reused = calibrate_run(args.run, args.dataset, args.split, args.limit, alphas=args.alpha, risks=args.risk,
+                                coverages=args.coverage, delta=args.delta, score=args.score, set_method=args.set,
+                                device=args.device, progress=not args.quiet, rescore=args.rescore)
+    if reused:
+        print(f"(used the saved predictions of {cal.dataset} {cal.split}; --rescore scores them again)")
+    print(describe_calibration(cal))
+    print(f"\nWrote {Path(args.run) / 'calibration.json'}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .answer import load_answerer, read_questions, write_answers
+    from .calibration import NO_CALIBRATION, DecisionSettings
+
+    if not Path(args.run).is_dir():
+        raise FileNotFoundError(f"RUN {args.run!r} is not a folder; give a run folder such as runs/demo.")
+    questions = read_questions(args.input, args.limit)
+    fmt = args.format or ("csv" if str(args.output).lower().endswith(".csv") else "jsonl")
+    answerer = load_answerer(args.run, args.device, args.batch_size)
+    settings = DecisionSettings(risk=args.risk, coverage=args.coverage, alpha=args.alpha, set_method=args.set)
+    if answerer.calibration is None:
+        if (args.risk, args.coverage, args.alpha, args.set) != (None,) * 4:
+            raise ValueError(f"{NO_CALIBRATION}; --risk, --coverage, --alpha and --set need it.")
+        print(f"loraens predict: {NO_CALIBRATION}.", file=sys.stderr)
+    else:
+        settings.resolve(answerer.calibration)  # an uncalibrated --risk / --alpha fails before any work
+    counts = {"answer": 0, "abstain": 0}
+    sizes: list[int] = []
+
+    def tally(records):
+        for rec in records:
+            if rec["decision"] in counts:
+                counts[rec["decision"]] += 1
+            if rec["conformal_set"] is not None:
+                sizes.append(len(rec["conformal_set"]))
+            yield rec
+
+    n = write_answers(tally(answerer.answer_all(questions, settings, progress=not args.quiet)), args.output, fmt)
+    where = "standard output" if args.output == "-" else args.output
+    line = f"Wrote {n} answers to {where}"
+    if answerer.calibration is not None:
+        rule, _, alpha, method = settings.resolve(answerer.calibration)
+        what = (f"error rate <= {rule['target']:g} with probability >= {1 - rule['delta']:g}"
+                if rule["kind"] == "risk" else f"the most certain {100 * rule['target']:g}%")
+        line += (f": answered {counts['answer']}, abstained on {counts['abstain']} ({what}); "
+                 f"{method.upper()} sets at alpha {alpha:g}, mean size {sum(sizes) / max(len(sizes), 1):.2f}")
+    print(line, file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import serve
+    except ImportError as err:
+        raise ValueError(f"`loraens serve` needs FastAPI and uvicorn ({err}): pip install 'loraens[serve]'") from None
+    from .answer import load_answerer
+
+    if not Path(args.run).is_dir():
+        raise FileNotFoundError(f"RUN {args.run!r} is not a folder; give a run folder such as runs/demo.")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, but got {args.port}.")
+    answerer = load_answerer(args.run, args.device, args.max_batch)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"loraens serve: binding {args.host}: the server has no authentication; anyone who can reach this "
+              "address can use it.", file=sys.stderr)
+    print(f"loraens serve: {answerer.num_members} members of {args.run} on http://{args.host}:{args.port}/ "
+          f"({'calibrated' if answerer.calibration else 'not calibrated: no decisions or answer sets'})", flush=True)
+    serve(answerer, args.host, args.port, args.max_batch, args.batch_wait_ms, "warning" if args.quiet else "info")
+    return 0
 
 
 def _device_flag(value: str) -> str:
@@ -251,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command in ("calibrate", "predict", "serve"):
+            return {"calibrate": _calibrate, "predict": _predict, "serve": _serve}[args.command](args)
         return _evaluate(args)
     except (ConfigError, FileNotFoundError, ValueError, ModelError, RuntimeError) as err:
         if (isinstance(err, RuntimeError) and not isinstance(err, (ModelError, NonFiniteError))

@@ -179,3 +179,31 @@ def ensemble_size_by_dataset(curves: Mapping[str, Mapping[str, Band]], metrics: 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].legend(fontsize=8)
     return _png(fig)
+
+
+def guarantee_curves(curves: Mapping[str, Mapping[str, np.ndarray]]) -> bytes:
+    """What the guarantees cost, per model: conformal coverage and set size vs alpha, and the share of
+    questions the risk-controlled rule answers (and the error among them) vs its target risk.
+
+    curves: model -> {"alpha", "coverage", "size", "risk_target", "kept", "realised"} (arrays).
+    """
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    cov, size, kept = axes
+    alphas = next(iter(curves.values()))["alpha"]
+    cov.plot(1 - alphas, 1 - alphas, ls="--", color="grey", label="target 1 - alpha")
+    targets = next(iter(curves.values()))["risk_target"]
+    for name, c in curves.items():
+        (line,) = cov.plot(1 - c["alpha"], c["coverage"], marker="o", label=name)
+        size.plot(c["alpha"], c["size"], marker="o", label=name, color=line.get_color())
+        kept.plot(c["risk_target"], c["kept"], marker="o", label=f"{name}: answered", color=line.get_color())
+        kept.plot(c["risk_target"], c["realised"], marker="x", ls=":", label=f"{name}: error among answered",
+                  color=line.get_color())
+    kept.plot(targets, targets, ls="--", color="grey", label="target risk")
+    cov.set(xlabel="1 - alpha (promised coverage)", ylabel="test coverage of the LAC sets",
+            title="Conformal sets: coverage")
+    size.set(xlabel="alpha", ylabel="mean LAC set size (choices)", title="Conformal sets: size")
+    kept.set(xlabel="target risk r (SGR)", ylabel="share of test questions", ylim=(0, 1),
+             title="Abstention at a guaranteed risk")
+    cov.legend(fontsize=8)
+    kept.legend(fontsize=7, loc="center right")
+    return _png(fig)

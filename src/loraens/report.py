@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,11 +28,16 @@ from .bootstrap import (
     paired_summary,
     percentile_ci,
 )
+from .calibration import CalibrationError, load_calibration
+from .conformal import ENSEMBLE as ENSEMBLE_KEY
+from .conformal import MEAN_MEMBER as MEAN_MEMBER_KEY
+from .conformal import MEMBER_0 as MEMBER_0_KEY
+from .conformal import binomial_interval, single_vs_ensemble
 from .ensemble_size import ensemble_size_curve
 from .metrics import adaptive_ece, compute_metrics, ece, ensemble_probs, mce, nll
 from .ood import auroc_interval, ood_metrics, roc_points
 from .pages import Section, write_page
-from .predictions import Predictions, load_all_predictions
+from .predictions import Predictions, load_all_predictions, split_key
 from .selective import accuracy_at_coverage, accuracy_coverage_curve, aurc
 from .uncertainty import DETECTION_SCORES, uncertainty_scores
 
@@ -136,6 +142,133 @@ def _ood_section(run: str, in_key: str, ood_keys: list[str], preds: dict[str, Pr
     return sec
 
 
+GUARANTEE_DEFAULTS = {"alphas": (0.05, 0.1, 0.2), "risks": (0.05, 0.1, 0.2, 0.3), "delta": 0.1,
+                      "score": "1-max_prob"}
+
+
+def _guarantee_pairs(run_dir: Path, preds: dict[str, Predictions],
+                     ood_keys: set[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(calibration split, test split, settings) pairs of a run for the guarantees section.
+
+    With a calibration.json: its split against every other split (not the OOD sets), with its
+    alphas, risks, delta and score. Without one: each "<dataset>_validation" against
+    "<dataset>_test", with `GUARANTEE_DEFAULTS`.
+    """
+    try:
+        cal = load_calibration(run_dir, check_members=False)
+    except CalibrationError:
+        cal = None
+    if cal is not None:
+        key = split_key(cal.dataset, cal.split)
+        if key in preds:
+            settings = {"alphas": tuple(cal.alphas), "risks": tuple(cal.risks), "delta": cal.delta,
+                        "score": cal.score, "source": "calibration.json"}
+            return [(key, k, settings) for k in preds if k != key and k not in ood_keys]
+    pairs = []
+    for key in preds:
+        test = key[: -len("validation")] + "test" if key.endswith("_validation") else None
+        if test in preds and key not in ood_keys and test not in ood_keys:
+            pairs.append((key, test, {**GUARANTEE_DEFAULTS, "source": "defaults (no calibration.json)"}))
+    return pairs
+
+
+def _guarantee_section(run: str, cal_key: str, test_key: str, cal: Predictions, test: Predictions,
+                       settings: dict[str, Any]) -> Section:
+    """Conformal sets and SGR abstention fitted on `cal_key`, measured on `test_key`.
+
+    Member 0, the mean member and the ensemble side by side: coverage and size of the sets,
+    realised risk and coverage kept by the abstention rule, and a figure of both over a grid.
+    """
+    alphas, risks, delta, score = settings["alphas"], settings["risks"], settings["delta"], settings["score"]
+    sec = Section(f"{run}: guarantees on {test_key} (calibrated on {cal_key})")
+    shared = set(cal.ids) & set(test.ids)
+    args = (cal.member_probs.double().numpy(), cal.targets.numpy(), test.member_probs.double().numpy(),
+            test.targets.numpy())
+    masks = {"cal_mask": cal.choice_mask.numpy(), "test_mask": test.choice_mask.numpy()}
+    res = single_vs_ensemble(*args, **masks, alphas=alphas, risks=risks, delta=delta, score=score)
+    n_cal, n_test = len(cal.ids), len(test.ids)
+    sec.text(f"Fitted on {cal_key} (N = {n_cal}) and measured on {test_key} (N = {n_test}); settings from "
+             f"{settings['source']}. Split-conformal sets hold the right answer with probability at least 1 - alpha "
+             "when the test questions are exchangeable with the calibration ones: LAC (score 1 - p of the answer) and "
+             "APS (cumulative probability, not randomised). The abstention rule is SGR (Geifman & El-Yaniv 2017): it "
+             f"answers when {score} (ensemble; 1-max_prob for a single member) is at most a threshold chosen so that "
+             f"the error rate among answered questions is at most r with probability at least {1 - delta:g}. Test "
+             "coverage and risk carry exact binomial 95% intervals; the mean member averages each member's numbers. A "
+             "test risk above r can come from the test sample's own noise, or (with probability at most delta) from an "
+             "unlucky calibration split. Bold: the smallest sets and the most questions answered.")
+    if shared:
+        sec.text(f"Warning: {len(shared)} question ids are in both splits, so the guarantees do not apply as such.")
+    if cal_key.rsplit("_", 1)[0] != test_key.rsplit("_", 1)[0]:
+        sec.text("The two splits come from different datasets: under such a shift the guarantees need not hold, "
+                 "and this table measures how far they carry over.")
+    labels = {MEMBER_0_KEY: MEMBER_0, MEAN_MEMBER_KEY: MEAN_MEMBER, ENSEMBLE_KEY: "ensemble"}
+    rows, bold = [], set()
+    for method in ("lac", "aps"):
+        for a in alphas:
+            k = f"{a:g}"
+            for model, label in labels.items():
+                e = res[model]["sets"][method][k]
+                hit = round(e["coverage"] * n_test)
+                ci = binomial_interval(hit, n_test) if model != MEAN_MEMBER_KEY else None
+                ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+                rows.append([label, method.upper(), f"{1 - a:.2f}", f"{e['coverage']:.3f}{ci_text}",
+                             f"{e['mean_size']:.2f}", f"{100 * e['singleton']:.1f}%", f"{100 * e['empty']:.1f}%"])
+            sizes = [res[m]["sets"][method][k]["mean_size"] for m in labels]
+            if max(sizes) > min(sizes):
+                bold.add((len(rows) - len(labels) + int(np.argmin(sizes)), 4))
+    sec.table(["model", "set", "promised coverage", "test coverage [95%]", "mean set size", "singletons", "empty"],
+              rows, bold)
+    rows, bold = [], set()
+    for r in risks:
+        k = f"{r:g}"
+        for model, label in labels.items():
+            e = res[model]["risk"][k]
+            answered = int(round(e["test_answered"])) if model != MEAN_MEMBER_KEY else None
+            if answered is not None and answered > 0:
+                lo, hi = binomial_interval(round(e["test_risk"] * answered), answered)
+                risk_text = f"{e['test_risk']:.3f} [{lo:.3f}, {hi:.3f}]"
+            else:
+                risk_text = f"{e['test_risk']:.3f}" if (answered is None and e["test_coverage"] > 0) else "— (none)"
+            rows.append([label, f"{r:g}", f"{e['calibration_coverage']:.3f}", f"{e['bound']:.3f}",
+                         f"{e['test_coverage']:.3f}", risk_text,
+                         "yes" if e["test_risk"] <= r else "no"])
+        kept = [res[m]["risk"][k]["test_coverage"] for m in labels]
+        if max(kept) > min(kept):
+            bold.add((len(rows) - len(labels) + int(np.argmax(kept)), 4))
+    sec.table(["model", "target risk r", "answered (calibration)", "risk bound (calibration)",
+               "answered (test coverage kept)", "error among answered (test) [95%]", "test risk <= r"], rows, bold)
+    lines = []
+    for method in ("lac", "aps"):
+        a = 0.1 if 0.1 in alphas else alphas[len(alphas) // 2]
+        s0, se = (res[m]["sets"][method][f"{a:g}"]["mean_size"] for m in (MEAN_MEMBER_KEY, ENSEMBLE_KEY))
+        lines.append(f"{method.upper()} sets at alpha {a:g}: mean size {se:.2f} for the ensemble vs {s0:.2f} for the "
+                     f"mean member ({'smaller' if se < s0 else 'not smaller'})")
+    for r in risks:
+        (k0, e0), (ke, ee) = ((res[m]["risk"][f"{r:g}"]["test_coverage"], res[m]["risk"][f"{r:g}"]["test_risk"])
+                              for m in (MEAN_MEMBER_KEY, ENSEMBLE_KEY))
+        if max(k0, ke) == 0:
+            lines.append(f"at risk {r:g} neither answers any question (no threshold qualifies on {n_cal} calibration "
+                         "questions)")
+            continue
+        lines.append(f"at risk {r:g} the ensemble answers {100 * ke:.1f}% of the test questions (error "
+                     f"{100 * ee:.1f}%) vs {100 * k0:.1f}% (error {100 * e0:.1f}%) for the mean member")
+    sec.text("Reading: " + "; ".join(lines) + ".")
+    grid_a = np.round(np.arange(0.05, 0.41, 0.05), 2)
+    grid_r = np.round(np.arange(0.05, 0.41, 0.05), 2)
+    grid = single_vs_ensemble(*args, **masks, alphas=tuple(grid_a), risks=tuple(grid_r), delta=delta, score=score)
+    curves = {}
+    for model in (MEMBER_0_KEY, ENSEMBLE_KEY):
+        g = grid[model]
+        curves[labels[model]] = {"alpha": grid_a, "risk_target": grid_r,
+                                 "coverage": np.array([g["sets"]["lac"][f"{a:g}"]["coverage"] for a in grid_a]),
+                                 "size": np.array([g["sets"]["lac"][f"{a:g}"]["mean_size"] for a in grid_a]),
+                                 "kept": np.array([g["risk"][f"{x:g}"]["test_coverage"] for x in grid_r]),
+                                 "realised": np.array([g["risk"][f"{x:g}"]["test_risk"] for x in grid_r])}
+    sec.figures.append((f"Guarantees on {test_key}: conformal coverage and set size, abstention at a target risk",
+                        plots.guarantee_curves(curves)))
+    return sec
+
+
 def _comparison_section(runs: dict[str, dict[str, Predictions]], n_resamples: int, seed: int) -> Section | None:
     """Runs side by side on the splits they share; paired differences against the first run."""
     if len(runs) < 2:
@@ -177,6 +310,8 @@ def build_report(run_dirs: list[str | Path], output: str | Path, n_resamples: in
         for key, p in preds.items():
             if key not in ood_keys:
                 sections.append(_split_section(name, key, p, n_resamples, seed))
+        for cal_key, test_key, settings in _guarantee_pairs(run_dir, preds, ood_keys):
+            sections.append(_guarantee_section(name, cal_key, test_key, preds[cal_key], preds[test_key], settings))
         for in_key, table in ood.items():
             present = [k for k in table if k in preds]
             if in_key in preds and present:

@@ -411,6 +411,7 @@ def run_cell(cell: Cell, mc_passes: int = 8, progress: bool = True) -> dict[str,
                           for r in ensemble_size_curve(load_predictions(cell.folder, test_key).member_probs,
                                                        load_predictions(cell.folder, test_key).targets)],
         "diversity": _diversity(load_predictions(cell.folder, test_key)),
+        "guarantees": guarantees(load_predictions(cell.folder, val_key), load_predictions(cell.folder, test_key)),
         "epochs_trained": info.get("epochs_trained"),
         "methods_requested": list(cell.variant.methods),
         "mc_dropout_passes": mc_passes,
@@ -510,6 +511,25 @@ def epoch_curve(run_dir: Path, key: str) -> list[dict[str, Any]]:
         ev = evaluate_ensemble(p.member_probs, p.targets)
         rows.append({"epoch": e, "single": ev["mean_member"], "ensemble": ev["ensemble"]})
     return rows
+
+
+GUARANTEE_ALPHAS = (0.1,)
+GUARANTEE_RISKS = (0.1, 0.2, 0.3)  # a 135M model answers nothing at 0.1 on a few hundred questions
+
+
+def guarantees(val: Predictions, test: Predictions) -> dict[str, Any]:
+    """Conformal sets and SGR abstention fitted on validation, measured on test: mean member and ensemble.
+
+    {"mean_member" | "ensemble": {"sets": {"lac" | "aps": {"0.1": {coverage, mean_size, ...}}},
+    "risk": {"0.1": {test_coverage, test_risk, ...}}}, "alphas", "risks", "delta"} (delta 0.1, score 1-max_prob).
+    """
+    from .conformal import ENSEMBLE, MEAN_MEMBER, single_vs_ensemble
+
+    res = single_vs_ensemble(val.member_probs, val.targets, test.member_probs, test.targets,
+                             cal_mask=val.choice_mask, test_mask=test.choice_mask, alphas=GUARANTEE_ALPHAS,
+                             risks=GUARANTEE_RISKS, delta=0.1)
+    return {MEAN_MEMBER: res[MEAN_MEMBER], ENSEMBLE: res[ENSEMBLE], "alphas": list(GUARANTEE_ALPHAS),
+            "risks": list(GUARANTEE_RISKS), "delta": 0.1}
 
 
 def _diversity(p: Predictions) -> dict[str, float]:

@@ -61,7 +61,7 @@ def build_sweep_report(cells: list[dict], output: str | Path, title: str = "lora
     output.parent.mkdir(parents=True, exist_ok=True)
     sweep = _Sweep(cells)
     builders = (_main_section, _epoch_section, _regulariser_section, _randomness_section, _size_section,
-                _cost_section)
+                _guarantee_section, _cost_section)
     sections = [sec for build in builders if (sec := build(sweep)) is not None]
     return write_page(sections, output, title, _intro(sweep), notes)
 
@@ -405,6 +405,52 @@ def _size_section(sweep: _Sweep) -> Section | None:
     sec.table(["m"] + [f"{sweep.dataset_labels[d]} {METRIC_LABELS[k]}" for d in datasets for k in metrics],
               [[str(m)] + [entry(d, k, m) for d in datasets for k in metrics] for m in sizes])
     sec.text("Test split; mean [min, max] over seeds.")
+    return sec
+
+
+def _guarantee_section(sweep: _Sweep) -> Section | None:
+    """Conformal sets and the risk-controlled abstention, mean member vs ensemble (base variant, test split)."""
+    if sweep.base is None:
+        return None
+    cells = sweep.all_cells(sweep.base)
+    cells = [c for c in cells if isinstance(c.get("guarantees"), Mapping)]
+    if not cells:
+        return None
+    alpha = f"{cells[0]['guarantees']['alphas'][0]:g}"
+    risks = [f"{r:g}" for r in cells[0]["guarantees"]["risks"]]
+    columns: list[tuple[str, tuple[str, ...], str]] = [
+        (f"LAC coverage (alpha {alpha})", ("sets", "lac", alpha, "coverage"), "higher"),
+        (f"LAC set size (alpha {alpha})", ("sets", "lac", alpha, "mean_size"), "lower"),
+        (f"APS set size (alpha {alpha})", ("sets", "aps", alpha, "mean_size"), "lower")]
+    for r in risks:
+        columns += [(f"answered at risk {r}", ("risk", r, "test_coverage"), "higher"),
+                    (f"error among answered (target {r})", ("risk", r, "test_risk"), "info")]
+    rows: list[list[str]] = []
+    bold: set[tuple[int, int]] = set()
+    for d in sweep.datasets_of(sweep.base):
+        block = []
+        for model in ("mean_member", "ensemble"):
+            stats = [_stat(sweep.values(d, sweep.base, "guarantees", model, *path).values())
+                     for _, path, _ in columns]
+            label = MODEL_WORDS["single" if model == "mean_member" else model]
+            block.append((label, stats))
+        for j, (_, _, better) in enumerate(columns):
+            pair = [stats[j] for _, stats in block]
+            if better != "info" and all(pair):
+                means = [p[0] for p in pair if p is not None]
+                pick = int(np.argmax(means) if better == "higher" else np.argmin(means))
+                bold.add((len(rows) + pick, j + 1))
+        rows += [[f"{sweep.dataset_labels[d]}: {label}", *(_fmt(st, "guarantee") for st in stats)]
+                 for label, stats in block]
+    if not rows:
+        return None
+    sec = Section(f"Answers with guarantees: mean member vs ensemble ({sweep.variant_labels[sweep.base]})")
+    sec.table(["dataset: model", *(c[0] for c in columns)], rows, bold)
+    sec.text(f"Fitted on each run's validation split and measured on its test split; mean [min, max] over seeds. "
+             f"Split-conformal sets promise coverage >= {1 - float(alpha):g}: LAC (score 1 - p) and APS (cumulative "
+             "probability). The abstention rule is SGR (Geifman & El-Yaniv 2017) on 1 - max probability: its error "
+             "among answered questions is at most the target with probability >= 0.9. The mean member averages each "
+             "member's own sets and rule. Bold: the better of the two (smaller sets, more questions answered).")
     return sec
 
 
