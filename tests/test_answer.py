@@ -183,7 +183,7 @@ def test_read_questions_takes_every_format_without_answers(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "one choice only?", "choices": ["yes"]}])
     with pytest.raises(DataError, match=r"bad.jsonl, line 1: a question needs at least two choices"):
         read_questions(bad)
-    with pytest.raises(DataError, match="needs a `question` column"):
+    with pytest.raises(DataError, match="needs columns `question` and either `choices`"):
         (tmp_path / "nocol.csv").write_text("text,A,B\nx,y,z\n")
         read_questions(tmp_path / "nocol.csv")
 

@@ -30,7 +30,7 @@ from typing import IO, Any
 from tqdm.auto import tqdm
 
 from .calibration import Calibration, DecisionSettings, answer_records, load_calibration
-from .data import LETTERS, DataError, MCQAExample, Record, parse_row, read_records
+from .data import DataError, MCQAExample, parse_row, read_records
 from .predictions import Predictions
 from .run import LoadedEnsemble, load_run
 
@@ -69,39 +69,6 @@ def question_from(item: Any, index: int = 0, origin: str = "questions") -> MCQAE
     return ex
 
 
-def _read_csv_questions(path: Path) -> list[Record]:
-    """CSV rows (`question`, and `choices` as a JSON list or columns A, B, ...; `id` optional)."""
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = fields
-        letters = []
-        for letter in LETTERS:
-            if letter not in fields:
-                break
-            letters.append(letter)
-        if "question" not in fields or ("choices" not in fields and len(letters) < 2):
-            raise DataError(f"{path}: a CSV file of questions needs a `question` column and either `choices` (a JSON "
-                            f"list) or choice columns A, B, ...; found columns {fields!r}.")
-        records = []
-        for i, raw in enumerate(reader):
-            where = f"row {i + 1} (line {reader.line_num})"
-            row: dict[str, Any] = {"question": raw.get("question"), "id": raw.get("id") or None}
-            problem = None
-            if "choices" in fields:
-                try:
-                    row["choices"] = json.loads(raw.get("choices") or "")
-                except json.JSONDecodeError:
-                    problem = f"the `choices` cell is not a JSON list: {raw.get('choices')!r}"
-            else:
-                cells = [raw.get(c) or "" for c in letters]
-                while cells and not cells[-1].strip():
-                    cells.pop()
-                row["choices"] = cells
-            records.append(Record(i, where, row, problem))
-    return records
-
-
 def read_questions(path: str | Path, limit: int | None = None) -> list[MCQAExample]:
     """The questions of a user file (.jsonl or .csv), in file order; the first `limit` only if given.
 
@@ -115,10 +82,7 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[MCQAExamp
         raise DataError(f"{path}: questions must be in a .jsonl or .csv file.")
     if not path.is_file():
         raise DataError(f"{path}: no such file.")
-    try:
-        records = _read_csv_questions(path) if path.suffix.lower() == ".csv" else read_records(path)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e}). Save the file as UTF-8.") from None
+    records = read_records(path, labelled=False)  # the loader's checks, without an answer column
     if limit is not None:
         records = records[:limit]
     out, seen = [], set()

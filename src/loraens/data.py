@@ -305,8 +305,11 @@ def _show(value: Any) -> str:
 # ---------------------------------------------------------------- reading raw rows
 
 
-def read_records(path: str | Path) -> list[Record]:
+def read_records(path: str | Path, labelled: bool = True) -> list[Record]:
     """Raw rows of a JSONL or CSV file (see `load_mcqa` for the CSV columns).
+
+    `labelled=False`: questions to answer (`loraens predict`), so a CSV file needs no `answer`
+    column (its rows get none).
 
     A defect of one row (malformed JSON, bytes that are not UTF-8, a bad `choices` cell, too many
     cells) is kept in that row's `Record.problem`, so `skip_invalid` can skip it. A defect that
@@ -324,7 +327,7 @@ def read_records(path: str | Path) -> list[Record]:
         if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
             raise DataError(f"{path}: the file is UTF-16 text (it starts with a UTF-16 byte-order mark). "
                             "Save it as UTF-8.")
-        return _read_csv(path) if path.suffix.lower() == ".csv" else _read_jsonl(path)
+        return _read_csv(path, labelled) if path.suffix.lower() == ".csv" else _read_jsonl(path)
     except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e.strerror or e}).") from None
 
@@ -373,7 +376,7 @@ def _csv_field_limit() -> Iterator[None]:
         csv.field_size_limit(old)
 
 
-def _read_csv(path: Path) -> list[Record]:
+def _read_csv(path: Path, labelled: bool = True) -> list[Record]:
     """Rows of a CSV file, with RFC 4180 quoting enforced.
 
     An unclosed quote is the one defect that changes where rows end: the quoted cell runs on over
@@ -399,8 +402,10 @@ def _read_csv(path: Path) -> list[Record]:
         if (problem := _not_utf8(",".join(header), "the header")) is not None:
             raise DataError(f"{path}, line 1: {problem}.")
         letter_cols = _letter_cols(fields)
-        if "question" not in fields or "answer" not in fields or ("choices" not in fields and len(letter_cols) < 2):
-            raise DataError(f"{path}: a CSV file needs columns `question`, `answer` and either `choices` (a JSON "
+        needs = "`question`, `answer`" if labelled else "`question`"
+        if ("question" not in fields or (labelled and "answer" not in fields)
+                or ("choices" not in fields and len(letter_cols) < 2)):
+            raise DataError(f"{path}: a CSV file needs columns {needs} and either `choices` (a JSON "
                             f"list) or choice columns A, B, ...; found columns {_show(fields)}.")
         used = ["question", "answer", "choices", "id", "subject", *letter_cols]
         repeated = sorted({c for c in fields if c in used and fields.count(c) > 1})
