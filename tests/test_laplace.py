@@ -239,9 +239,13 @@ def test_moments_and_marglik_match_the_dense_posterior(make_base, tokenizer, tmp
     qs, sc = _encoded(tokenizer, scoring, n=6)
     post = fit_laplace(model, sc, qs, batch_size=4, progress=False)
     tests, _ = _encoded(tokenizer, scoring, n=5, seed=9)
+    ids = [str(i) for i in range(len(tests))]
     for delta in (0.3, float(post.prior_precision[0])):
         f_mu, f_var = post.glm_moments(model, sc, tests, prior_precision=delta)  # [N, M, C], [N, M, C, C]
         lml = post.log_marginal_likelihood(delta)
+        post.prior_precision = torch.full((M,), delta, dtype=torch.float64)
+        probit = post.predict(model, sc, tests, ids, progress=False).member_probs
+        raw = post.predict(model, sc, tests, ids, link="probit_raw", progress=False).member_probs
         for k in range(M):
             wrapper = _peft_member(make_base, model, config, k, tmp_path, scoring, sc.letter_ids)
             factors = {name: tuple(t[k].double() for t in b.factors()) for name, b in post.blocks.items()}
@@ -257,6 +261,13 @@ def test_moments_and_marglik_match_the_dense_posterior(make_base, tokenizer, tmp
                 _close(f_mu[i, k, :c], f, 1e-5, f"f_mu q{i} member {k}")
                 _close(f_var[i, k, :c, :c], cov, 1e-3, f"f_var q{i} member {k} delta {delta}")
                 assert torch.isinf(f_mu[i, k, c:]).all() and (f_var[i, k, c:] == 0).all()
+                # The probit by hand: on f as given, and on f - mean(f) (Jacobian (I - 11^T/C) J).
+                kappa = 1 / torch.sqrt(1 + math.pi / 8 * cov.diagonal())
+                _close(raw[i, k, :c], torch.softmax(kappa * f, -1), 1e-4, f"raw probit q{i} member {k}")
+                center = torch.eye(c, dtype=torch.float64) - 1.0 / c
+                cov_c = center @ cov @ center.T
+                kappa = 1 / torch.sqrt(1 + math.pi / 8 * cov_c.diagonal())
+                _close(probit[i, k, :c], torch.softmax(kappa * (f - f.mean()), -1), 1e-4, f"probit q{i} member {k}")
 
 
 # ---------------------------------------------------------------- laplace-torch (skipped without it)
@@ -374,6 +385,30 @@ def test_raising_the_prior_precision_moves_the_predictive_towards_the_map(make_b
     # Why "probit" centres the scores: on the raw choice-likelihood scores (all < 0) the probit
     # first moves away from the MAP as the prior precision grows (see `loraens.laplace.center_scores`).
     assert max(kl["probit_raw"]) > 1.5 * kl["probit_raw"][0] and kl["probit_raw"][-1] < 1e-4
+
+
+def test_the_mc_link_matches_an_independent_sampler(make_base, tokenizer):
+    gen = torch.Generator().manual_seed(1)
+    f_mu = torch.randn(4, 3, generator=gen) * 2
+    f_mu[1, 2] = float("-inf")  # a masked choice: zero row and column
+    root = torch.randn(4, 3, 3, generator=gen)
+    f_var = root @ root.transpose(1, 2)
+    f_var[1, 2, :] = f_var[1, :, 2] = 0
+    ours = mc_probs(f_mu, f_var, 100000, torch.Generator().manual_seed(2))
+    for i in range(4):
+        c = 2 if i == 1 else 3
+        dist = torch.distributions.MultivariateNormal(f_mu[i, :c].double(), f_var[i, :c, :c].double())
+        torch.manual_seed(3)
+        expected = torch.softmax(dist.sample((100000,)), -1).mean(0)
+        assert (ours[i, :c] - expected).abs().max() < 0.01
+    assert ours[1, 2] == 0
+    # `predict(link="mc")` is that sampler on the moments, seeded.
+    model, _ = _ensemble(make_base)
+    qs, sc = _encoded(tokenizer, Scoring.CHOICE_LIKELIHOOD, n=5)
+    post = fit_laplace(model, sc, qs, progress=False)
+    f_mu, f_var = post.glm_moments(model, sc, qs)
+    preds = post.predict(model, sc, qs, [str(i) for i in range(5)], link="mc", n_samples=300, seed=7, progress=False)
+    assert torch.equal(preds.member_probs, mc_probs(f_mu, f_var, 300, torch.Generator().manual_seed(7)))
 
 
 def test_vectorised_factors_equal_those_of_one_member_at_a_time(make_base, tokenizer):
