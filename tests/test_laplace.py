@@ -244,8 +244,8 @@ def test_moments_and_marglik_match_the_dense_posterior(make_base, tokenizer, tmp
         f_mu, f_var = post.glm_moments(model, sc, tests, prior_precision=delta)  # [N, M, C], [N, M, C, C]
         lml = post.log_marginal_likelihood(delta)
         post.prior_precision = torch.full((M,), delta, dtype=torch.float64)
-        probit = post.predict(model, sc, tests, ids, progress=False).member_probs
-        raw = post.predict(model, sc, tests, ids, link="probit_raw", progress=False).member_probs
+        probit = post.predict(model, sc, tests, ids, link="probit_centred", progress=False).member_probs
+        raw = post.predict(model, sc, tests, ids, link="probit", progress=False).member_probs
         for k in range(M):
             wrapper = _peft_member(make_base, model, config, k, tmp_path, scoring, sc.letter_ids)
             factors = {name: tuple(t[k].double() for t in b.factors()) for name, b in post.blocks.items()}
@@ -310,9 +310,9 @@ def test_matches_laplace_torch(make_base, tokenizer, tmp_path, kfac):
         la.prior_precision = best
         ids = [str(i) for i in range(len(tests))]
         f_mu, f_var = post.glm_moments(model, sc, tests)
-        raw = post.predict(model, sc, tests, ids, link="probit_raw", progress=False)
-        probit = post.predict(model, sc, tests, ids, progress=False)
-        mc = post.predict(model, sc, tests, ids, link="mc", n_samples=40000, progress=False)
+        raw = post.predict(model, sc, tests, ids, link="probit", progress=False)
+        probit = post.predict(model, sc, tests, ids, link="probit_centred", progress=False)
+        mc = post.predict(model, sc, tests, ids, n_samples=40000, progress=False)  # link="mc", the default
         for i, q in enumerate(tests):
             d, c = _question_data(q, DEVICE), q.num_choices
             wrapper.center = False
@@ -339,8 +339,8 @@ def test_zero_posterior_variance_gives_the_map_prediction(make_base, tokenizer):
     f_mu = torch.randn(3, 2, 4, generator=gen)
     f_mu[0, 1, 3] = float("-inf")  # a masked choice
     zero = torch.zeros(3, 2, 4, 4)
-    assert torch.equal(probit_probs(f_mu, zero, center=False), torch.softmax(f_mu, -1))
-    assert torch.allclose(probit_probs(f_mu, zero), torch.softmax(f_mu, -1), atol=1e-7, rtol=0)
+    assert torch.equal(probit_probs(f_mu, zero), torch.softmax(f_mu, -1))
+    assert torch.allclose(probit_probs(f_mu, zero, center=True), torch.softmax(f_mu, -1), atol=1e-7, rtol=0)
     assert torch.allclose(mc_probs(f_mu, zero, 7, gen), torch.softmax(f_mu, -1), atol=1e-7, rtol=0)
     # End to end: an overwhelming prior leaves no posterior variance, and the predictive is `predict`'s.
     model, _ = _ensemble(make_base)
@@ -348,7 +348,7 @@ def test_zero_posterior_variance_gives_the_map_prediction(make_base, tokenizer):
     ids = [f"q{i}" for i in range(len(qs))]
     post = fit_laplace(model, sc, qs, prior_precision=1e12, progress=False)
     plain = predict(model, qs, ids, M, sc, progress=False)
-    for link in ("probit", "probit_raw", "mc"):
+    for link in ("mc", "probit", "probit_centred"):
         lap = post.predict(model, sc, qs, ids, link=link, progress=False)
         assert lap.member_probs.shape == plain.member_probs.shape
         assert torch.equal(lap.choice_mask, plain.choice_mask) and torch.equal(lap.targets, plain.targets)
@@ -369,9 +369,9 @@ def test_raising_the_prior_precision_moves_the_predictive_towards_the_map(make_b
     map_probs = torch.softmax(f_mu, -1)
     trace = f_var.diagonal(dim1=-2, dim2=-1).sum((-1, -2, -3))  # [G]
     assert (trace[1:] < trace[:-1]).all()
-    links = {"probit": lambda v: probit_probs(f_mu, v),
-             "mc": lambda v: mc_probs(f_mu, v, 4000, torch.Generator().manual_seed(0)),
-             "probit_raw": lambda v: probit_probs(f_mu, v, center=False)}
+    links = {"mc": lambda v: mc_probs(f_mu, v, 4000, torch.Generator().manual_seed(0)),
+             "probit_centred": lambda v: probit_probs(f_mu, v, center=True),
+             "probit": lambda v: probit_probs(f_mu, v)}
     kl = {}
     for link, probs_at in links.items():
         kl[link] = []
@@ -379,12 +379,12 @@ def test_raising_the_prior_precision_moves_the_predictive_towards_the_map(make_b
             probs = probs_at(var)
             terms = map_probs * (map_probs.clamp(min=1e-30).log() - probs.clamp(min=1e-30).log())
             kl[link].append(float(terms.nan_to_num(0.0).sum(-1).mean()))  # mean KL(MAP || Laplace)
-    for link in ("probit", "mc"):
+    for link in ("mc", "probit_centred"):
         assert all(a > b for a, b in zip(kl[link], kl[link][1:])), (link, kl[link])
         assert kl[link][0] > 1e-2 and kl[link][-1] < 1e-5, (link, kl[link])
-    # Why "probit" centres the scores: on the raw choice-likelihood scores (all < 0) the probit
-    # first moves away from the MAP as the prior precision grows (see `loraens.laplace.center_scores`).
-    assert max(kl["probit_raw"]) > 1.5 * kl["probit_raw"][0] and kl["probit_raw"][-1] < 1e-4
+    # laplace-torch's probit is not: on the raw choice-likelihood scores (all < 0) it first moves
+    # away from the MAP as the prior precision grows (`loraens.laplace.center_scores` says why).
+    assert max(kl["probit"]) > 1.5 * kl["probit"][0] and kl["probit"][-1] < 1e-4
 
 
 def test_the_mc_link_matches_an_independent_sampler(make_base, tokenizer):
@@ -586,7 +586,7 @@ def test_predictions_are_distributions_and_the_member_mean_is_the_ensemble(make_
     qs, sc = _encoded(tokenizer, Scoring.LETTER, n=6)
     ids = [str(i) for i in range(len(qs))]
     post = fit_laplace(model, sc, qs, progress=False)
-    for link in ("probit", "probit_raw", "mc"):
+    for link in ("mc", "probit", "probit_centred"):
         preds = post.predict(model, sc, qs, ids, link=link, progress=False)
         probs = preds.member_probs  # [N, M, C]
         assert probs.shape == (6, 3, 5) and probs.dtype == torch.float32 and probs.device.type == "cpu"
