@@ -189,11 +189,13 @@ def log_marginal_likelihood(log_likelihood: torch.Tensor, eigenvalues: Sequence[
     with P = GGN + delta I, P0 = delta I and the prior mean 0 (laplace-torch's
     `log_marginal_likelihood`). log_likelihood [M]: sum_n log p(y_n | x_n, theta_k) on the fit
     questions; eigenvalues: per block [M, ...]; sq_norm [M]: ||theta_k||^2; delta: scalar, [M]
-    or [..., M].
+    or [..., M]. Computed where the eigenvalues are; returned on the CPU.
     """
     m = log_likelihood.shape[0]
-    d = _as_delta(delta, m).to(log_likelihood.device)
-    return log_likelihood.double() - 0.5 * (log_det_ratio(eigenvalues, d) + d * sq_norm.double())
+    dev = eigenvalues[0].device
+    d = _as_delta(delta, m).to(dev)
+    ratio = log_det_ratio(eigenvalues, d)
+    return (log_likelihood.double().to(dev) - 0.5 * (ratio + d * sq_norm.double().to(dev))).cpu()
 
 
 def marglik_prior_precision(eigenvalues: Sequence[torch.Tensor], sq_norm: torch.Tensor,
@@ -339,9 +341,9 @@ class MemberLaplace:
         return [b.eigenvalues() for b in self.blocks.values()]
 
     def sq_norm(self) -> torch.Tensor:
-        """||theta_k||^2 per member, [M] (float64)."""
-        return sum((w.double().flatten(1).pow(2).sum(1) for w in self.mean.values()),
-                   torch.zeros(self.num_members, dtype=torch.float64, device=self.log_likelihood.device))
+        """||theta_k||^2 per member, [M] (float64, on the CPU)."""
+        return sum((w.double().flatten(1).pow(2).sum(1).cpu() for w in self.mean.values()),
+                   torch.zeros(self.num_members, dtype=torch.float64))
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(F [M, d_in, d_in], G [M, d_out, d_out]) of block `name`, rebuilt from the eigendecomposition."""
@@ -442,6 +444,7 @@ class MemberLaplace:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> MemberLaplace:
+        """A saved posterior; its eigendecompositions and mean on `device` (where the model is)."""
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             if "names" not in meta:
@@ -450,9 +453,9 @@ class MemberLaplace:
             blocks = {n: KronEigen(*(f.get_tensor(f"{n}/{k}") for k in ("in_vals", "in_vecs", "out_vals",
                                                                           "out_vecs"))) for n in names}
             mean = {n: f.get_tensor(f"{n}/mean") for n in names}
-            return cls(blocks, mean, f.get_tensor("log_likelihood"), int(meta["n_data"]),
-                       f.get_tensor("prior_precision"), meta.get("kfac", "expand"), json.loads(meta.get("timings",
-                                                                                                        "{}")))
+            return cls(blocks, mean, f.get_tensor("log_likelihood").cpu(), int(meta["n_data"]),
+                       f.get_tensor("prior_precision").cpu(), meta.get("kfac", "expand"),
+                       json.loads(meta.get("timings", "{}")))
 
     # ------------------------------------------------------------ internals
 
