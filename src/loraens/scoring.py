@@ -60,6 +60,15 @@ class Scorer:
         exact_head = not (training and self.speed.bf16_train_head)
         return member_log_probs(model, batch, num_members, self, exact_head)
 
+    def scores(self, model: nn.Module, batch: Batch, num_members: int) -> torch.Tensor:
+        """The choice scores before the softmax over choices, shape [M, B, C], masked choices at -inf.
+
+        `log_probs` is their log-softmax. Letter scoring: the letters' logits; choice-likelihood:
+        each choice's summed or mean token log-probability. A Laplace posterior linearises these
+        (`loraens.laplace`). Float32-exact head, gradients flow to the LoRA weights.
+        """
+        return member_scores(model, batch, num_members, self)
+
 
 def _head_logits(model: nn.Module, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Output-head logits for `hidden` [..., H], restricted to vocabulary `rows` [C]: [..., C]."""
@@ -82,6 +91,13 @@ def member_log_probs(model: nn.Module, batch: Batch, num_members: int, scorer: S
     `exact_head=False`: a bf16 model's full-vocabulary head of choice-likelihood scoring uses the
     bf16 logits alone, one GEMM fewer (`fast.head.token_log_probs`).
     """
+    scores = member_scores(model, batch, num_members, scorer, exact_head)
+    return F.log_softmax(scores, dim=-1)
+
+
+def member_scores(model: nn.Module, batch: Batch, num_members: int, scorer: Scorer,
+                  exact_head: bool = True) -> torch.Tensor:
+    """`Scorer.scores`: [M, B, C] choice scores before the softmax, masked choices at -inf."""
     scoring, speed = scorer.scoring, scorer.speed
     batch = batch.to(next(model.parameters()).device)
     rows = batch.num_rows
@@ -131,7 +147,7 @@ def member_log_probs(model: nn.Module, batch: Batch, num_members: int, scorer: S
     else:
         scores = _choice_scores(model, hidden, token_rows, batch, scorer.normalization, exact_head)  # [R, C]
     scores = scores.masked_fill(~batch.choice_mask, float("-inf"))
-    return F.log_softmax(scores, dim=-1).view(num_members, rows // num_members, -1)
+    return scores.view(num_members, rows // num_members, -1)
 
 
 def _head_positions(batch: Batch, scoring: Scoring, shared: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
