@@ -235,7 +235,7 @@ class EnsembleConfig:
 class TrainConfig:
     """The optimisation of all members at once."""
 
-    epochs: int = 2  # passes over the training questions
+    epochs: int = 2  # passes over the training questions; 0 = no fine-tuning (every member is the base model)
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs if reached first)
     lr: float = 5e-4  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay on A and B
@@ -279,7 +279,8 @@ class TrainConfig:
         _check(not (self.compile is CompileMode.TRUE and self.member_chunk is not None), "train.member_chunk",
                "cannot be combined with --train.compile (each member group would compile its own graph); "
                "drop one of the two", self.member_chunk)
-        _check(self.epochs >= 1, "train.epochs", "must be at least 1", self.epochs)
+        _check(self.epochs >= 0, "train.epochs", "must be at least 0 (0: no fine-tuning, the base model's zero-shot "
+               "row)", self.epochs)
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be at least 1",
                self.max_steps)
         _check(self.lr > 0, "train.lr", "must be positive", self.lr)
