@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="out-of-distribution datasets: report how well each uncertainty score separates "
                          "them from --dataset (AUROC, AUPR, FPR at 95%% TPR)")
     ev.add_argument("--ood_split", metavar="S", help="split of the --ood datasets (default: --split)")
+    ev.add_argument("--method", default="ensemble", choices=("ensemble", "laplace"),
+                    help="ensemble: the members as trained; laplace: each member's Laplace-LoRA predictive (K-FAC, "
+                         "fit on the run's training questions first; recorded under <key>_laplace, where 'ensemble' "
+                         "is ensemble + Laplace) (default: ensemble)")
     ev.add_argument("--device", default="auto", type=_device_flag,
                     help="where to load the model and members: auto (a GPU if there is one), cpu, cuda, cuda:N; "
                          "any device scores a run trained on any other (default: auto)")
@@ -545,7 +549,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive number of questions, but got {args.limit}.")
     out = evaluate_run(args.run, args.dataset, args.split, args.limit, args.ood, args.ood_split,
-                       progress=not args.quiet, device=args.device)
+                       progress=not args.quiet, device=args.device, method=args.method)
     if not out:  # a torchrun rank other than 0: rank 0 prints
         return 0
     print(format_table(out["metrics"], title=f"{out['key']}: every member, mean member, ensemble"))

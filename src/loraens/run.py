@@ -142,10 +142,40 @@ class LoadedEnsemble:
         """
         local = predict(self.model, self.encoder.encode_all(examples), [e.id for e in examples], self.shard.count,
                         self.scorer, self.config.train.eval_batch_size, progress and self.shard.is_main, desc)
+        return self.gather(local)
+
+    def gather(self, local: Predictions) -> Predictions:
+        """Every member's predictions from this process's share [N, m, C]: all M on rank 0 under
+        torchrun (the others keep their own share); `local` itself in a single process."""
         pieces = distributed.gather(local.member_probs)  # [N, m_r, C] of every rank, in member order
         if pieces is None:
             return local
         return Predictions(torch.cat(pieces, dim=1), local.targets, local.choice_mask, local.ids)
+
+    def laplace_predictor(self, progress: bool = True) -> tuple[Callable[[list, bool, str], Predictions], dict]:
+        """Fit each member's Laplace-LoRA posterior on the run's training questions (`loraens.laplace`:
+        K-FAC GGN, prior precision by marginal likelihood) and return a `predict`-like function of
+        (examples, progress, desc) that gives every member's Laplace predictive (MC link), with the
+        fit's facts (questions, seconds, prior precision per member) for results.json."""
+        from .laplace import fit_laplace
+
+        data = self.config.data
+        train = load_examples(data, data.train_split, data.train_limit)
+        started = time.perf_counter()
+        post = fit_laplace(self.model, self.scorer, self.encoder.encode_all(train),
+                           batch_size=self.config.train.eval_batch_size, progress=progress and self.shard.is_main)
+        facts = {"method": "laplace (K-FAC GGN, prior precision by marginal likelihood, MC predictive)",
+                 "fit_questions": len(train), "fit_seconds": round(time.perf_counter() - started, 1),
+                 "prior_precision": [float(x) for share in distributed.gather(post.prior_precision.tolist()) or []
+                                     for x in share]}
+
+        def predict_fn(examples: list, progress_: bool, desc: str) -> Predictions:
+            local = post.predict(self.model, self.scorer, self.encoder.encode_all(examples), [e.id for e in examples],
+                                 batch_size=self.config.train.eval_batch_size,
+                                 progress=progress_ and self.shard.is_main)
+            return self.gather(local)
+
+        return predict_fn, facts
 
 
 @dataclass
@@ -183,10 +213,14 @@ def _save_predictions(preds: Predictions, run_dir: Path, key: str, epoch: int | 
 
 
 def _evaluate(ens: LoadedEnsemble, run_dir: Path, key: str, examples: list, progress: bool,
-              epoch: int | None = None, write: bool = True) -> tuple[dict[str, Any], Predictions] | None:
+              epoch: int | None = None, write: bool = True,
+              predict_fn: Callable[[list, bool, str], Predictions] | None = None,
+              ) -> tuple[dict[str, Any], Predictions] | None:
     """Score `examples` with every member, save the predictions (unless not `write`) and return the
-    metrics and predictions (rank 0; None on the other ranks, which write nothing)."""
-    preds = ens.predict(examples, progress=progress, desc=f"eval {key}")
+    metrics and predictions (rank 0; None on the other ranks, which write nothing). `predict_fn`
+    (examples, progress, desc) -> all members' predictions replaces `ens.predict` (the Laplace
+    predictive of `evaluate --method laplace`)."""
+    preds = (predict_fn or ens.predict)(examples, progress, f"eval {key}")
     if not ens.shard.is_main:
         return None
     if write:
@@ -715,7 +749,7 @@ def evaluation_key(config: RunConfig, dataset: str, split: str, limit: int | Non
 
 def evaluate_run(run_dir: str | Path, dataset: str | None = None, split: str = "validation",
                  limit: int | None = None, ood: Sequence[str] = (), ood_split: str | None = None,
-                 progress: bool = True, device: str = "auto") -> dict[str, Any]:
+                 progress: bool = True, device: str = "auto", method: str = "ensemble") -> dict[str, Any]:
     """Score a saved, complete run on any dataset and split, plus optional out-of-distribution sets.
 
     Writes predictions/<key>.safetensors for every set, adds their metrics to results.json, and
@@ -723,7 +757,14 @@ def evaluate_run(run_dir: str | Path, dataset: str | None = None, split: str = "
     results.json["ood"][<in key>][<ood key>]; the keys are `evaluation_key`'s, so the training
     run's figures are never overwritten. Returns {"key", "metrics", "ood", "kept"} (on rank 0 under
     torchrun, where each process scores its share of the members; {} on the other ranks).
+
+    method: "ensemble" (the members as trained) or "laplace": each member's Laplace-LoRA predictive,
+    fit on the run's training questions first (`LoadedEnsemble.laplace_predictor`); its keys end in
+    "_laplace" ("ensemble" in its metrics is then ensemble + Laplace, the members' mixture), and
+    results.json["laplace"] records the fit.
     """
+    if method not in ("ensemble", "laplace"):
+        raise ValueError(f"--method must be ensemble or laplace, but got {method!r}.")
     from .ood import ood_table  # sklearn and scipy load slowly, and training never needs them
 
     run_dir = Path(run_dir)
@@ -738,9 +779,14 @@ def evaluate_run(run_dir: str | Path, dataset: str | None = None, split: str = "
     try:
         ens = load_run(run_dir, device, shard, verb="evaluate", holding_lock=True)
         dataset = dataset or ens.config.data.dataset
+        predict_fn, suffix, laplace = None, "", None
+        if method == "laplace":
+            predict_fn, laplace = ens.laplace_predictor(progress)
+            suffix = "_laplace"
         key, own = evaluation_key(ens.config, dataset, split, limit)
+        key, own = key + suffix, own and not suffix  # a Laplace key never holds the training run's figures
         out = _evaluate(ens, run_dir, key, load_examples(ens.config.data, split, limit, dataset), progress,
-                        write=not own)
+                        write=not own, predict_fn=predict_fn)
         if main and not own:
             assert out is not None
             _update_results(run_dir, key, out[0])
@@ -748,8 +794,9 @@ def evaluate_run(run_dir: str | Path, dataset: str | None = None, split: str = "
         for other in ood:
             other_split = ood_split or split
             other_key, other_own = evaluation_key(ens.config, other, other_split, limit)
+            other_key, other_own = other_key + suffix, other_own and not suffix
             other_out = _evaluate(ens, run_dir, other_key, load_examples(ens.config.data, other_split, limit, other),
-                                  progress, write=not other_own)
+                                  progress, write=not other_own, predict_fn=predict_fn)
             if main:
                 assert out is not None and other_out is not None
                 if not other_own:
@@ -757,9 +804,12 @@ def evaluate_run(run_dir: str | Path, dataset: str | None = None, split: str = "
                 ood_results[other_key] = ood_table(out[1], other_out[1])
         if not main:
             return {}
-        if ood_results:
+        if ood_results or laplace:
             results = read_json(run_dir / "results.json")
-            results.setdefault("ood", {}).setdefault(key, {}).update(ood_results)
+            if ood_results:
+                results.setdefault("ood", {}).setdefault(key, {}).update(ood_results)
+            if laplace:
+                results["laplace"] = laplace
             write_json(run_dir / "results.json", results)
         assert out is not None
         return {"key": key, "metrics": out[0], "ood": ood_results, "kept": own}
