@@ -194,3 +194,12 @@ def test_answer_records_need_the_calibrated_member_count(tiny):
     cal = load_calibration(tiny.run)
     with pytest.raises(CalibrationError, match="fitted for 3 members"):
         answer_records(torch.full((1, 2, 2), 0.5), torch.ones(1, 2, dtype=torch.bool), [("a", "b")], ["x"], cal)
+
+
+def test_a_multi_line_question_in_a_csv_without_answers(tmp_path):
+    """A quoted question over two lines in a file with no `answer` column: read, not a crash."""
+    path = tmp_path / "multi.csv"
+    path.write_text('question,A,B\n"Which is red?\nPick one",fire,water\nSecond?,ice,sun\n')
+    qs = read_questions(path)
+    assert [q.question for q in qs] == ["Which is red?\nPick one", "Second?"]
+    assert qs[0].choices == ("fire", "water")

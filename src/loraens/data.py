@@ -490,7 +490,13 @@ def _letter_cols(fields: list[str]) -> list[str]:
 
 
 def _rows_inside(cell: str, fields: list[str]) -> list[str]:
-    """Lines after the first of a multi-line cell that parse as a whole row of the file (rule 3)."""
+    """Lines after the first of a multi-line cell that parse as a whole row of the file (rule 3).
+
+    Without an `answer` column (questions to answer, `read_records(labelled=False)`) nothing tells
+    a swallowed row from a line of text, so rule 3 finds none; rules 1 and 2 still hold.
+    """
+    if "answer" not in fields:
+        return []
     answer_col = fields.index("answer")
     found = []
     for line in cell.splitlines()[1:]:
