@@ -30,7 +30,7 @@ from typing import IO, Any
 from tqdm.auto import tqdm
 
 from .calibration import Calibration, DecisionSettings, answer_records, load_calibration
-from .data import DataError, MCQAExample, parse_row, read_records
+from .data import DataError, MCQAExample, parse_records, parse_row, read_records, unique_ids
 from .predictions import Predictions
 from .run import LoadedEnsemble, load_run
 
@@ -85,23 +85,10 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[MCQAExamp
     records = read_records(path, labelled=False)  # the loader's checks, without an answer column
     if limit is not None:
         records = records[:limit]
-    out, seen = [], set()
-    for rec in records:
-        try:
-            if rec.problem is not None:
-                raise DataError(rec.problem)
-            ex = parse_row(path.stem, _unlabelled(rec.row), index=rec.index)
-        except DataError as err:
-            raise DataError(f"{path}, {rec.where}: {err}") from None
-        new_id, k = ex.id, 1
-        while new_id in seen:
-            k += 1
-            new_id = f"{ex.id}#{k}"
-        seen.add(new_id)
-        out.append(ex if new_id == ex.id else dataclasses.replace(ex, id=new_id))
-    if not out:
-        raise DataError(f"{path}: no questions.")
-    return out
+    records = [dataclasses.replace(rec, row=_unlabelled(rec.row))
+               if rec.problem is None and isinstance(rec.row, Mapping) else rec for rec in records]
+    questions = parse_records(records, path.stem, "", str(path), skip_invalid=False, hint="Fix or remove that row.")
+    return unique_ids(questions, str(path))
 
 
 # ---------------------------------------------------------------- the answerer

@@ -657,8 +657,8 @@ def load_mcqa(
                        or (isinstance(s := r.row.get("subject"), str) and s in wanted)]
         id_split = split
 
-    examples = _parse_all(records, dataset, id_split, origin, skip_invalid)
-    examples = _unique_ids(examples, origin)
+    examples = parse_records(records, dataset, id_split, origin, skip_invalid)
+    examples = unique_ids(examples, origin)
     if limit is not None and limit < len(examples):
         keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
         examples = [examples[i] for i in keep]
@@ -678,8 +678,11 @@ def _wanted_subjects(dataset: str, spec: str | None, subjects: Sequence[str] | N
     return set(select_mmlu_subjects(spec if spec is not None else subjects))
 
 
-def _parse_all(records: list[Record], dataset: str, split: str, origin: str,
-               skip_invalid: bool) -> list[MCQAExample]:
+def parse_records(records: list[Record], dataset: str, split: str, origin: str, skip_invalid: bool,
+                  hint: str = _SKIP_HINT) -> list[MCQAExample]:
+    """`parse_row` over `records`: a bad row is a DataError naming `origin` and the row (with `hint`
+    on what to do), or with `skip_invalid` a warning that counts the skipped rows; repeated
+    choices warn. Raises DataError when no question is left."""
     examples: list[MCQAExample] = []
     skipped: list[str] = []
     repeated: list[str] = []
@@ -690,7 +693,7 @@ def _parse_all(records: list[Record], dataset: str, split: str, origin: str,
             example = parse_row(dataset, rec.row, split=split, index=rec.index)
         except DataError as e:
             if not skip_invalid:
-                raise DataError(f"{origin}, {rec.where}: {e}. {_SKIP_HINT}") from None
+                raise DataError(f"{origin}, {rec.where}: {e}. {hint}".rstrip()) from None
             skipped.append(f"{rec.where}: {e}")
             continue
         examples.append(example)
@@ -712,7 +715,7 @@ def _parse_all(records: list[Record], dataset: str, split: str, origin: str,
     return examples
 
 
-def _unique_ids(examples: list[MCQAExample], origin: str) -> list[MCQAExample]:
+def unique_ids(examples: list[MCQAExample], origin: str) -> list[MCQAExample]:
     """Predictions are keyed by id, so a repeated id (ARC-Challenge train repeats one) gets a suffix."""
     seen: set[str] = set()
     renamed: list[str] = []
