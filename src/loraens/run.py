@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from . import distributed
@@ -682,6 +683,20 @@ def _check_members(run_dir: Path, config: RunConfig, manifest: dict[str, Any] | 
                 raise IntegrityError(f"{path} has sha256 {actual[:16]}..., but {run_dir / MANIFEST} records "
                                      f"{str(recorded)[:16]}... (written at epoch {record.get('epoch')}): the file was "
                                      "changed or damaged after the run wrote it. Restore it, or retrain.")
+    # All members from one epoch: read on every process from the files' headers, so every
+    # torchrun rank sees every member and they all agree (one rank alone failing would leave the
+    # others waiting in a collective).
+    epochs = {}
+    for name in expected:
+        try:
+            with safe_open(str(members_dir / name / PEFT_WEIGHTS), framework="pt") as f:
+                epochs[name] = (f.metadata() or {}).get("loraens_epoch")
+        except Exception as err:  # noqa: BLE001 - a damaged header: name the file
+            raise IntegrityError(f"{members_dir / name / PEFT_WEIGHTS} cannot be read as a safetensors file "
+                                 f"({type(err).__name__}: {err}); it is truncated or damaged.") from None
+    if len({e for e in epochs.values() if e is not None}) > 1:
+        raise IntegrityError(f"{run_dir}'s members are from different epochs "
+                             f"({', '.join(f'{name}: epoch {e}' for name, e in epochs.items())}).")
 
 
 def load_run(run_dir: str | Path, device: str | None = "auto", shard: Shard | None = None, *,
@@ -698,8 +713,6 @@ def load_run(run_dir: str | Path, device: str | None = "auto", shard: Shard | No
     trained on, so a run trained on a GPU evaluates on a CPU and the other way round; None keeps
     the run's own setting. `shard`: this process's share of the members under torchrun.
     """
-    from safetensors import safe_open
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a loraens run folder: config.yaml is missing.")
@@ -718,15 +731,8 @@ def load_run(run_dir: str | Path, device: str | None = "auto", shard: Shard | No
         print(f"loraens {verb}: warning: the base model has the weights {run_dir}'s members were trained on, but "
               f"its config reads differently now ({describe_base(manifest['base_model'])} then, "
               f"{describe_base(ens.base)} now; another transformers version?).", file=sys.stderr)
-    epochs = {}
     for j, k in enumerate(ens.shard.members):
-        folder = run_dir / "members" / f"member_{k}"
-        import_member(ens.model, j, folder)
-        with safe_open(str(folder / PEFT_WEIGHTS), framework="pt") as f:
-            epochs[k] = (f.metadata() or {}).get("loraens_epoch")
-    if len({e for e in epochs.values() if e is not None}) > 1:
-        raise IntegrityError(f"{run_dir}'s members are from different epochs "
-                             f"({', '.join(f'member_{k}: epoch {e}' for k, e in epochs.items())}).")
+        import_member(ens.model, j, run_dir / "members" / f"member_{k}")
     return ens
 
 
