@@ -426,3 +426,27 @@ def test_a_base_whose_config_reads_differently_but_has_the_weights_is_a_warning(
     err = capsys.readouterr().err
     assert (f"loraens evaluate: warning: the base model has the weights {run}'s members were trained on, but its "
             "config reads differently now") in err, err
+
+
+def test_a_damaged_checkpoint_is_refused_with_what_to_do(tmp_path, tiny_setup, monkeypatch, capsys):
+    """The checkpoint's tensors (not its header) are damaged: the resume stops with the file named
+    and the way out, instead of training on from broken state."""
+    model_dir, mirror = tiny_setup
+    run = tmp_path / "run"
+    real_step, calls = train_mod.train_step, []
+
+    def interrupt_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "train_step", interrupt_third)
+    assert main(_args(run, model_dir, mirror, "--train.checkpoint_every", "1")) == 130
+    monkeypatch.undo()
+    ckpt = run / "checkpoint.safetensors"
+    data = bytearray(ckpt.read_bytes())
+    data[-1] ^= 0xFF  # the last tensor byte: the header still parses
+    ckpt.write_bytes(bytes(data))
+    err = _error(capsys, _args(run, model_dir, mirror, "--train.checkpoint_every", "1"))
+    assert "checkpoint.safetensors" in err and "cannot be resumed from it; pass --overwrite" in err, err

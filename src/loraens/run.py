@@ -343,8 +343,7 @@ def _plan_start(run_dir: Path, config: RunConfig, resume: bool | None, overwrite
     try:
         state = read_checkpoint_state(run_dir)
     except IntegrityError as err:
-        raise RunFolderError(f"{err} The interrupted run in {run_dir} cannot be resumed from it; pass --overwrite "
-                             "to start it over.") from None
+        raise _unresumable(err, run_dir) from None
     if state is None or state.get("run", {}).get("config_sha256") != manifest.get("config_sha256"):
         return _Start(replace, f"{run_dir} holds an interrupted run that has no checkpoint yet; starting it over")
     record = checkpoint_record(state)
@@ -352,6 +351,19 @@ def _plan_start(run_dir: Path, config: RunConfig, resume: bool | None, overwrite
     return _Start("resume", f"{run_dir} holds an interrupted run of this configuration ({how}); resuming it from "
                             f"its last checkpoint, {describe_checkpoint(record)} of "
                             f"{state['run'].get('planned_steps', '?')} (--overwrite starts over)", state, manifest)
+
+
+def _unresumable(err: Exception, run_dir: Path) -> RunFolderError:
+    return RunFolderError(f"{err} The interrupted run in {run_dir} cannot be resumed from it; pass --overwrite "
+                          "to start it over.")
+
+
+def _load_checkpoint_checked(run_dir: Path) -> Any:
+    """The checkpoint (rank 0); its tensors' hash is checked here, the header's in `_plan_start`."""
+    try:
+        return load_checkpoint(run_dir)
+    except IntegrityError as err:
+        raise _unresumable(err, run_dir) from None
 
 
 def _agree(fn: Callable[[], Any], main: bool) -> Any:
@@ -480,7 +492,8 @@ def _train_locked(config: RunConfig, run_dir: Path, device: torch.device, shard:
     manifest: dict[str, Any] = {}
 
     if plan.mode == "resume":
-        ckpt = distributed.broadcast(load_checkpoint(run_dir) if main else None)
+        # Rank 0 reads it; an error reaches every rank (`_agree`), so none waits in the broadcast.
+        ckpt = _agree(lambda: _load_checkpoint_checked(run_dir), main)
         state, tensors = ckpt
         train_resume, best_members = restore(ens.model, shard, state, tensors)
         run_state = state["run"]
