@@ -119,16 +119,22 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def any_true(flag: bool, device: torch.device) -> bool:
-    """Whether `flag` is true on any rank (every rank gets the answer); `flag` in a single process.
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """`values` summed over the ranks (every rank gets the sums); `values` in a single process.
 
-    One tiny all-reduce, on `device` (NCCL needs a GPU tensor), e.g. a non-finite loss on any rank
-    stops every rank at the same step."""
+    One tiny all-reduce, on `device` (NCCL needs a GPU tensor): e.g. each rank's count of
+    non-finite losses and its loss sum, so every rank stops at the same step and watches the
+    whole ensemble's mean loss."""
     if not active():
-        return flag
-    box = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(box, op=dist.ReduceOp.MAX)
-    return bool(box.item())
+        return list(values)
+    box = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.SUM)
+    return box.tolist()
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is true on any rank (every rank gets the answer); `flag` in a single process."""
+    return sum_over_ranks([1.0 if flag else 0.0], device)[0] > 0
 
 
 def teardown() -> None:

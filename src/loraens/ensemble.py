@@ -277,10 +277,9 @@ def clip_grad_norm_per_member(params: list[nn.Parameter], max_norm: float) -> to
     Every parameter has the member axis first. Returns the pre-clip norms, shape [M].
     """
     grads = [p.grad for p in params if p.grad is not None]
+    norms = member_grad_norms(params)  # [M]
     if not grads:
-        return torch.zeros(0)
-    sq = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads]).sum(0)  # [M]
-    norms = sq.sqrt()
+        return norms
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # same formula as torch.nn.utils
     for g in grads:
         g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))

@@ -265,7 +265,8 @@ def train_members(
                 norms = clip_grad_norm_per_member(params, train.max_grad_norm)
             else:
                 norms = member_grad_norms(params)
-            _stop_if_not_finite(step_loss, norms, epoch, state.step + 1, first_member, device, hint)
+            # One all-reduce: any rank's non-finite loss stops every rank; the mean loss is the ensemble's.
+            mean_loss = _stop_if_not_finite(step_loss, norms, epoch, state.step + 1, first_member, device, hint)
             try:
                 optimizer.step()
             except RuntimeError as err:  # AdamW's lr / (1 - beta1^t) past float32's range
@@ -280,7 +281,7 @@ def train_members(
             state.seen += chunk.shape[1]
             state.step += 1
             state.position += 1
-            warning = watch.update(float(step_loss.mean()), train.lr)
+            warning = watch.update(mean_loss, train.lr)
             if warning is not None:
                 state.warnings.append(f"epoch {epoch}, step {state.step}: {warning}")
                 if main:
@@ -307,11 +308,14 @@ def train_members(
 
 
 def _stop_if_not_finite(loss: torch.Tensor, norms: torch.Tensor, epoch: int, step: int, first_member: int,
-                        device: torch.device, hint: str) -> None:
-    """Raise `NonFiniteError` on every process when any member's loss or gradient norm is not finite."""
+                        device: torch.device, hint: str) -> float:
+    """Raise `NonFiniteError` on every process when any member's loss or gradient norm is not
+    finite; else return the mean loss over every member of every process. loss, norms: [m]."""
     bad = not (bool(torch.isfinite(loss).all()) and bool(torch.isfinite(norms).all()))
-    if not distributed.any_true(bad, device):
-        return
+    flags, total, count = distributed.sum_over_ranks([float(bad), float(loss.sum()) if not bad else 0.0,
+                                                      float(len(loss))], device)
+    if not flags:
+        return total / max(count, 1.0)
     pieces = distributed.gather((first_member, loss.tolist(), norms.float().cpu().tolist()))
     text = None
     if pieces is not None:
