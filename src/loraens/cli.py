@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, read_yaml, section_fields
+from .distributed import world_from_env
 from .model import ModelError
 from .train import NonFiniteError
 
@@ -413,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         if (isinstance(err, RuntimeError) and not isinstance(err, (ModelError, NonFiniteError))
                 and not _is_user_error(err)):
             raise
-        rank = os.environ.get("RANK")
-        where = f" (process {rank} of {os.environ.get('WORLD_SIZE')})" if rank is not None else ""
+        rank, world = world_from_env()
+        where = f" (process {rank} of {world})" if world > 1 else ""
         print(f"loraens {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -440,7 +441,9 @@ def _is_user_error(err: RuntimeError) -> bool:
                     "--train.batch_size or --train.eval_batch_size, train the members a few at a time "
                     "(--train.member_chunk), or recompute activations (--train.gradient_checkpointing true).",)
         return True
-    return str(err).startswith("sweep worker")
+    from .sweep import SweepWorkerError
+
+    return isinstance(err, SweepWorkerError)
 
 
 def _train_config(args: argparse.Namespace) -> RunConfig:
@@ -468,7 +471,7 @@ def _train(config: RunConfig, progress: bool, demo: bool, resume: bool | None = 
     from .tables import format_comparison, format_epochs, format_table
 
     m = config.ensemble
-    main = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 speaks for the run
+    main = world_from_env()[0] == 0  # under torchrun, rank 0 speaks for the run
     if main:
         print(f"loraens: {m.num_members} members (rank {m.rank}, on {','.join(m.target_modules)}) of "
               f"{config.model.name} on {config.data.dataset} -> {config.output_dir}", flush=True)

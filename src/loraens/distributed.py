@@ -31,13 +31,12 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's share of an ensemble of `total` members: members first .. first + count - 1."""
+    """This process's share of an ensemble: members first .. first + count - 1."""
 
     rank: int = 0
     world: int = 1
     first: int = 0
     count: int = 1
-    total: int = 1
 
     @property
     def members(self) -> range:
@@ -63,7 +62,7 @@ def member_shard(total: int, rank: int = 0, world: int = 1) -> Shard:
     base, extra = divmod(total, world)
     count = base + (rank < extra)
     first = rank * base + min(rank, extra)
-    return Shard(rank, world, first, count, total)
+    return Shard(rank, world, first, count)
 
 
 def world_from_env() -> tuple[int, int]:
@@ -90,11 +89,6 @@ def setup(total_members: int, device: torch.device) -> Shard:
 def active() -> bool:
     """Whether this process is one of several (a process group is up)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def barrier() -> None:
-    if active():
-        dist.barrier()
 
 
 def gather(obj: Any) -> list[Any] | None:

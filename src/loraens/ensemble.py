@@ -213,7 +213,7 @@ def init_members(layers: dict[str, MemberLoraLinear], config: EnsembleConfig, fi
     found. Member k's draw depends only on (seed, k), not on the number of members: slot j of the
     layers holds member first_member + j (a process's share of a torchrun ensemble).
     """
-    for j in range(layers_members(layers)):
+    for j in range(config.num_members):
         k = first_member + j
         # member_init=False: every member starts from member 0's draw (the data-order-only ablation).
         gen = torch.Generator().manual_seed(member_seed(config.seed, k if config.member_init else 0))
@@ -222,11 +222,6 @@ def init_members(layers: dict[str, MemberLoraLinear], config: EnsembleConfig, fi
             a = torch.rand(layer.lora_A.shape[1:], generator=gen, dtype=torch.float32) * 2 * bound - bound
             layer.lora_A[j].copy_(a)
             layer.lora_B[j].zero_()
-
-
-def layers_members(layers: dict[str, MemberLoraLinear]) -> int:
-    """The number of member slots M of `layers` (all layers have the same)."""
-    return next(iter(layers.values())).num_members if layers else 0
 
 
 def member_layers(model: nn.Module) -> dict[str, MemberLoraLinear]:

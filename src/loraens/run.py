@@ -195,7 +195,7 @@ def build_ensemble(config: RunConfig, shard: Shard | None = None) -> LoadedEnsem
     below the members get a frozen-prefix cache, which the scorer holds. `shard`: this process's
     share of the members under torchrun (default: all of them).
     """
-    shard = shard or Shard(count=config.ensemble.num_members, total=config.ensemble.num_members)
+    shard = shard or Shard(count=config.ensemble.num_members)
     model, tokenizer = load_base_model(config.model)
     base = base_identity(config.model, model)  # of the plain base, before members wrap its layers
     local = dataclasses.replace(config.ensemble, num_members=shard.count)

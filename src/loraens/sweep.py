@@ -60,6 +60,11 @@ from .predictions import Predictions, load_predictions, saved_epochs, split_key
 from .run import LoadedEnsemble, train_run
 from .uncertainty import uncertainty_scores
 
+
+class SweepWorkerError(RuntimeError):
+    """A worker process of `run_sweep_workers` failed; its finished cells are kept."""
+
+
 METHODS = ("single", "ensemble", "single+ts", "ensemble+ts", "checkpoint_ensemble", "weight_average",
            "mc_dropout", "early_stop_single", "early_stop_ensemble")
 PER_EPOCH = ("checkpoint_ensemble", "early_stop_single", "early_stop_ensemble")
@@ -329,7 +334,7 @@ def run_sweep_workers(spec: SweepSpec, devices: list[str | None], log=print) -> 
         t.join()
     failed = [(i, c) for i, c in enumerate(codes) if c != 0]
     if failed:
-        raise RuntimeError(f"sweep worker(s) {', '.join(f'{i} (exit code {c})' for i, c in failed)} failed; their "
+        raise SweepWorkerError(f"sweep worker(s) {', '.join(f'{i} (exit code {c})' for i, c in failed)} failed; their "
                            "finished cells are kept: rerun the same command to resume.")
     records = collect(spec)
     html, md = write_summary(spec, records)
