@@ -395,6 +395,7 @@ def run_cell(cell: Cell, mc_passes: int = 8, progress: bool = True) -> dict[str,
     methods = derive_methods(result.ensemble, cell, test_key, val_key, mc_passes)
     members = cell.config.ensemble.num_members
     per_member = sum(p.numel() for p in lora_parameters(result.ensemble.model)) // members
+    test = load_predictions(cell.folder, test_key)  # read once for the curves below
     record = {
         "dataset": cell.dataset.name, "dataset_label": cell.dataset.label or cell.dataset.name,
         "variant": cell.variant.name, "variant_label": cell.variant.label or cell.variant.name,
@@ -413,10 +414,9 @@ def run_cell(cell: Cell, mc_passes: int = 8, progress: bool = True) -> dict[str,
         "methods": methods,
         "epochs": epoch_curve(cell.folder, test_key),
         "ensemble_size": [{"m": r["m"], **{k: r["first"][k] for k in _METRICS}}
-                          for r in ensemble_size_curve(load_predictions(cell.folder, test_key).member_probs,
-                                                       load_predictions(cell.folder, test_key).targets)],
-        "diversity": _diversity(load_predictions(cell.folder, test_key)),
-        "guarantees": guarantees(load_predictions(cell.folder, val_key), load_predictions(cell.folder, test_key)),
+                          for r in ensemble_size_curve(test.member_probs, test.targets)],
+        "diversity": _diversity(test),
+        "guarantees": guarantees(load_predictions(cell.folder, val_key), test),
         "epochs_trained": info.get("epochs_trained"),
         "methods_requested": list(cell.variant.methods),
         "mc_dropout_passes": mc_passes,
