@@ -32,9 +32,9 @@ from .calibration import CalibrationError, load_calibration
 from .conformal import ENSEMBLE as ENSEMBLE_KEY
 from .conformal import MEAN_MEMBER as MEAN_MEMBER_KEY
 from .conformal import MEMBER_0 as MEMBER_0_KEY
-from .conformal import binomial_interval, single_vs_ensemble
+from .conformal import binomial_interval, guarantee_summary, single_vs_ensemble
 from .ensemble_size import ensemble_size_curve
-from .metrics import adaptive_ece, compute_metrics, ece, ensemble_probs, mce, nll
+from .metrics import adaptive_ece, ece, ensemble_probs, evaluate_ensemble, mce, nll
 from .ood import auroc_interval, ood_metrics, roc_points
 from .pages import Section, write_page
 from .predictions import Predictions, load_all_predictions, split_key
@@ -57,9 +57,8 @@ def _split_section(run: str, key: str, preds: Predictions, n_resamples: int, see
     ens_r = metric_resamples(ens, targets, n_resamples=n_resamples, seed=seed)
     mem_r = [metric_resamples(mp[:, j], targets, n_resamples=n_resamples, seed=seed) for j in range(mp.shape[1])]
     mean_r = {k: np.mean([r[k] for r in mem_r], axis=0) for k in MAIN_METRICS}
-    ens_p = compute_metrics(ens, targets)
-    mem_p = [compute_metrics(mp[:, j], targets) for j in range(mp.shape[1])]
-    mean_p = {k: float(np.mean([p[k] for p in mem_p])) for k in MAIN_METRICS}
+    point = evaluate_ensemble(mp, targets)
+    ens_p, mem_p, mean_p = point["ensemble"], point["members"], point["mean_member"]
     models = ((MEMBER_0, mem_p[0], mem_r[0]), (MEAN_MEMBER, mean_p, mean_r), ("ensemble", ens_p, ens_r))
     sec.table(["model", "accuracy", "NLL", "ECE", "Brier"],
               [[name, *(_ci_text(p[k], r[k]) for k in MAIN_METRICS)] for name, p, r in models])
@@ -128,12 +127,13 @@ def _ood_section(run: str, in_key: str, ood_keys: list[str], preds: dict[str, Pr
         p = preds[key]
         s_out = uncertainty_scores(p.member_probs.double().numpy(), p.choice_mask.numpy())
         outs[key] = s_out
+        roc = {}
         for score in DETECTION_SCORES:
             m = ood_metrics(s_in[score], s_out[score])
             low, high = auroc_interval(s_in[score], s_out[score], n_resamples, rng)
             rows.append([key, score, f"{m['auroc']:.3f} [{low:.3f}, {high:.3f}]", f"{m['aupr']:.3f}",
                          f"{m['fpr95']:.3f}"])
-        roc = {s: (*roc_points(s_in[s], s_out[s]), ood_metrics(s_in[s], s_out[s])["auroc"]) for s in DETECTION_SCORES}
+            roc[score] = (*roc_points(s_in[score], s_out[score]), m["auroc"])
         sec.figures.append((f"ROC curves: {key} vs {in_key}", plots.roc_curves(roc, f"OOD: {key}")))
     sec.table(["OOD set", "score", "AUROC [95% interval]", "AUPR", "FPR @ 95% TPR"], rows)
     for score in ("predictive_entropy_norm", "mutual_information_norm"):
@@ -255,7 +255,10 @@ def _guarantee_section(run: str, cal_key: str, test_key: str, cal: Predictions, 
     sec.text("Reading: " + "; ".join(lines) + ".")
     grid_a = np.round(np.arange(0.05, 0.41, 0.05), 2)
     grid_r = np.round(np.arange(0.05, 0.41, 0.05), 2)
-    grid = single_vs_ensemble(*args, **masks, alphas=tuple(grid_a), risks=tuple(grid_r), delta=delta, score=score)
+    # The curves show member 0 and the ensemble only: two fits, not one per member.
+    kw = dict(**masks, alphas=tuple(grid_a), risks=tuple(grid_r), delta=delta)
+    grid = {MEMBER_0_KEY: guarantee_summary(*args, **kw, member=0, score="1-max_prob"),  # type: ignore[arg-type]
+            ENSEMBLE_KEY: guarantee_summary(*args, **kw, score=score)}  # type: ignore[arg-type]
     curves = {}
     for model in (MEMBER_0_KEY, ENSEMBLE_KEY):
         g = grid[model]
