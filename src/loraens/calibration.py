@@ -50,7 +50,7 @@ from .conformal import (
     true_scores,
 )
 from .methods import apply_temperature, fit_temperature
-from .metrics import ensemble_probs
+from .metrics import ensemble_probs, nll
 from .predictions import Predictions
 from .uncertainty import SCORE_NAMES, uncertainty_scores
 
@@ -267,11 +267,10 @@ def fit_calibration(preds: Predictions, dataset: str, split: str, *, alphas: Seq
     correct = correct_answers(probs, targets)
     u = uncertainty_scores(mp, mask)[score]
     scaled = apply_temperature(torch.as_tensor(probs), temperature, preds.choice_mask).double()
-    picked = lambda p: p[np.arange(len(targets)), targets]  # noqa: E731
     summary = {
         "accuracy": float(correct.mean()),
-        "nll": float(-np.log(np.clip(picked(probs), 1e-30, None)).mean()),
-        "nll_at_temperature": float(-np.log(np.clip(picked(scaled.numpy()), 1e-30, None)).mean()),
+        "nll": nll(probs, targets),  # the same NLL as every other table (metrics.nll)
+        "nll_at_temperature": nll(scaled, targets),
         "mean_set_size_on_calibration": sizes,
     }
     return Calibration(
