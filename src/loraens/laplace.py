@@ -421,12 +421,7 @@ class MemberLaplace:
         f_mu, f_var = self.glm_moments(model, scorer, questions, batch_size=batch_size, member_chunk=member_chunk,
                                        progress=progress)
         probs = _link_probs(f_mu, f_var, link, n_samples, seed)
-        c = f_mu.shape[-1]
-        mask = torch.zeros(len(questions), c, dtype=torch.bool)
-        for i, q in enumerate(questions):
-            mask[i, : q.num_choices] = True
-        targets = torch.tensor([q.answer for q in questions], dtype=torch.long)
-        return Predictions(probs.float(), targets, mask, list(ids))
+        return Predictions.from_questions(probs.float(), questions, ids)
 
     # ------------------------------------------------------------ saving
 

@@ -51,8 +51,4 @@ def predict(
             lp = scorer.log_probs(model, batch, num_members)  # [M, B, C]
             out[idx] = lp.exp().transpose(0, 1).float().cpu()  # predictions live on the CPU, whatever the device
     model.train(was_training)
-    targets = torch.tensor([q.answer for q in questions], dtype=torch.long)
-    mask = torch.zeros(len(questions), c, dtype=torch.bool)
-    for i, q in enumerate(questions):
-        mask[i, : q.num_choices] = True
-    return Predictions(out, targets, mask, list(ids))
+    return Predictions.from_questions(out, questions, ids)

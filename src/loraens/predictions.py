@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -34,6 +36,16 @@ class Predictions:
     targets: torch.Tensor
     choice_mask: torch.Tensor
     ids: list[str]
+
+    @classmethod
+    def from_questions(cls, member_probs: torch.Tensor, questions: Sequence[Any], ids: Sequence[str]) -> Predictions:
+        """`member_probs` [N, M, C] of N encoded questions (anything with `answer` and `num_choices`):
+        the targets and the choice mask come from the questions."""
+        mask = torch.zeros(len(questions), member_probs.shape[-1], dtype=torch.bool)
+        for i, q in enumerate(questions):
+            mask[i, : q.num_choices] = True
+        targets = torch.tensor([q.answer for q in questions], dtype=torch.long)
+        return cls(member_probs, targets, mask, list(ids))
 
     def save(self, path: str | Path) -> None:
         """One safetensors file; the question ids go in its JSON metadata (never pickle)."""
