@@ -192,3 +192,26 @@ def equal_width_bins(conf: torch.Tensor, correct: torch.Tensor, n_bins: int) -> 
         sum_conf=zeros.clone().index_add_(0, index, conf),
         sum_correct=zeros.clone().index_add_(0, index, correct),
     )
+
+
+def as_correct(correct: ArrayLike) -> np.ndarray:
+    """Validate ``correct`` [N] (bools or 0/1) and return float64 0./1."""
+    c = as_float(correct, "correct")
+    check_shape(c, "correct", "N")
+    if not bool(((c == 0) | (c == 1)).all()):
+        raise ValueError("`correct` should hold booleans (or 0/1), but got other values")
+    return c.numpy()
+
+
+def as_uncertainty(uncertainty: ArrayLike, n: int, name: str, other_name: str) -> np.ndarray:
+    """Validate an uncertainty score [N] against N of ``other_name``; return float64."""
+    u = as_float(uncertainty, name)
+    if u.ndim != 1 or u.shape[0] != n:
+        raise ValueError(
+            f"`{name}` should have shape [N] with N = {n} to match `{other_name}`, "
+            f"but got shape {tuple(u.shape)}"
+        )
+    n_nan = int(u.isnan().sum())
+    if n_nan:
+        raise ValueError(f"`{name}` should not contain NaN, but got {n_nan} NaN values")
+    return u.numpy()

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import beta as beta_dist
 
-from .arrays import ArrayLike, as_choice_mask, as_float, as_targets, check_shape
+from .arrays import ArrayLike, as_choice_mask, as_correct, as_float, as_targets, as_uncertainty, check_shape
 from .metrics import ensemble_probs
 from .uncertainty import SCORE_NAMES, uncertainty_scores
 
@@ -213,21 +213,11 @@ def binomial_upper_bound(errors: int, n: int, delta: float) -> float:
     return float(beta_dist.ppf(1.0 - delta, errors + 1, n - errors))
 
 
-def _check_uncertainty(uncertainty: ArrayLike, n: int) -> np.ndarray:
-    u = np.asarray(as_float(uncertainty, "uncertainty").numpy(), dtype=np.float64)
-    if u.ndim != 1 or u.shape[0] != n:
-        raise ValueError(f"`uncertainty` must have shape [N] with N = {n}, but got shape {u.shape}")
-    if np.isnan(u).any():
-        raise ValueError("`uncertainty` must not contain NaN")
-    return u
-
-
 def _check_correct(correct: ArrayLike) -> np.ndarray:
-    c = np.asarray(correct)
-    if c.ndim != 1 or c.size == 0:
-        raise ValueError(f"`correct` must be a non-empty [N] array, but got shape {c.shape}")
-    if not np.isin(c, (0, 1)).all():
-        raise ValueError("`correct` must hold booleans (or 0/1)")
+    """`arrays.as_correct` as booleans, and not empty: a rule fitted on no question means nothing."""
+    c = as_correct(correct)
+    if c.size == 0:
+        raise ValueError("`correct` must hold at least one question, but got none")
     return c.astype(bool)
 
 
@@ -269,7 +259,7 @@ def sgr_threshold(correct: ArrayLike, uncertainty: ArrayLike, target: float, del
     if not 0.0 < delta < 1.0:
         raise ValueError(f"`delta` must be in (0, 1), but got {delta!r}")
     c = _check_correct(correct)
-    u = _check_uncertainty(uncertainty, len(c))
+    u = as_uncertainty(uncertainty, len(c), "uncertainty", "correct")
     n = len(c)
     order = np.argsort(u, kind="stable")
     u_sorted, errors_sorted = u[order], np.cumsum(~c[order])
@@ -317,7 +307,7 @@ def coverage_threshold(correct: ArrayLike, uncertainty: ArrayLike, target: float
     if not 0.0 < target <= 1.0:
         raise ValueError(f"the target coverage must be in (0, 1], but got {target!r}")
     c = _check_correct(correct)
-    u = _check_uncertainty(uncertainty, len(c))
+    u = as_uncertainty(uncertainty, len(c), "uncertainty", "correct")
     u_sorted = np.sort(u)
     k = max(1, math.ceil(round(target * len(u), 9)))
     theta = float(u_sorted[k - 1])
@@ -346,7 +336,7 @@ class SelectiveEvaluation:
 
 def evaluate_selective(correct: ArrayLike, uncertainty: ArrayLike, threshold: float | None) -> SelectiveEvaluation:
     c = _check_correct(correct)
-    keep = answers(_check_uncertainty(uncertainty, len(c)), threshold)
+    keep = answers(as_uncertainty(uncertainty, len(c), "uncertainty", "correct"), threshold)
     m = int(keep.sum())
     return SelectiveEvaluation(m / len(c), float(1.0 - c[keep].mean()) if m else 0.0, m, len(c))
 

@@ -23,32 +23,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .arrays import ArrayLike, as_float, as_targets, check_shape
+from .arrays import ArrayLike, as_correct, as_float, as_targets, as_uncertainty, check_shape
 from .metrics import ensemble_probs
 from .uncertainty import uncertainty_scores
-
-
-def _as_correct(correct: ArrayLike) -> np.ndarray:
-    """Validate ``correct`` [N] (bools or 0/1) and return float64 0./1."""
-    c = as_float(correct, "correct")
-    check_shape(c, "correct", "N")
-    if not bool(((c == 0) | (c == 1)).all()):
-        raise ValueError("`correct` should hold booleans (or 0/1), but got other values")
-    return c.numpy()
-
-
-def _as_uncertainty(uncertainty: ArrayLike, n: int, name: str, other_name: str) -> np.ndarray:
-    """Validate an uncertainty score [N] against N of ``other_name``; return float64."""
-    u = as_float(uncertainty, name)
-    if u.ndim != 1 or u.shape[0] != n:
-        raise ValueError(
-            f"`{name}` should have shape [N] with N = {n} to match `{other_name}`, "
-            f"but got shape {tuple(u.shape)}"
-        )
-    n_nan = int(u.isnan().sum())
-    if n_nan:
-        raise ValueError(f"`{name}` should not contain NaN, but got {n_nan} NaN values")
-    return u.numpy()
 
 
 def _curve(c: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -82,8 +59,8 @@ def accuracy_coverage_curve(
         ``accuracy[k-1]`` = accuracy over the k most certain. ``accuracy[-1]`` is the overall
         accuracy.
     """
-    c = _as_correct(correct)
-    u = _as_uncertainty(uncertainty, len(c), "uncertainty", "correct")
+    c = as_correct(correct)
+    u = as_uncertainty(uncertainty, len(c), "uncertainty", "correct")
     return np.arange(1, len(c) + 1) / len(c), _curve(c, u)
 
 
@@ -173,7 +150,7 @@ def selective_metrics(
         scores = uncertainty_scores(p, choice_mask)
     out: dict[str, dict[str, float]] = {}
     for score_name, score in scores.items():
-        u = _as_uncertainty(score, len(correct), f"scores[{score_name!r}]", name)
+        u = as_uncertainty(score, len(correct), f"scores[{score_name!r}]", name)
         acc = _curve(correct, u)
         row = {"aurc": float(np.mean(1.0 - acc))}
         for cov in coverages:
