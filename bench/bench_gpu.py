@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import platform
 import shlex
 import statistics
@@ -47,13 +46,16 @@ import torch
 
 from bench.common import (
     ALPHA,
+    MODE_NAMES,
     RANK,
     SEED,
     TARGETS,
     LoraensSide,
     Task,
     build_loraens,
+    fmt,
     full_batches,
+    log,
     loraens_step,
     make_task,
     side_scorer,
@@ -69,7 +71,6 @@ from loraens.fast.compiling import compile_decoder_layers
 from loraens.fast.support import FLEX, GROUPED_EAGER, SDPA_PACKED
 from loraens.predict import predict
 
-MODE_NAMES = {Scoring.LETTER: "letter", Scoring.CHOICE_LIKELIHOOD: "choice-likelihood"}
 GB = 1024**3
 
 
@@ -93,10 +94,6 @@ def shape_configs() -> dict:
 
 
 # ---------------------------------------------------------------- setup
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def sync(device: torch.device) -> None:
@@ -416,10 +413,6 @@ def measure_levers(b: Bench, shape: str, scoring: Scoring) -> dict:
 
 
 # ---------------------------------------------------------------- report
-
-
-def fmt(x, nd: int = 2) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
 def render(b: Bench, command: str, wall: float) -> str:
