@@ -490,13 +490,14 @@ class MemberLaplace:
         f_mu = torch.zeros(n, m, c)
         f_var = torch.zeros(deltas.shape[0], n, m, c, c)
         device = next(model.parameters()).device
-        eig = {name: b for name, b in self.blocks.items()}
         lam = {name: b.eigenvalues().to(device) for name, b in self.blocks.items()}
         batches = length_sorted_batches(list(questions), batch_size)
         with _eval_mode(model), _lora_grads(model):
             for start in range(0, m, chunk):
                 stop = min(start + chunk, m)
                 members = slice(start, stop)
+                # This chunk's eigenvectors on the model's device once, not once per batch.
+                eig = {name: _slice_eigen(b, members, device) for name, b in self.blocks.items()}
                 with active_members(model, start, stop):
                     for idx in tqdm(batches, desc="laplace predictive", unit="batch", disable=not progress,
                                     leave=False):
@@ -504,7 +505,7 @@ class MemberLaplace:
                         mu, jac = _jacobians(model, scorer, batch, layers, members)
                         var = torch.zeros(deltas.shape[0], stop - start, len(idx), c, c, device=device)
                         for name, j in jac.items():
-                            rotated = _slice_eigen(eig[name], members, device).rotate(j)  # [m, B, C, o, i]
+                            rotated = eig[name].rotate(j)  # [m, B, C, o, i]
                             rotated = rotated.flatten(3)
                             var += functional_covariance(rotated, lam[name][members], deltas[:, members])
                         f_mu[idx, start:stop] = mu.transpose(0, 1).float().cpu()
