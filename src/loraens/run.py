@@ -82,7 +82,7 @@ from .predictions import (
     predictions_path,
     split_key,
 )
-from .prompts import PromptEncoder
+from .prompts import EncodedQuestion, PromptEncoder
 from .runfolder import (
     CHECKPOINT,
     COMPLETE,
@@ -141,8 +141,13 @@ class LoadedEnsemble:
         Under torchrun, each rank scores its own members and rank 0 gets all M; the other ranks
         get their own share [N, m, C] (and nothing is for them to write).
         """
-        local = predict(self.model, self.encoder.encode_all(examples), [e.id for e in examples], self.shard.count,
-                        self.scorer, self.config.train.eval_batch_size, progress and self.shard.is_main, desc)
+        return self.predict_encoded(self.encoder.encode_all(examples), [e.id for e in examples], progress, desc)
+
+    def predict_encoded(self, questions: list[EncodedQuestion], ids: list[str], progress: bool = True,
+                        desc: str = "predict") -> Predictions:
+        """`predict` for questions already encoded with `self.encoder` (no second tokenization)."""
+        local = predict(self.model, questions, ids, self.shard.count, self.scorer, self.config.train.eval_batch_size,
+                        progress and self.shard.is_main, desc)
         return self.gather(local)
 
     def gather(self, local: Predictions) -> Predictions:

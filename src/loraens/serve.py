@@ -22,7 +22,6 @@ field; a request never reaches the model unless it is valid. The server binds 12
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from .answer import Answerer, question_from
 from .calibration import NO_CALIBRATION, CalibrationError, DecisionSettings
 from .data import DataError, MCQAExample
-from .prompts import PromptEncoder, PromptError
+from .prompts import EncodedQuestion, PromptError
 
 MAX_CHOICES = 26  # letters A..Z; letter scoring takes at most 10 (checked when the question is encoded)
 MAX_QUESTION_CHARS = 4000
@@ -102,6 +101,7 @@ class BadRequest(Exception):
 @dataclass
 class _Job:
     examples: list[MCQAExample]
+    encoded: list[EncodedQuestion]  # encoded when the request was checked
     settings: DecisionSettings
     future: asyncio.Future
 
@@ -141,9 +141,10 @@ class Batcher:
                 pass
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, examples: list[MCQAExample], settings: DecisionSettings) -> list[dict[str, Any]]:
+    async def submit(self, examples: list[MCQAExample], encoded: list[EncodedQuestion],
+                     settings: DecisionSettings) -> list[dict[str, Any]]:
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Job(examples, settings, future))
+        await self.queue.put(_Job(examples, encoded, settings, future))
         return await future
 
     async def _next(self, timeout: float | None) -> _Job | None:
@@ -192,15 +193,14 @@ class Batcher:
 
     def _score(self, jobs: list[_Job]) -> list[list[dict[str, Any]]]:
         examples = [e for j in jobs for e in j.examples]
-        preds = self.answerer.score(examples)
+        preds = self.answerer.score(examples, encoded=[q for j in jobs for q in j.encoded])
         out, start = [], 0
         for j in jobs:
             stop = start + len(j.examples)
-            part = type(preds)(preds.member_probs[start:stop], preds.targets[start:stop],
-                               preds.choice_mask[start:stop], preds.ids[start:stop])
             # Each request keeps its own choices: narrow the padded choice axis to its widest question.
             width = max(len(e.choices) for e in j.examples)
-            part = type(preds)(part.member_probs[:, :, :width], part.targets, part.choice_mask[:, :width], part.ids)
+            part = type(preds)(preds.member_probs[start:stop, :, :width], preds.targets[start:stop],
+                               preds.choice_mask[start:stop, :width], preds.ids[start:stop])
             out.append(self.answerer.records(part, j.examples, j.settings))
             start = stop
         return out
@@ -265,10 +265,9 @@ def create_app(answerer: Answerer, max_batch: int = 16, batch_wait_ms: float = 5
         raise ValueError(f"--batch_wait_ms must be at least 0, but got {batch_wait_ms}")
     stats = Stats()
     batcher = Batcher(answerer, max_batch, batch_wait_ms / 1000, stats)
-    # Requests are checked on the event loop while a forward may be encoding in the worker thread: the
-    # checks get their own copy of the tokenizer, so the two never share one (Rust) tokenizer object.
-    source = answerer.ensemble.encoder
-    checker = PromptEncoder(copy.deepcopy(source.tokenizer), source.config)
+    # Requests are encoded here, on the event loop, while they are checked; the worker thread runs
+    # the forward on those encodings and never tokenizes, so one tokenizer is never used by two threads.
+    checker = answerer.ensemble.encoder
     page = PAGE.read_text(encoding="utf-8")
 
     @asynccontextmanager
@@ -329,20 +328,21 @@ def create_app(answerer: Answerer, max_batch: int = 16, batch_wait_ms: float = 5
                 settings.resolve(answerer.calibration)
             except CalibrationError as err:
                 raise BadRequest(str(err)) from None
-        examples = []
+        examples, encoded = [], []
         for i, q in enumerate(body.items()):
             try:
                 ex = question_from(q.model_dump(), i, "questions" if body.questions is not None else "request")
-                tokens = checker.encode_all([ex])[0].num_tokens
+                enc = checker.encode_all([ex])[0]
             except (DataError, PromptError) as err:
                 raise BadRequest(str(err)) from None
-            if tokens > max_tokens:
-                raise BadRequest(f"question {i} ({ex.id!r}) is {tokens} tokens long with its choices; the limit is "
-                                 f"{max_tokens}")
+            if enc.num_tokens > max_tokens:
+                raise BadRequest(f"question {i} ({ex.id!r}) is {enc.num_tokens} tokens long with its choices; the "
+                                 f"limit is {max_tokens}")
             examples.append(ex)
+            encoded.append(enc)
         stats.requests += 1
         stats.questions += len(examples)
-        answers = await batcher.submit(examples, settings)
+        answers = await batcher.submit(examples, encoded, settings)
         return {"answers": answers, "calibrated": answerer.calibration is not None}
 
     return BodyLimit(app, MAX_BODY_BYTES)
