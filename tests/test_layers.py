@@ -24,8 +24,8 @@ EVALUATION_MODULES = (
 )
 BLOCKED_PACKAGES = ("transformers", "peft")
 ENGINE_MODULES = tuple(f"loraens.{m}" for m in (
-    "scoring", "ensemble", "model", "train", "predict", "run", "checkpoint", "distributed", "laplace", "answer",
-    "serve", "fast", "fast.packing", "fast.prefix", "fast.head", "fast.attention", "fast.last_layer",
+    "scoring", "ensemble", "diversity", "model", "train", "predict", "run", "checkpoint", "distributed", "laplace",
+    "answer", "serve", "fast", "fast.packing", "fast.prefix", "fast.head", "fast.attention", "fast.last_layer",
     "fast.compiling", "fast.support",
 ))
 

@@ -215,9 +215,32 @@ class EnsembleConfig:
     # With top_layers: compute the frozen layers below once per question and reuse them for every
     # member and epoch (the frozen-prefix cache). Same results up to bf16 rounding, much faster.
     prefix_cache: bool = True
+    # Diversity levers (loraens.diversity), each off by default.
+    bagging: bool = False  # each member trains on its own bootstrap resample of the training questions
+    # [low, high]: each member's peak learning rate is drawn log-uniformly from this range (replaces
+    # --train.lr for the members; hyper-ensembles). Null: every member uses --train.lr.
+    lr_range: list[float] | None = None
+    # [low, high]: each member's AdamW weight decay is drawn uniformly from this range (replaces
+    # --train.weight_decay). Null: every member uses --train.weight_decay.
+    weight_decay_range: list[float] | None = None
+    # Per-member LoRA targets: member k adapts only entry k mod len, a "+"-joined subset of
+    # --ensemble.target_modules (e.g. q_proj+v_proj,k_proj+o_proj). Null: every member adapts all.
+    member_targets: list[str] | None = None
 
     def __post_init__(self) -> None:
         _check_finite(self, "ensemble")
+        for name, positive in (("lr_range", True), ("weight_decay_range", False)):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [float(v) for v in value.split(",") if v]
+                setattr(self, name, value)
+            if value is None:
+                continue
+            ok = (len(value) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+                  and value[0] <= value[1] and (value[0] > 0 if positive else value[0] >= 0))
+            _check(ok, f"ensemble.{name}", "must be two finite numbers low,high with low <= high"
+                   + (" and low > 0" if positive else " and low >= 0"), value)
+            setattr(self, name, [float(v) for v in value])
         _check(self.num_members >= 1, "ensemble.num_members", "must be at least 1", self.num_members)
         _check(self.rank >= 1, "ensemble.rank", "must be at least 1", self.rank)
         _check(self.alpha > 0, "ensemble.alpha", "must be positive", self.alpha)
@@ -229,6 +252,17 @@ class EnsembleConfig:
             self.target_modules = [s for s in self.target_modules.split(",") if s]
         _check(len(self.target_modules) > 0, "ensemble.target_modules", "must name at least one module",
                self.target_modules)
+        if isinstance(self.member_targets, str):
+            self.member_targets = [s for s in self.member_targets.split(",") if s]
+        if self.member_targets is not None:
+            _check(len(self.member_targets) > 0, "ensemble.member_targets",
+                   "must name at least one module set (or be null)", self.member_targets)
+            for group in self.member_targets:
+                names = [n for n in group.split("+")]
+                unknown = [n for n in names if n not in self.target_modules]
+                _check(bool(names) and all(names) and not unknown, "ensemble.member_targets",
+                       f"must hold '+'-joined names from --ensemble.target_modules {self.target_modules} "
+                       f"(add {unknown or group!r} there, or fix the entry {group!r})", self.member_targets)
 
 
 @dataclass

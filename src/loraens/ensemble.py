@@ -207,20 +207,27 @@ def init_members(layers: dict[str, MemberLoraLinear], config: EnsembleConfig, fi
     """Draw each member's A from its own seed, B = 0 (so every member starts as the base model).
 
     With `config.member_init` false all members get member 0's A (identical initialisations).
+    With `config.member_targets`, member k's A is zero in the modules it does not adapt.
 
     A follows PEFT's default (kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)))
     times `config.init_scale`: a larger scale makes members more different, as LoRA-Ensemble
     found. Member k's draw depends only on (seed, k), not on the number of members: slot j of the
     layers holds member first_member + j (a process's share of a torchrun ensemble).
     """
+    from .diversity import member_targets
+
     for j in range(config.num_members):
         k = first_member + j
         # member_init=False: every member starts from member 0's draw (the data-order-only ablation).
         gen = torch.Generator().manual_seed(member_seed(config.seed, k if config.member_init else 0))
-        for layer in layers.values():
+        own = member_targets(config, k)
+        for name, layer in layers.items():
             bound = config.init_scale / math.sqrt(layer.lora_A.shape[-1])
             a = torch.rand(layer.lora_A.shape[1:], generator=gen, dtype=torch.float32) * 2 * bound - bound
-            layer.lora_A[j].copy_(a)
+            # --ensemble.member_targets: a module this member does not adapt keeps A = B = 0, where
+            # training cannot move it (loraens.diversity.member_targets says why). The draw is still
+            # made, so the member's other modules get the same init with or without the lever.
+            layer.lora_A[j].copy_(a if own is None or name.rsplit(".", 1)[-1] in own else torch.zeros_like(a))
             layer.lora_B[j].zero_()
 
 

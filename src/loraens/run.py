@@ -50,6 +50,7 @@ from .checkpoint import checkpoint_record, load_checkpoint, read_checkpoint_stat
 from .config import CompileMode, RunConfig
 from .data import load_examples, warn_if_evaluating_on_training_file
 from .distributed import Shard
+from .diversity import member_hyperparameters
 from .ensemble import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
@@ -620,6 +621,9 @@ def _train_locked(config: RunConfig, run_dir: Path, device: torch.device, shard:
             "epochs_trained": epochs[-1].epoch if epochs else 0, **_device_info(device, shard, peaks)}
     if patience is not None:
         info["best_epoch"] = best["epoch"]
+    hyper = member_hyperparameters(config.ensemble, config.train)
+    if hyper is not None:  # the drawn values, so a reader sees what each member trained with
+        info["member_hyperparameters"] = hyper.to_dict()
     results = {"splits": dict(last), **info}
     write_json(run_dir / "results.json", results)
     manifest["checkpoint"] = None  # removed right below: a complete run needs none

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .batching import collate
 from .config import EnsembleConfig, TrainConfig
+from .diversity import apply_member_hyperparameters, member_bag, member_hyperparameters
 from .ensemble import (
     active_members,
     clip_grad_norm_per_member,
@@ -49,16 +50,19 @@ class EpochSummary:
 
 
 def member_orders(n: int, num_members: int, epoch: int, seed: int, per_member: bool,
-                  first_member: int = 0) -> np.ndarray:
+                  first_member: int = 0, bagging: bool = False) -> np.ndarray:
     """Question order of members first_member .. first_member + M - 1 in `epoch`, shape [M, n].
 
     With `per_member` each member draws its own permutation (a source of diversity); otherwise
-    all members see the same order. Member k's order depends on (seed, k, epoch) only, so a
-    process that trains a share of the members (torchrun) gives them the orders they would get
-    in one process.
+    all members see the same order. With `bagging` member k visits its own bootstrap resample of
+    the n questions (`diversity.member_bag`, fixed over epochs) in that order. Member k's order
+    depends on (seed, k, epoch) only, so a process that trains a share of the members (torchrun)
+    gives them the orders they would get in one process.
     """
     members = range(first_member, first_member + num_members)
     rows = [np.random.default_rng([seed, k if per_member else 0, epoch]).permutation(n) for k in members]
+    if bagging:
+        rows = [member_bag(n, seed, k)[row] for k, row in zip(members, rows)]
     return np.stack(rows)
 
 
@@ -226,7 +230,10 @@ def train_members(
     if train.kl_coef > 0:
         base_lp = base_log_probs(model, questions, scorer, train.eval_batch_size, progress)  # [N, C]
     params = lora_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    # Per-member lr and weight decay (--ensemble.lr_range / weight_decay_range): one AdamW step
+    # without decay, then each member's step rescaled to its own (diversity.apply_member_hyperparameters).
+    hyper = member_hyperparameters(ensemble, train, first_member, m)
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=0.0 if hyper else train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_schedule(total, round(train.warmup_ratio * total))
     )
@@ -253,7 +260,8 @@ def train_members(
         epoch = state.epoch
         start = time.perf_counter() - state.epoch_seconds
         if state.orders is None:
-            state.orders = member_orders(n, m, epoch, ensemble.seed, ensemble.member_data_order, first_member)
+            state.orders = member_orders(n, m, epoch, ensemble.seed, ensemble.member_data_order, first_member,
+                                         ensemble.bagging)
         batches = member_batches(state.orders, lengths, b, train.bucket_window, ensemble.seed, epoch)
         losses = torch.zeros(m) if state.losses is None else torch.tensor(state.losses, dtype=torch.float32)
         for chunk in batches[state.position:]:
@@ -267,6 +275,8 @@ def train_members(
                 norms = member_grad_norms(params)
             # One all-reduce: any rank's non-finite loss stops every rank; the mean loss is the ensemble's.
             mean_loss = _stop_if_not_finite(step_loss, norms, epoch, state.step + 1, first_member, device, hint)
+            before = [p.detach().clone() for p in params] if hyper else []
+            lr_now = optimizer.param_groups[0]["lr"]
             try:
                 optimizer.step()
             except RuntimeError as err:  # AdamW's lr / (1 - beta1^t) past float32's range
@@ -274,6 +284,8 @@ def train_members(
                     raise
                 raise NonFiniteError(f"training stopped at epoch {epoch}, step {state.step + 1}: the AdamW step "
                                      f"overflowed ({err}). {hint}") from None
+            if hyper:
+                apply_member_hyperparameters(params, before, lr_now, train.lr, hyper)
             _stop_if_weights_not_finite(params, epoch, state.step + 1, device, hint)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
