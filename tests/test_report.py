@@ -101,3 +101,21 @@ def test_report_html_loads_in_a_headless_browser(two_runs, tmp_path):
     assert loaded.group(1) == images.group(1), "some images did not render"
     assert errors.group(1) == "0", "the page raised errors while loading"
     assert "Reliability diagram" in dom and "AUROC" in dom
+
+
+def test_the_ood_section_gives_each_ood_set_its_transfer_metrics_and_raw_mutual_information(two_runs, tmp_path):
+    """The OOD sets' own accuracy / NLL (with intervals, equal to metric_cis on their predictions) and the
+    raw mutual information's AUROC are in the report, not only in results.json."""
+    from loraens.bootstrap import metric_cis
+    from loraens.metrics import ensemble_probs
+
+    out = tmp_path / "report"
+    assert main(["report", str(two_runs[0]), "--output", str(out), "--resamples", "50"]) == 0
+    md = out.with_suffix(".md").read_text()
+    p = Predictions.load(two_runs[0] / "predictions" / "arc_challenge_test.safetensors")
+    ci = metric_cis(ensemble_probs(p.member_probs.double().numpy()).numpy(), p.targets.numpy(), n_resamples=50, seed=0)
+    row = next(line for line in md.splitlines() if line.startswith("| arc_challenge_test | ensemble |"))
+    assert f"{ci['accuracy']['value']:.3f} [{ci['accuracy']['low']:.3f}, {ci['accuracy']['high']:.3f}]" in row
+    assert f"{ci['nll']['value']:.3f} [{ci['nll']['low']:.3f}, {ci['nll']['high']:.3f}]" in row
+    assert "| mmlu-stem_test | ensemble minus mean member |" in md
+    assert "| arc_challenge_test | mutual_information |" in md and "| arc_challenge_test | mutual_information_norm |" in md

@@ -170,17 +170,28 @@ def test_sweep_file_errors_name_the_problem(tmp_path, tiny_setup):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_presets_load_and_cover_every_method(preset):
+def test_presets_load(preset):
     spec = load_sweep(preset)
-    grid = cells(spec)
-    assert len(spec.seeds) >= 2 and len(spec.datasets) >= 4
-    methods = {m for v in spec.variants for m in v.methods}
-    assert methods == set(sweep_mod.METHODS)
-    configs = [c.config for c in grid]
-    assert any(c.train.weight_decay > 0 for c in configs) and any(c.train.kl_coef > 0 for c in configs)
-    assert any(c.train.delta_l2 > 0 for c in configs) and any(c.ensemble.dropout > 0 for c in configs)
-    assert any(not c.ensemble.member_init for c in configs) and any(not c.ensemble.member_data_order for c in configs)
-    assert len({c.train.weight_decay for c in configs}) >= 3  # a sweep over weight decay values
+    assert len(spec.seeds) >= 2 and len(spec.datasets) >= 2 and cells(spec)
+
+
+def test_the_small_presets_together_and_the_paper_preset_cover_every_method_and_lever():
+    for names in (("paper-small", "ablations-small", "diversity-small"), ("paper",)):
+        specs = [load_sweep(n) for n in names]
+        methods = {m for s in specs for v in s.variants for m in v.methods}
+        assert methods == set(sweep_mod.METHODS), names
+        configs = [c.config for s in specs for c in cells(s)]
+        assert any(c.train.weight_decay > 0 for c in configs) and any(c.train.kl_coef > 0 for c in configs)
+        assert any(c.train.delta_l2 > 0 for c in configs) and any(c.ensemble.dropout > 0 for c in configs)
+        assert any(not c.ensemble.member_init for c in configs)
+        assert any(not c.ensemble.member_data_order for c in configs)
+        assert len({c.train.weight_decay for c in configs}) >= 3  # a sweep over weight decay values
+        assert any(c.ensemble.bagging for c in configs) and any(c.ensemble.lr_range for c in configs)
+        assert any(c.ensemble.member_targets for c in configs)
+        assert any(d.ood for s in specs for d in s.datasets) and any(v.ood for s in specs for v in s.variants)
+    # The study's question samples: at least 500 per split, and each seed its own.
+    for c in cells(load_sweep("paper-small")):
+        assert c.config.data.eval_limit >= 500 and c.config.data.seed == c.seed
 
 
 def test_sweep_dry_run_lists_the_cells(tmp_path, tiny_setup, capsys):
@@ -209,4 +220,57 @@ def test_per_epoch_methods_need_per_epoch_evaluation(tmp_path, tiny_setup):
     path = write_sweep(tmp_path, model_dir, mirror, variants=[
         {"name": "x", "config": {"train": {"eval_every_epoch": False}}, "methods": ["checkpoint_ensemble"]}])
     with pytest.raises(ConfigError, match="eval_every_epoch: true"):
+        load_sweep(path)
+
+
+def test_laplace_methods_resamples_and_the_ood_block(tmp_path, tiny_setup):
+    """A cell with Laplace methods and an OOD set: the Laplace entries, the paired question resamples
+    (equal to the bootstrap module's on the saved predictions), per-seed question samples, and the
+    transfer / OOD block with an AUROC for every score and method; the summary shows them."""
+    from loraens.bootstrap import metric_resamples
+    from loraens.metrics import ensemble_probs
+
+    model_dir, mirror = tiny_setup
+    path = write_sweep(tmp_path, model_dir, mirror, seeds=[0, 1], resamples=50,
+                       datasets=[{"name": "arc_easy", "test_split": "test", "val_split": "validation",
+                                  "ood": [{"name": "arc_easy", "split": "validation", "label": "ARC-E val"}]}],
+                       variants=[{"name": "plain", "group": "base", "ood": True,
+                                  "methods": ["single", "ensemble", "laplace", "ensemble+laplace"]},
+                                 {"name": "bagged", "group": "diversity", "config": {"ensemble": {"bagging": True}},
+                                  "methods": ["single", "ensemble"]}])
+    spec = load_sweep(path)
+    grid = cells(spec)
+    assert [c.config.data.seed for c in grid] == [0, 1, 0, 1]  # each seed its own question samples
+    run_sweep(spec, progress=False, log=lambda line: None)
+    cell = json.loads((grid[0].folder / "cell.json").read_text())
+    assert set(cell["methods"]) == {"single", "ensemble", "laplace", "ensemble+laplace"}
+    lap = cell["methods"]["ensemble+laplace"]
+    assert lap["laplace"]["fit_seconds"] >= 0 and lap["laplace"]["posterior_bytes"] > 0
+    assert 0 <= lap["test"]["accuracy"] <= 1 and lap["test"]["nll"] > 0
+    assert len(lap["laplace"]["prior_precision"]) == 2
+
+    test = Predictions.load(grid[0].folder / "predictions" / "arc_easy_test.safetensors")
+    again = metric_resamples(ensemble_probs(test.member_probs).double(), test.targets, 50, seed=0)
+    np.testing.assert_allclose(cell["resamples"]["ensemble"]["nll"], again["nll"], atol=1e-6)
+    assert set(cell["resamples"]) == set(cell["methods"])
+    assert all(len(v) == 50 for r in cell["resamples"].values() for v in r.values())
+
+    block = cell["ood"]["arc_easy"]
+    assert block["label"] == "ARC-E val" and block["num_questions"] > 0
+    assert set(block["metrics"]) == set(block["auroc"]) == {"single", "ensemble", "laplace", "ensemble+laplace"}
+    assert set(block["auroc"]["single"]) == {"1-max_prob", "predictive_entropy_norm"}
+    assert "mutual_information" in block["auroc"]["ensemble"] and "member_disagreement" in block["auroc"]["ensemble"]
+    assert all(0 <= v <= 1 for scores in block["auroc"].values() for v in scores.values())
+    assert json.loads((grid[2].folder / "cell.json").read_text())["ood"] == {}  # ood: false variant
+
+    text = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "Laplace-LoRA (mean member)" in text and "ensemble + Laplace" in text
+    assert "Transfer and OOD detection" in text and "ARC-Easy -> ARC-E val" not in text  # label of dataset
+    assert "arc_easy -> ARC-E val" in text and "Diversity levers" in text
+
+
+def test_ood_sets_are_checked_when_the_sweep_is_read(tmp_path, tiny_setup):
+    model_dir, mirror = tiny_setup
+    path = write_sweep(tmp_path, model_dir, mirror, datasets=[{"name": "arc_easy", "ood": [{"split": "test"}]}])
+    with pytest.raises(ConfigError, match="OOD set"):
         load_sweep(path)

@@ -311,6 +311,47 @@ def paired_metric_diffs(
     return {k: paired_summary(point_a[k] - point_b[k], va[k] - vb[k], alpha) for k in METRIC_NAMES}
 
 
+def member_metric_resamples(
+    member_probs: ArrayLike, targets: ArrayLike, n_resamples: int = 1000, seed: int = 0, n_bins: int = 15
+) -> dict[str, np.ndarray]:
+    """:func:`metric_resamples` of each member ``[N, M, C]``, averaged over the members: the mean
+    member's metric on every resample (the same question indices for every member)."""
+    mp = torch.as_tensor(np.asarray(member_probs) if not isinstance(member_probs, torch.Tensor) else member_probs)
+    if mp.ndim != 3:
+        raise ValueError(f"member_probs should be [N, M, C], but got shape {tuple(mp.shape)}")
+    rows = [metric_resamples(mp[:, k], targets, n_resamples, seed, n_bins) for k in range(mp.shape[1])]
+    return {k: np.mean([r[k] for r in rows], axis=0) for k in METRIC_NAMES}
+
+
+def seeds_and_questions_interval(
+    per_seed: Sequence[ArrayLike], alpha: float = 0.05, n_draws: int = 4000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile interval of a metric's mean over S training seeds, resampling seeds AND questions.
+
+    Args:
+        per_seed: S arrays ``[R]``: seed s's metric on R bootstrap resamples of ITS OWN questions
+            (e.g. :func:`metric_resamples`, or a paired difference of two of them).
+
+    A draw picks S seeds with replacement (the spread between independent training runs) and, for
+    each pick, one of that seed's resamples at random (the spread from which questions were
+    asked), and averages them. Returns the ``alpha/2`` and ``1 - alpha/2`` quantiles of the draws.
+    With one seed it is that seed's question bootstrap alone.
+    """
+    _check_resampling(n_draws, alpha)
+    arrays = [np.asarray(a, dtype=float).ravel() for a in per_seed]
+    if not arrays or any(len(a) == 0 for a in arrays):
+        raise ValueError("seeds_and_questions_interval needs at least one seed with at least one resample.")
+    rng = np.random.default_rng(seed)
+    s = len(arrays)
+    picks = rng.integers(0, s, size=(n_draws, s))  # [D, S] seed picks
+    draws = np.zeros(n_draws)
+    for j in range(s):
+        for k in range(s):
+            rows = picks[:, j] == k
+            draws[rows] += arrays[k][rng.integers(0, len(arrays[k]), size=int(rows.sum()))]
+    return _interval(draws / s, alpha)
+
+
 def format_ci(ci: dict[str, float], digits: int = 3) -> str:
     """``"0.712 [0.675, 0.748]"``: the point value (``"value"``, or ``"diff"`` for a paired
     result) and its interval, each to ``digits`` decimals."""

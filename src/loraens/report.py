@@ -119,7 +119,7 @@ def _ood_section(run: str, in_key: str, ood_keys: list[str], preds: dict[str, Pr
     sec = Section(f"{run}: out-of-distribution detection (in-distribution: {in_key})")
     sec.text("Each score is oriented so that higher means more uncertain; OOD questions are the positive class. "
              "Entropies marked _norm are divided by log(number of choices), so sets with more choices do not "
-             "look more uncertain by construction.")
+             "look more uncertain by construction; mutual_information is the raw value in nats.")
     s_in = uncertainty_scores(preds[in_key].member_probs.double().numpy(), preds[in_key].choice_mask.numpy())
     rows, outs = [], {}
     rng = np.random.default_rng(seed)
@@ -136,10 +136,29 @@ def _ood_section(run: str, in_key: str, ood_keys: list[str], preds: dict[str, Pr
             roc[score] = (*roc_points(s_in[score], s_out[score]), m["auroc"])
         sec.figures.append((f"ROC curves: {key} vs {in_key}", plots.roc_curves(roc, f"OOD: {key}")))
     sec.table(["OOD set", "score", "AUROC [95% interval]", "AUPR", "FPR @ 95% TPR"], rows)
+    sec.text("Transfer: how the members answer each OOD set (95% bootstrap intervals over its questions; the "
+             "differences are paired).")
+    sec.table(["OOD set", "model", "accuracy", "NLL", "ECE", "Brier"], [
+        row for key in ood_keys for row in _transfer_rows(key, preds[key], n_resamples, seed)])
     for score in ("predictive_entropy_norm", "mutual_information_norm"):
         sec.figures.append((f"Score histograms: {score}",
                             plots.score_histograms(s_in[score], {k: v[score] for k, v in outs.items()}, in_key, score)))
     return sec
+
+
+def _transfer_rows(key: str, p: Predictions, n_resamples: int, seed: int) -> list[list[str]]:
+    """Mean member and ensemble metrics on one OOD set with intervals, and their paired difference."""
+    mp, targets = p.member_probs.double().numpy(), p.targets.numpy()
+    ens = ensemble_probs(mp).numpy()
+    ens_r = metric_resamples(ens, targets, n_resamples=n_resamples, seed=seed)
+    mem_r = [metric_resamples(mp[:, j], targets, n_resamples=n_resamples, seed=seed) for j in range(mp.shape[1])]
+    mean_r = {k: np.mean([r[k] for r in mem_r], axis=0) for k in MAIN_METRICS}
+    point = evaluate_ensemble(mp, targets)
+    ens_p, mean_p = point["ensemble"], point["mean_member"]
+    return [[key, MEAN_MEMBER, *(_ci_text(mean_p[k], mean_r[k]) for k in MAIN_METRICS)],
+            [key, "ensemble", *(_ci_text(ens_p[k], ens_r[k]) for k in MAIN_METRICS)],
+            [key, f"ensemble minus {MEAN_MEMBER}", *(_diff_text(ens_p[k] - mean_p[k], ens_r[k] - mean_r[k])
+                                                    for k in MAIN_METRICS)]]
 
 
 GUARANTEE_DEFAULTS = {"alphas": (0.05, 0.1, 0.2), "risks": (0.05, 0.1, 0.2, 0.3), "delta": 0.1,

@@ -173,6 +173,9 @@ class LoadedEnsemble:
                            batch_size=self.config.train.eval_batch_size, progress=progress and self.shard.is_main)
         facts = {"method": "laplace (K-FAC GGN, prior precision by marginal likelihood, MC predictive)",
                  "fit_questions": len(train), "fit_seconds": round(time.perf_counter() - started, 1),
+                 # The posterior's memory: every block's eigenvalues and eigenvectors, this process's members.
+                 "posterior_bytes": sum(t.numel() * t.element_size() for b in post.blocks.values()
+                                        for t in (b.in_vals, b.in_vecs, b.out_vals, b.out_vecs)),
                  "prior_precision": [float(x) for share in distributed.gather(post.prior_precision.tolist()) or []
                                      for x in share]}
 

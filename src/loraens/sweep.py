@@ -22,6 +22,14 @@ independently, so member k of the vectorised run is exactly a single LoRA traine
 - ``weight_average``: the members' mean weight update (one adapter), not their mean prediction.
 - ``mc_dropout``: member 0 with LoRA dropout kept on, `mc_dropout_passes` passes averaged.
 - ``early_stop_single`` / ``early_stop_ensemble``: the epoch with the lowest validation NLL.
+- ``laplace`` / ``ensemble+laplace``: each member's Laplace-LoRA posterior (K-FAC GGN on the
+  training questions, prior precision by marginal likelihood, MC predictive); its metrics are the
+  mean over members, and the mixture of the members' posteriors is ensemble + Laplace.
+
+Every cell also keeps paired bootstrap resamples of its test questions for every method (the
+summary's intervals combine seeds and questions), and the variants with ``ood: true`` evaluate
+their members on the dataset's transfer / OOD sets (`loraens.transfer`). Unless the sweep sets
+``data.seed``, each seed draws its own training and evaluation samples.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import numpy as np
 import torch
 import yaml
 
+from .bootstrap import member_metric_resamples, metric_resamples
 from .config import ConfigError, RunConfig
 from .data import load_examples
 from .ensemble import lora_parameters, mc_dropout, weight_averaged
@@ -58,6 +67,7 @@ from .metrics import compute_metrics, ensemble_probs, evaluate_ensemble
 from .predict import predict
 from .predictions import Predictions, load_predictions, saved_epochs, split_key
 from .run import LoadedEnsemble, train_run
+from .transfer import LaplacePredict, OodSet, ood_block
 from .uncertainty import uncertainty_scores
 
 
@@ -66,11 +76,11 @@ class SweepWorkerError(RuntimeError):
 
 
 METHODS = ("single", "ensemble", "single+ts", "ensemble+ts", "checkpoint_ensemble", "weight_average",
-           "mc_dropout", "early_stop_single", "early_stop_ensemble")
+           "mc_dropout", "early_stop_single", "early_stop_ensemble", "laplace", "ensemble+laplace")
 PER_EPOCH = ("checkpoint_ensemble", "early_stop_single", "early_stop_ensemble")
 NEEDS_VALIDATION = ("single+ts", "ensemble+ts", "early_stop_single", "early_stop_ensemble")
-GROUPS = ("base", "regulariser", "randomness")
-PRESETS = ("paper-small", "paper")
+GROUPS = ("base", "regulariser", "randomness", "diversity")
+PRESETS = ("paper-small", "paper", "diversity-small", "ablations-small")
 _METRICS = ("accuracy", "nll", "ece", "brier")
 
 
@@ -81,6 +91,9 @@ class DatasetSpec:
     test_split: str = "test"
     val_split: str = "validation"
     config: dict[str, Any] = field(default_factory=dict)  # RunConfig overrides for this dataset
+    # Transfer / OOD sets: dataset names (test split) or {name, split, label}; evaluated in the
+    # cells of variants with `ood: true` (loraens.transfer).
+    ood: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -91,6 +104,7 @@ class VariantSpec:
     config: dict[str, Any] = field(default_factory=dict)  # RunConfig overrides for this variant
     methods: list[str] = field(default_factory=lambda: ["single", "ensemble"])
     datasets: list[str] | None = None  # only these datasets (default: all)
+    ood: bool = False  # evaluate this variant's cells on their dataset's OOD sets too
 
 
 @dataclass
@@ -102,6 +116,7 @@ class SweepSpec:
     seeds: list[int] = field(default_factory=lambda: [0])
     base: dict[str, Any] = field(default_factory=dict)  # RunConfig overrides for every cell
     mc_dropout_passes: int = 8
+    resamples: int = 200  # bootstrap resamples of the test questions per cell, for the summary's intervals
 
 
 @dataclass
@@ -171,6 +186,14 @@ def load_sweep(source: str | Path, output_dir: str | None = None) -> SweepSpec:
 def _check_spec(spec: SweepSpec) -> None:
     if not spec.datasets or not spec.variants or not spec.seeds:
         raise ConfigError("A sweep needs at least one dataset, one variant and one seed.")
+    if spec.resamples < 1:
+        raise ConfigError(f"resamples must be at least 1, but got {spec.resamples}.")
+    for d in spec.datasets:
+        for o in d.ood:
+            try:
+                OodSet.parse(o, f"dataset {d.name!r}")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
     if spec.mc_dropout_passes < 2:
         raise ConfigError(f"mc_dropout_passes must be at least 2, but got {spec.mc_dropout_passes}.")
     names = [d.name for d in spec.datasets]
@@ -223,6 +246,10 @@ def cells(spec: SweepSpec) -> list[Cell]:
                              "val_split": d.val_split},
                     "ensemble": {"seed": int(seed)},
                 })
+                # Each seed draws its own question samples (train_limit / eval_limit), unless the
+                # sweep fixes --data.seed: one shared sample would leave question-sampling noise out
+                # of the spread over seeds.
+                raw["data"].setdefault("seed", int(seed))
                 try:
                     config = RunConfig.from_dict(raw)
                 except ConfigError as err:
@@ -283,7 +310,7 @@ def run_sweep(spec: SweepSpec, progress: bool = True, log=print,
             continue
         log(f"[{i}/{len(grid)}] {cell.title}")
         started = time.time()
-        run_cell(cell, spec.mc_dropout_passes, progress)
+        run_cell(cell, spec.mc_dropout_passes, progress, spec.resamples)
         log(f"[{i}/{len(grid)}] {cell.title}: done in {time.time() - started:.0f} s")
     if worker is not None:
         return []
@@ -379,7 +406,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak of the whole process
 
 
-def run_cell(cell: Cell, mc_passes: int = 8, progress: bool = True) -> dict[str, Any]:
+def run_cell(cell: Cell, mc_passes: int = 8, progress: bool = True, resamples: int = 200) -> dict[str, Any]:
     """Train one cell, derive its methods, and write its cell.json (last, atomically)."""
     marker = cell.folder / "cell.json"
     if marker.exists():
@@ -392,10 +419,14 @@ def run_cell(cell: Cell, mc_passes: int = 8, progress: bool = True) -> dict[str,
     info = json.loads((cell.folder / "results.json").read_text())
     d = cell.config.data
     test_key, val_key = split_key(d.dataset, cell.dataset.test_split), split_key(d.dataset, cell.dataset.val_split)
-    methods = derive_methods(result.ensemble, cell, test_key, val_key, mc_passes)
+    methods, probs, laplace = derive_methods(result.ensemble, cell, test_key, val_key, mc_passes)
     members = cell.config.ensemble.num_members
     per_member = sum(p.numel() for p in lora_parameters(result.ensemble.model)) // members
     test = load_predictions(cell.folder, test_key)  # read once for the curves below
+    ood = {}
+    if cell.variant.ood and cell.dataset.ood:
+        ood = ood_block(result.ensemble, [OodSet.parse(o, cell.dataset.name) for o in cell.dataset.ood], test,
+                        laplace, progress)
     record = {
         "dataset": cell.dataset.name, "dataset_label": cell.dataset.label or cell.dataset.name,
         "variant": cell.variant.name, "variant_label": cell.variant.label or cell.variant.name,
@@ -417,6 +448,11 @@ def run_cell(cell: Cell, mc_passes: int = 8, progress: bool = True) -> dict[str,
                           for r in ensemble_size_curve(test.member_probs, test.targets)],
         "diversity": _diversity(test),
         "guarantees": guarantees(load_predictions(cell.folder, val_key), test),
+        # Paired question resamples of every method, seeded by the cell's seed: intervals over seeds
+        # AND questions in the summary (bootstrap.seeds_and_questions_interval).
+        "resamples": method_resamples(probs, test.targets, resamples, cell.seed),
+        "num_test_questions": len(test.ids),
+        "ood": ood,
         "epochs_trained": info.get("epochs_trained"),
         "methods_requested": list(cell.variant.methods),
         "mc_dropout_passes": mc_passes,
@@ -442,8 +478,17 @@ def _entry(test: dict[str, float], members: int, params: int, val: dict[str, flo
     return out
 
 
-def derive_methods(ens: LoadedEnsemble, cell: Cell, test_key: str, val_key: str, mc_passes: int) -> dict[str, Any]:
-    """Every requested method's metrics on the test (and validation) split of a trained cell."""
+def derive_methods(ens: LoadedEnsemble, cell: Cell, test_key: str, val_key: str,
+                   mc_passes: int) -> tuple[dict[str, Any], dict[str, torch.Tensor],
+                                            tuple[LaplacePredict, Predictions] | None]:
+    """Every requested method's metrics on the test (and validation) split of a trained cell.
+
+    Returns (methods, probs, laplace): methods -> its cell.json entry; probs -> its test
+    probabilities, [N, C] for a method that is one model and [N, M, C] for a mean-member method
+    (its metrics are the mean of the M members' metrics); laplace: (the fitted Laplace predictive,
+    a `predict`-like function of examples; its test predictions) when a Laplace method was asked
+    for, else None.
+    """
     folder, cfg, wanted = cell.folder, ens.config, cell.variant.methods
     m = cfg.ensemble.num_members
     per_member = sum(p.numel() for p in lora_parameters(ens.model)) // m
@@ -451,56 +496,100 @@ def derive_methods(ens: LoadedEnsemble, cell: Cell, test_key: str, val_key: str,
     ev_test = evaluate_ensemble(test.member_probs, test.targets)
     ev_val = evaluate_ensemble(val.member_probs, val.targets)
     out: dict[str, Any] = {}
+    probs: dict[str, torch.Tensor] = {}
     if "single" in wanted:
         out["single"] = _entry(ev_test["mean_member"], 1, per_member, ev_val["mean_member"])
+        probs["single"] = test.member_probs
     if "ensemble" in wanted:
         out["ensemble"] = _entry(ev_test["ensemble"], m, m * per_member, ev_val["ensemble"])
+        probs["ensemble"] = ensemble_probs(test.member_probs)
     if "single+ts" in wanted:
         _, scaled, temps = temperature_scaled(val, test)
         out["single+ts"] = _entry(evaluate_ensemble(scaled.member_probs, test.targets)["mean_member"], 1, per_member,
                                   temperatures=[round(t, 4) for t in temps[:-1]])
+        probs["single+ts"] = scaled.member_probs
     if "ensemble+ts" in wanted:
-        probs, t = ensemble_temperature_scaled(val, test)
-        out["ensemble+ts"] = _entry(compute_metrics(probs, test.targets), m, m * per_member, temperature=round(t, 4))
+        p_ts, t = ensemble_temperature_scaled(val, test)
+        out["ensemble+ts"] = _entry(compute_metrics(p_ts, test.targets), m, m * per_member, temperature=round(t, 4))
+        probs["ensemble+ts"] = p_ts
     epochs = saved_epochs(folder)
     if "checkpoint_ensemble" in wanted and epochs:
         per_epoch = [load_predictions(folder, test_key, e) for e in epochs]
-        rows = [compute_metrics(ensemble_probs(checkpoint_ensemble(per_epoch, k).member_probs), test.targets)
-                for k in range(m)]
-        out["checkpoint_ensemble"] = _entry(_mean_metrics(rows), len(epochs), per_member, epochs=epochs)
+        stacked = torch.stack([ensemble_probs(checkpoint_ensemble(per_epoch, k).member_probs) for k in range(m)], 1)
+        out["checkpoint_ensemble"] = _entry(evaluate_ensemble(stacked, test.targets)["mean_member"], len(epochs),
+                                            per_member, epochs=epochs)
+        probs["checkpoint_ensemble"] = stacked
     if ("early_stop_single" in wanted or "early_stop_ensemble" in wanted) and epochs:
         val_e = [evaluate_ensemble(load_predictions(folder, val_key, e).member_probs, val.targets) for e in epochs]
-        test_e = [evaluate_ensemble(load_predictions(folder, test_key, e).member_probs, test.targets) for e in epochs]
+        test_p = [load_predictions(folder, test_key, e).member_probs for e in epochs]
         if "early_stop_single" in wanted:
             picks = [best_epoch([v["members"][k]["nll"] for v in val_e]) for k in range(m)]
-            rows = [test_e[p - 1]["members"][k] for k, p in enumerate(picks)]
-            out["early_stop_single"] = _entry(_mean_metrics(rows), 1, per_member, best_epochs=picks)
+            stacked = torch.stack([test_p[p - 1][:, k] for k, p in enumerate(picks)], 1)
+            out["early_stop_single"] = _entry(evaluate_ensemble(stacked, test.targets)["mean_member"], 1, per_member,
+                                              best_epochs=picks)
+            probs["early_stop_single"] = stacked
         if "early_stop_ensemble" in wanted:
             pick = best_epoch([v["ensemble"]["nll"] for v in val_e])
-            out["early_stop_ensemble"] = _entry(test_e[pick - 1]["ensemble"], m, m * per_member, best_epoch=pick)
-    questions = {key: ens.encoder.encode_all(_examples(cfg, key, test_key, cell)) for key in (test_key,)}
+            p_es = ensemble_probs(test_p[pick - 1])
+            out["early_stop_ensemble"] = _entry(compute_metrics(p_es, test.targets), m, m * per_member,
+                                                best_epoch=pick)
+            probs["early_stop_ensemble"] = p_es
+    examples = _examples(cfg, test_key, cell)
+    questions = ens.encoder.encode_all(examples)
     run = lambda members, desc: predict(
-        ens.model, questions[test_key], test.ids, members, ens.scorer, cfg.train.eval_batch_size, progress=False,
-        desc=desc)
+        ens.model, questions, test.ids, members, ens.scorer, cfg.train.eval_batch_size, progress=False, desc=desc)
     if "weight_average" in wanted:
         t0 = time.perf_counter()
         with weight_averaged(ens.model):
             wa = run(1, "weight average")
         out["weight_average"] = _entry(compute_metrics(wa.member_probs[:, 0], test.targets), 1, per_member,
                                        extra=time.perf_counter() - t0)
+        probs["weight_average"] = wa.member_probs[:, 0]
     if "mc_dropout" in wanted:
         t0 = time.perf_counter()
         with torch.random.fork_rng():
             torch.manual_seed(cell.seed)  # the passes' dropout masks are reproducible
             with mc_dropout(ens.model, 0, mc_passes, cfg.ensemble.dropout):
                 mc = run(mc_passes, "MC dropout")
-        out["mc_dropout"] = _entry(compute_metrics(ensemble_probs(mc.member_probs), test.targets), mc_passes,
+        probs["mc_dropout"] = ensemble_probs(mc.member_probs)
+        out["mc_dropout"] = _entry(compute_metrics(probs["mc_dropout"], test.targets), mc_passes,
                                    per_member, extra=time.perf_counter() - t0,
                                    pass_disagreement=float(_diversity(mc)["disagreement"]))
+    laplace = None
+    if "laplace" in wanted or "ensemble+laplace" in wanted:
+        fn, facts = ens.laplace_predictor(progress=False)
+        t0 = time.perf_counter()
+        lap = fn(examples, False, "laplace")
+        seconds = time.perf_counter() - t0
+        laplace = (fn, lap)
+        cost = {"fit_seconds": facts["fit_seconds"], "predict_seconds": round(seconds, 2),
+                "posterior_bytes": facts["posterior_bytes"], "prior_precision": facts["prior_precision"]}
+        if "laplace" in wanted:
+            out["laplace"] = _entry(evaluate_ensemble(lap.member_probs, test.targets)["mean_member"], 1, per_member,
+                                    extra=facts["fit_seconds"] + seconds, laplace=cost)
+            probs["laplace"] = lap.member_probs
+        if "ensemble+laplace" in wanted:
+            probs["ensemble+laplace"] = ensemble_probs(lap.member_probs)
+            out["ensemble+laplace"] = _entry(compute_metrics(probs["ensemble+laplace"], test.targets), m,
+                                             m * per_member, extra=facts["fit_seconds"] + seconds, laplace=cost)
+    return out, probs, laplace
+
+
+def method_resamples(probs: dict[str, torch.Tensor], targets: torch.Tensor, n_resamples: int,
+                     seed: int) -> dict[str, dict[str, list[float]]]:
+    """Each method's test metrics on `n_resamples` bootstrap resamples of the questions, the SAME
+    resamples for every method (so differences between methods are paired). A [N, M, C] entry is a
+    mean-member method: the mean over members of each member's metric on the resample.
+    {method: {metric: [n_resamples floats]}}; `sweep_report` combines them over seeds."""
+    out = {}
+    for name, p in probs.items():
+        values = (member_metric_resamples(p.double(), targets, n_resamples, seed) if p.ndim == 3
+                  else metric_resamples(p.double(), targets, n_resamples, seed))
+        out[name] = {k: [round(float(x), 6) for x in v] for k, v in values.items()}
     return out
 
 
-def _examples(cfg: RunConfig, key: str, test_key: str, cell: Cell) -> list:
+def _examples(cfg: RunConfig, test_key: str, cell: Cell) -> list:
     examples = load_examples(cfg.data, cell.dataset.test_split, cfg.data.eval_limit)
     ids = load_predictions(cell.folder, test_key).ids
     if [e.id for e in examples] != ids:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
+from .bootstrap import seeds_and_questions_interval
 from .pages import Section, write_page
 
 METHOD_LABELS = {  # cell.json method key -> row label
@@ -36,8 +37,10 @@ METHOD_LABELS = {  # cell.json method key -> row label
     "mc_dropout": "MC dropout (member 0)",
     "early_stop_single": "early stopping (mean member)",
     "early_stop_ensemble": "early stopping (ensemble)",
+    "laplace": "Laplace-LoRA (mean member)",
+    "ensemble+laplace": "ensemble + Laplace",
 }
-GROUP_ORDER = ("base", "regulariser", "randomness")  # any other group comes after these
+GROUP_ORDER = ("base", "regulariser", "randomness", "diversity")  # any other group comes after these
 METRIC_LABELS = {"accuracy": "ACC", "ece": "ECE", "nll": "NLL", "brier": "Brier"}
 LOWER_IS_BETTER = {"ece", "nll", "brier"}
 # Keys of a cell's "epochs" entries and of the two methods compared throughout -> column words.
@@ -60,8 +63,8 @@ def build_sweep_report(cells: list[dict], output: str | Path, title: str = "lora
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     sweep = _Sweep(cells)
-    builders = (_main_section, _epoch_section, _regulariser_section, _randomness_section, _size_section,
-                _guarantee_section, _cost_section)
+    builders = (_main_section, _epoch_section, _regulariser_section, _randomness_section, _diversity_section,
+                _transfer_section, _size_section, _guarantee_section, _cost_section)
     sections = [sec for build in builders if (sec := build(sweep)) is not None]
     return write_page(sections, output, title, _intro(sweep), notes)
 
@@ -181,6 +184,44 @@ def _over_seeds(per_dataset: Mapping[str, Mapping[int, float]]) -> Stat | None:
     return _stat(np.mean([v[s] for v in per_dataset.values() if s in v]) for s in seeds)
 
 
+def _resamples(cell: Mapping, method: str, metric: str, minus: str | None = None) -> np.ndarray | None:
+    """The cell's resampled test metric of `method` [R] (minus `minus`'s on the same resamples), or None."""
+    a = _get(cell, "resamples", method, metric)
+    if not isinstance(a, list) or not a:
+        return None
+    if minus is None:
+        return np.asarray(a, dtype=float)
+    b = _get(cell, "resamples", minus, metric)
+    return None if not isinstance(b, list) or len(b) != len(a) else np.asarray(a, dtype=float) - np.asarray(b, float)
+
+
+def _combined(sweep: _Sweep, datasets: Sequence[str], variant: str, method: str, metric: str,
+              minus: str | None = None) -> Stat | None:
+    """mean [low, high] of `method`'s test metric (minus `minus`'s, paired), averaged over `datasets`:
+    the mean over seeds of the per-seed values, and a 95% interval that resamples seeds AND questions
+    (`bootstrap.seeds_and_questions_interval`). A seed counts when it has every dataset. Falls back
+    to [min, max] over seeds (`_over_seeds`) where cells hold no resamples. Stat's count: seeds."""
+    point: dict[str, dict[int, float]] = {}
+    for d in datasets:
+        ours = sweep.values(d, variant, "methods", method, "test", metric)
+        if minus is not None:
+            theirs = sweep.values(d, variant, "methods", minus, "test", metric)
+            ours = {s: v - theirs[s] for s, v in ours.items() if s in theirs}
+        point[d] = ours
+    seeds = sorted(set.intersection(*(set(v) for v in point.values()))) if point else []
+    if not seeds:
+        return None
+    per_seed = []
+    for s in seeds:
+        arrays = [_resamples(sweep.seeds(d, variant)[s], method, metric, minus) for d in datasets]
+        if any(a is None for a in arrays) or len({len(a) for a in arrays}) != 1:  # type: ignore[arg-type]
+            return _over_seeds({d: {s: point[d][s] for s in seeds} for d in datasets})
+        per_seed.append(np.mean(arrays, axis=0))
+    mean = float(np.mean([np.mean([point[d][s] for d in datasets]) for s in seeds]))
+    low, high = seeds_and_questions_interval(per_seed, seed=0)
+    return mean, low, high, len(seeds)
+
+
 def _axis_label(metric: str) -> str:
     return "ACC (%)" if metric == "accuracy" else METRIC_LABELS[metric]
 
@@ -240,7 +281,9 @@ def _main_section(sweep: _Sweep) -> Section | None:
     if not rows:
         return None
     sec = Section("Main table: test accuracy, calibration and NLL")
-    sec.text("Test split of each dataset; every entry is mean [min, max] over seeds. ACC in percent (higher is "
+    sec.text("Test split of each dataset; every entry is the mean over seeds [95% interval over seeds and questions: "
+             "a bootstrap that redraws the seeds and, within each seed, its test questions; [min, max] over seeds "
+             "where a run kept no resamples]. ACC in percent (higher is "
              "better); ECE and NLL: lower is better. The best mean of each column is in bold. The members of a run "
              "train independently, so each member is a single LoRA: the mean-member rows (mean member, mean member "
              "+ temperature, checkpoint ensemble (mean over members), early stopping (mean member)) are the mean of "
@@ -248,8 +291,7 @@ def _main_section(sweep: _Sweep) -> Section | None:
              "the validation split.")
     metrics = ("accuracy", "ece", "nll")
     header = ["method"] + [f"{sweep.dataset_labels[d]} {METRIC_LABELS[k]}" for d in sweep.datasets for k in metrics]
-    stats = [[_stat(sweep.values(d, v, "methods", m, "test", k).values()) for d in sweep.datasets for k in metrics]
-             for m, v in rows]
+    stats = [[_combined(sweep, [d], v, m, k) for d in sweep.datasets for k in metrics] for m, v in rows]
     seeds = [_count_range([len(sweep.values(d, v, "methods", m, "test", "accuracy")) for d in sweep.datasets
                            if sweep.seeds(d, v)]) for m, v in rows]
     table = [[sweep.label(m, v), *(_fmt(s, metrics[j % 3]) for j, s in enumerate(r)), n]
@@ -369,6 +411,73 @@ def _randomness_section(sweep: _Sweep) -> Section | None:
     return sec
 
 
+def _diversity_section(sweep: _Sweep) -> Section | None:
+    """The diversity levers: how much each makes the members differ, and what the ensemble gains by it."""
+    levers = sweep.in_groups("diversity")
+    if not levers:
+        return None
+    sec = Section("Diversity levers: members that disagree where the data does not pin them down")
+    rows = []
+    for datasets, variants in sweep.comparisons(levers):
+        for v in variants:
+            rows.append([
+                sweep.subset_label(v, datasets),
+                _fmt(_combined(sweep, datasets, v, "ensemble", "nll", minus="single"), "nll", signed=True),
+                _fmt(_combined(sweep, datasets, v, "ensemble", "ece", minus="single"), "ece", signed=True),
+                _fmt(_combined(sweep, datasets, v, "ensemble", "accuracy"), "accuracy"),
+                _fmt(_combined(sweep, datasets, v, "ensemble", "accuracy", minus="single"), "accuracy", signed=True),
+                _fmt(_over_seeds(sweep.by_dataset(v, "diversity", "disagreement", only=datasets)), "disagreement"),
+                _fmt(_over_seeds(sweep.by_dataset(v, "diversity", "mutual_information", only=datasets)),
+                     "mutual_information"),
+            ])
+    sec.table(["variant", "ensemble minus mean member NLL", "ensemble minus mean member ECE", "ensemble ACC",
+               "ensemble minus mean member ACC", "disagreement", "mutual information (nats)"], rows)
+    sec.text("Test split, averaged over the datasets named in the row; the base variant is shown on the same "
+             "datasets. The differences are paired (the same resampled questions for the ensemble and its members) "
+             "and their 95% intervals resample seeds and questions; disagreement and mutual information are mean "
+             "[min, max] over seeds. A lever earns its place when it makes the NLL and ECE differences more "
+             "negative without lowering the ensemble's accuracy.")
+    return sec
+
+
+OOD_METHODS = ("single", "ensemble", "laplace", "ensemble+laplace")
+OOD_SCORES = {"1-max_prob": "1 - max p", "predictive_entropy_norm": "entropy (norm.)",
+              "mutual_information": "MI (nats)", "mutual_information_norm": "MI (norm.)",
+              "member_disagreement": "disagreement"}
+
+
+def _transfer_section(sweep: _Sweep) -> Section | None:
+    """Transfer / OOD: each dataset's members on the OOD sets it names, per method."""
+    rows = []
+    for d in sweep.datasets:
+        for v in sweep.variants:
+            cells = sweep.seeds(d, v)
+            names = list(dict.fromkeys(o for c in cells.values() for o in (c.get("ood") or {})))
+            for o in names:
+                label = next(str(c["ood"][o].get("label") or o) for c in cells.values() if o in (c.get("ood") or {}))
+                for m in OOD_METHODS:
+                    acc = sweep.values(d, v, "ood", o, "metrics", m, "accuracy")
+                    if not acc:
+                        continue
+                    cols = [_fmt(_stat(acc.values()), "accuracy"),
+                            _fmt(_stat(sweep.values(d, v, "ood", o, "metrics", m, "nll").values()), "nll")]
+                    for score in OOD_SCORES:
+                        cols.append(_fmt(_stat(sweep.values(d, v, "ood", o, "auroc", m, score).values()), "auroc"))
+                    rows.append([f"{sweep.dataset_labels[d]} -> {label}", sweep.label(m, v), *cols, str(len(acc))])
+    if not rows:
+        return None
+    sec = Section("Transfer and OOD detection: data the training never saw")
+    sec.table(["trained on -> OOD set", "method", "OOD ACC", "OOD NLL",
+               *(f"AUROC {w}" for w in OOD_SCORES.values()), "n seeds"], rows)
+    sec.text("Each run's members answer a sample of a dataset they were not trained on. OOD ACC and NLL are their "
+             "accuracy and NLL there (transfer). AUROC: how well a score tells those questions from the run's own "
+             "test questions (OOD = positive, 0.5 = chance, below 0.5 = the score is LOWER on unseen data). A single "
+             "model (mean member, Laplace mean member) has no member spread: its columns are 1 - max p and the "
+             "entropy normalised by log C, averaged over the members as single models; MI is mutual information, "
+             "raw in nats and normalised by log C. Entries are mean [min, max] over seeds.")
+    return sec
+
+
 def _diff(sweep: _Sweep, dataset: str, variant: str, metric: str) -> dict[int, float]:
     """seed -> ensemble minus mean member on the test split, for seeds that have both."""
     ens = sweep.values(dataset, variant, "methods", "ensemble", "test", metric)
@@ -461,18 +570,25 @@ def _cost_section(sweep: _Sweep) -> Section | None:
         cells = sweep.all_cells(v)
         method = [c["methods"][m] for c in cells if m in c.get("methods", {})]
         rss = _nums(cells, "cost", "peak_rss_mb")
+        posterior = _nums(method, "laplace", "posterior_bytes")
         rows.append([sweep.label(m, v), _int_range(_nums(method, "trainable_params")),
-                     _seconds(_nums(cells, "cost", "train_seconds")), _seconds(_nums(method, "extra_seconds")),
-                     DASH if not rss else f"{np.mean(rss):,.0f}", _int_range(_nums(method, "members"))])
+                     _seconds(_nums(cells, "cost", "train_seconds")), _seconds(_nums(method, "laplace", "fit_seconds")),
+                     _seconds(_nums(method, "extra_seconds")),
+                     DASH if not rss else f"{np.mean(rss):,.0f}",
+                     DASH if not posterior else f"{np.mean(posterior) / 2**20:,.1f}",
+                     _int_range(_nums(method, "members"))])
     if not rows:
         return None
     sec = Section("Compute cost")
-    sec.table(["method", "trainable parameters", "training time per run (s)", "added inference time (s)",
-               "peak memory (MB)", "predictions averaged"], rows)
+    sec.table(["method", "trainable parameters", "training time per run (s)", "Laplace fit (s)",
+               "added time (s)", "peak memory (MB)", "posterior (MiB)", "predictions averaged"], rows)
     sec.text("Means over all runs of the variant, datasets and seeds together (times: mean [min, max] over those "
              "runs). Training time is per run (all members): the mean-member methods are read from the members of "
              "the same vectorised run, so their training time is the whole run's. Added inference time is what a "
-             "method needs beyond the run's own evaluation: the forward passes of weight averaging and MC dropout. "
+             "method needs beyond the run's own evaluation: the forward passes of weight averaging and MC dropout, and "
+             "for Laplace the fit (K-FAC factors on the training questions, their eigendecomposition, the prior "
+             "precision) plus the linearised predictive on the test split; the posterior column is the memory of "
+             "every member's factors' eigendecompositions. "
              "Fitting a temperature takes milliseconds; a checkpoint ensemble of E epochs costs E forward passes at "
              "test time (the run's per-epoch evaluation already made them here). "
              "Peak memory is the process's peak resident set size.")
@@ -494,9 +610,10 @@ def _intro(sweep: _Sweep) -> str:
     seeds = sorted({s for runs in sweep.runs.values() for s in runs})
     n_cells = sum(len(r) for r in sweep.runs.values())
     text = (f"{n_cells} complete runs: {len(sweep.datasets)} dataset(s) x {len(sweep.variants)} variant(s) x "
-            f"seeds {', '.join(map(str, seeds)) or 'none'}. Intervals are over seeds: every entry is "
-            "\"mean [min, max] over n seeds\" (independent training runs), not a confidence interval over "
-            "questions. ACC in percent, higher is better; NLL, ECE, Brier: lower is better.")
+            f"seeds {', '.join(map(str, seeds)) or 'none'}. Each section says what its intervals are: the main "
+            "table and the diversity levers give 95% intervals that resample both the seeds (independent training "
+            "runs, each on its own question samples) and the questions within each seed; the other sections give "
+            "[min, max] over seeds. ACC in percent, higher is better; NLL, ECE, Brier: lower is better.")
     if sweep.skipped:
         text += f" {sweep.skipped} run(s) whose status is not \"complete\" are left out."
     return text

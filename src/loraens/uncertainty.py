@@ -43,10 +43,11 @@ SCORE_NAMES: tuple[str, ...] = (
     "mutual_information_norm",
 )
 
-# The scores shown in OOD tables and plots: one confidence score, one total-uncertainty score and
-# one epistemic score normalised for the number of choices, and member disagreement.
+# The scores shown in OOD tables and plots: one confidence score, one total-uncertainty score
+# normalised for the number of choices, the epistemic score (mutual information) both raw in nats
+# and normalised, and member disagreement.
 DETECTION_SCORES: tuple[str, ...] = (
-    "1-max_prob", "predictive_entropy_norm", "mutual_information_norm", "member_disagreement",
+    "1-max_prob", "predictive_entropy_norm", "mutual_information", "mutual_information_norm", "member_disagreement",
 )
 
 
