@@ -208,3 +208,47 @@ def test_metric_cis_accept_torch():
 def test_format_ci():
     assert format_ci({"value": 0.7123, "low": 0.675, "high": 0.7481, "std": 0.02}) == "0.712 [0.675, 0.748]"
     assert format_ci({"diff": -0.01234, "low": -0.03, "high": 0.02, "p_value": 0.2}, digits=2) == "-0.01 [-0.03, 0.02]"
+
+
+# ---------------------------------------------------------------- ensemble gain, seeds and questions
+
+def test_ensemble_gain_equals_the_loop_over_resamples():
+    from loraens.bootstrap import ensemble_gain, resample_indices
+    from loraens.metrics import compute_metrics
+
+    rng = np.random.default_rng(3)
+    n, m, c = 60, 3, 4
+    targets = rng.integers(0, c, n)
+    mp = torch.softmax(torch.tensor(rng.normal(size=(n, m, c)) * 2 + 1.5 * np.eye(c)[targets][:, None]), -1)
+    gain = ensemble_gain(mp, targets, n_resamples=40, seed=5)
+    diffs = {k: [] for k in ("accuracy", "nll", "ece", "brier")}
+    for idx in resample_indices(n, 40, 5):
+        ens = compute_metrics(mp[idx].mean(1), targets[idx])
+        mean = {k: np.mean([compute_metrics(mp[idx, j], targets[idx])[k] for j in range(m)]) for k in diffs}
+        for k in diffs:
+            diffs[k].append(ens[k] - mean[k])
+    for k, d in diffs.items():
+        low, high = np.quantile(d, [0.025, 0.975])
+        assert gain[k]["low"] == pytest.approx(low, abs=1e-9) and gain[k]["high"] == pytest.approx(high, abs=1e-9)
+    point_ens = compute_metrics(mp.mean(1), targets)["nll"]
+    point_mean = np.mean([compute_metrics(mp[:, j], targets)["nll"] for j in range(m)])
+    assert gain["nll"]["diff"] == pytest.approx(point_ens - point_mean)
+    assert gain["nll"]["diff"] < 0  # averaging probabilities lowers NLL (Jensen)
+
+
+def test_seeds_and_questions_interval_by_hand():
+    from loraens.bootstrap import seeds_and_questions_interval
+
+    # Two seeds whose question resamples are constant (no question noise): a draw averages two
+    # seed picks, so it is a (1/4), (a + b) / 2 (1/2) or b (1/4): the 95% interval is [a, b].
+    low, high = seeds_and_questions_interval([np.full(10, 1.0), np.full(10, 3.0)], n_draws=4000)
+    assert (low, high) == (1.0, 3.0)
+    # One seed: the interval is that seed's question bootstrap alone.
+    values = np.linspace(0.0, 1.0, 1001)
+    low, high = seeds_and_questions_interval([values], n_draws=20000)
+    assert low == pytest.approx(0.025, abs=0.01) and high == pytest.approx(0.975, abs=0.01)
+    # Question noise widens the interval beyond the seeds' spread.
+    noisy = seeds_and_questions_interval([1.0 + values - 0.5, 3.0 + values - 0.5], n_draws=4000)
+    assert noisy[0] < 1.0 and noisy[1] > 3.0
+    with pytest.raises(ValueError, match="at least one seed"):
+        seeds_and_questions_interval([])

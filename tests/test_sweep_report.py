@@ -24,7 +24,7 @@ def _cell(dataset: str, variant: str, seed: int, history: bool = True) -> dict:
     Single LoRA: 5 points less accurate, NLL higher by 0.2 + 0.1 seed (+0.1 on OBQA), ECE higher by 0.05.
     """
     obqa = dataset == "obqa"
-    shift = {"plain": 0.0, "kl": 0.01, "init_only": -0.02}[variant]
+    shift = {"plain": 0.0, "kl": 0.01, "init_only": -0.02}.get(variant, 0.0)
     acc = (0.50 if obqa else 0.60) + 0.04 * seed + shift
     nll = 0.9 + 0.1 * seed + (0.2 if obqa else 0.0)
     ece = 0.05 + 0.01 * seed
@@ -114,8 +114,9 @@ def test_randomness_regulariser_and_cost_numbers(tmp_path):
     # ACC ensemble for KL: seed 0 (0.61 + 0.51) / 2 = 0.56, seed 1 0.60.
     assert reg["KL 0.1"][6] == "58.0 [56.0, 60.0]"
     cost = {r[0]: r for r in _rows(_section(md, "Compute cost"))}
-    assert cost["LoRA ensemble"][1:] == ["1,228,800", "90.0 [80.0, 100.0]", "0.0 [0.0, 0.0]", "1,500", "4"]
-    assert cost["mean member + temperature"][3] == "1.0 [1.0, 1.0]"
+    # No Laplace fit and no posterior in these cells: those columns are dashes.
+    assert cost["LoRA ensemble"][1:] == ["1,228,800", "90.0 [80.0, 100.0]", "—", "0.0 [0.0, 0.0]", "1,500", "—", "4"]
+    assert cost["mean member + temperature"][4] == "1.0 [1.0, 1.0]"
     assert "training time is per run (all members)" in md.lower()
 
 
@@ -129,7 +130,7 @@ def test_files_and_embedded_images(tmp_path):
         png = md_path.parent / rel
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert page.count('src="data:image/png;base64,') == len(images)
-    assert "<h1>test sweep</h1>" in page and "mean [min, max] over n seeds" in page
+    assert "<h1>test sweep</h1>" in page and "resample both the seeds" in page
     assert _titles(md) == ["Main", "Metrics", "Regularisers", "Randomness", "Ensemble", "Compute"]
 
 
@@ -160,3 +161,60 @@ def test_a_variant_on_fewer_datasets_is_compared_on_those_datasets_only(tmp_path
     assert "no regulariser (on ARC-Easy)" in regs and "KL 0.1 (on ARC-Easy)" in regs
     rand = [r[0] for r in _rows(_section(md, "Randomness"))]
     assert rand == ["no regulariser (on ARC-Easy)", "random init only (on ARC-Easy)"]
+
+
+def _with_resamples(cell: dict, noise: float = 0.0) -> dict:
+    """Resamples of every method: its point value, plus or minus `noise` on alternate resamples."""
+    signs = [(-1) ** r for r in range(100)]
+    cell["resamples"] = {m: {k: [v + noise * s for s in signs] for k, v in entry["test"].items()}
+                         for m, entry in cell["methods"].items()}
+    return cell
+
+
+def test_main_table_intervals_resample_seeds_and_questions(tmp_path):
+    """With resamples, an entry is mean [interval over seeds and questions]: equal to the seeds' [min, max]
+    when the questions add no noise (by hand: a draw averages two seed picks), wider when they do."""
+    from loraens.bootstrap import seeds_and_questions_interval
+
+    quiet = [_with_resamples(c) for c in _cells(("plain",))]
+    main = _section(build_sweep_report(quiet, tmp_path / "a")[1].read_text(), "Main table")
+    assert _rows(main)[1][1:4] == ["62.0 [60.0, 64.0]", "0.055 [0.050, 0.060]", "0.950 [0.900, 1.000]"]
+    noisy = [_with_resamples(c, noise=0.05) for c in _cells(("plain",))]
+    main = _section(build_sweep_report(noisy, tmp_path / "b")[1].read_text(), "Main table")
+    per_seed = [c["resamples"]["ensemble"]["accuracy"] for c in noisy if c["dataset"] == "arc_easy"]
+    low, high = seeds_and_questions_interval(per_seed, seed=0)
+    assert _rows(main)[1][1] == f"62.0 [{100 * low:.1f}, {100 * high:.1f}]" and low < 0.60 and high > 0.64
+    assert "95% interval over seeds and questions" in main
+
+
+def test_diversity_section_gives_paired_gains(tmp_path):
+    VARIANTS["bagging"] = ("bagging", "diversity", ("single", "ensemble"))
+    try:
+        cells = [_with_resamples(c) for c in _cells(("plain", "bagging"))]
+    finally:
+        del VARIANTS["bagging"]
+    md = build_sweep_report(cells, tmp_path / "sweep")[1].read_text()
+    rows = _rows(_section(md, "Diversity levers"))
+    assert [r[0] for r in rows] == ["no regulariser", "bagging"]
+    # Ensemble minus mean member NLL: -(0.2 + 0.1 seed) on ARC-Easy and -(0.3 + 0.1 seed) on OBQA, so the
+    # per-seed means over datasets are -0.25 and -0.35; ECE: -0.05 everywhere; ACC +5 points.
+    assert rows[1][1:5] == ["-0.300 [-0.350, -0.250]", "-0.050 [-0.050, -0.050]", "57.0 [55.0, 59.0]",
+                            "+5.0 [+5.0, +5.0]"]
+    assert rows[1][5] == "0.110 [0.100, 0.120]"  # disagreement over seeds
+
+
+def test_transfer_section_lists_every_ood_set_and_method(tmp_path):
+    cells = _cells(("plain",))
+    for c in cells:
+        auroc = {"single": {"1-max_prob": 0.5 + 0.1 * c["seed"], "predictive_entropy_norm": 0.55},
+                 "ensemble": {"1-max_prob": 0.6, "predictive_entropy_norm": 0.6, "mutual_information": 0.4,
+                              "mutual_information_norm": 0.45, "member_disagreement": 0.5}}
+        c["ood"] = {"mmlu:stem": {"label": "MMLU STEM", "split": "test", "num_questions": 200,
+                                  "metrics": {m: _metrics(0.3, 1.4, 0.1) for m in auroc}, "auroc": auroc}}
+    md = build_sweep_report(cells, tmp_path / "sweep")[1].read_text()
+    rows = _rows(_section(md, "Transfer and OOD"))
+    assert [r[:2] for r in rows] == [["ARC-Easy -> MMLU STEM", "mean member"], ["ARC-Easy -> MMLU STEM", "LoRA ensemble"],
+                                     ["OpenBookQA -> MMLU STEM", "mean member"],
+                                     ["OpenBookQA -> MMLU STEM", "LoRA ensemble"]]
+    assert rows[0][2:5] == ["30.0 [30.0, 30.0]", "1.400 [1.400, 1.400]", "0.550 [0.500, 0.600]"]
+    assert rows[0][6] == "—" and rows[1][6] == "0.400 [0.400, 0.400]"  # raw MI: ensembles only

@@ -33,6 +33,9 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 
 
+DEMO_RESAMPLES = 1000  # bootstrap resamples of the demo's paired intervals
+
+
 def _describe(hint: Any) -> str:
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -467,8 +470,10 @@ def _train_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _train(config: RunConfig, progress: bool, demo: bool, resume: bool | None = None, overwrite: bool = False) -> int:
+    from .bootstrap import ensemble_gain
+    from .predictions import load_predictions
     from .run import train_run
-    from .tables import format_comparison, format_epochs, format_table
+    from .tables import format_comparison, format_epochs, format_gain, format_table
 
     m = config.ensemble
     main = world_from_env()[0] == 0  # under torchrun, rank 0 speaks for the run
@@ -484,6 +489,10 @@ def _train(config: RunConfig, progress: bool, demo: bool, resume: bool | None = 
         if demo:
             print()
             print(format_comparison(metrics, title=f"{key}: mean member vs ensemble"))
+            preds = load_predictions(result.run_dir, key)
+            print()
+            print(format_gain(key, ensemble_gain(preds.member_probs, preds.targets, DEMO_RESAMPLES),
+                              len(preds.ids), DEMO_RESAMPLES))
     if demo:
         print()
         print(format_epochs(result.run_dir / "metrics.jsonl"))

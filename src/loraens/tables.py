@@ -90,3 +90,24 @@ def format_ood(in_key: str, ood: dict[str, dict[str, dict[str, float]]]) -> str:
     for key, table in ood.items():
         lines.append(f"{key:<34}" + "".join(f"{table[c]['auroc']:>26.3f}" for c in DETECTION_SCORES))
     return "\n".join(lines)
+
+
+def format_gain(key: str, gain: dict[str, dict[str, float]], n: int, n_resamples: int) -> str:
+    """The ensemble's gain over the mean member with paired-bootstrap intervals (`bootstrap.ensemble_gain`),
+    and whether each interval excludes 0."""
+    head = f"{'':<8}{'ensemble minus mean member':>28}{'95% interval':>22}{'p':>8}  verdict"
+    lines = [f"{key}: ensemble minus mean member, paired bootstrap over its {n} questions ({n_resamples} resamples)",
+             head, "-" * len(head)]
+    for metric, label, scale, better in (("accuracy", "acc %", 100.0, "higher"), ("nll", "NLL", 1.0, "lower"),
+                                         ("ece", "ECE", 1.0, "lower"), ("brier", "Brier", 1.0, "lower")):
+        g = gain[metric]
+        d, lo, hi = (scale * g[k] for k in ("diff", "low", "high"))
+        if lo > 0 or hi < 0:
+            gained = (d > 0) == (better == "higher")
+            verdict = "ensemble better" if gained else "ensemble worse"
+        else:
+            verdict = "no difference shown (interval holds 0)"
+        digits = 2 if metric == "accuracy" else 4
+        lines.append(f"{label:<8}{d:>+28.{digits}f}{f'[{lo:+.{digits}f}, {hi:+.{digits}f}]':>22}"
+                     f"{g['p_value']:>8.3f}  {verdict}")
+    return "\n".join(lines)
