@@ -213,7 +213,8 @@ def test_transfer_section_lists_every_ood_set_and_method(tmp_path):
                                   "metrics": {m: _metrics(0.3, 1.4, 0.1) for m in auroc}, "auroc": auroc}}
     md = build_sweep_report(cells, tmp_path / "sweep")[1].read_text()
     rows = _rows(_section(md, "Transfer and OOD"))
-    assert [r[:2] for r in rows] == [["ARC-Easy -> MMLU STEM", "mean member"], ["ARC-Easy -> MMLU STEM", "LoRA ensemble"],
+    assert [r[:2] for r in rows] == [["ARC-Easy -> MMLU STEM", "mean member"],
+                                     ["ARC-Easy -> MMLU STEM", "LoRA ensemble"],
                                      ["OpenBookQA -> MMLU STEM", "mean member"],
                                      ["OpenBookQA -> MMLU STEM", "LoRA ensemble"]]
     assert rows[0][2:5] == ["30.0 [30.0, 30.0]", "1.400 [1.400, 1.400]", "0.550 [0.500, 0.600]"]
