@@ -213,8 +213,9 @@ def _combined(sweep: _Sweep, datasets: Sequence[str], variant: str, method: str,
         return None
     per_seed = []
     for s in seeds:
-        arrays = [_resamples(sweep.seeds(d, variant)[s], method, metric, minus) for d in datasets]
-        if any(a is None for a in arrays) or len({len(a) for a in arrays}) != 1:  # type: ignore[arg-type]
+        found = [_resamples(sweep.seeds(d, variant)[s], method, metric, minus) for d in datasets]
+        arrays = [a for a in found if a is not None]
+        if len(arrays) < len(found) or len({len(a) for a in arrays}) != 1:
             return _over_seeds({d: {s: point[d][s] for s in seeds} for d in datasets})
         per_seed.append(np.mean(arrays, axis=0))
     mean = float(np.mean([np.mean([point[d][s] for d in datasets]) for s in seeds]))
@@ -508,11 +509,11 @@ def _size_section(sweep: _Sweep) -> Section | None:
     datasets = [d for d in sweep.datasets if d in points]
     sizes = sorted({int(m) for d in datasets for by_m in points[d].values() for m in by_m})
 
-    def entry(d: str, k: str, m: int) -> str:
+    def size_text(d: str, k: str, m: int) -> str:
         return _fmt(_stat(points[d].get(k, {}).get(m, [])), k)
 
     sec.table(["m"] + [f"{sweep.dataset_labels[d]} {METRIC_LABELS[k]}" for d in datasets for k in metrics],
-              [[str(m)] + [entry(d, k, m) for d in datasets for k in metrics] for m in sizes])
+              [[str(m)] + [size_text(d, k, m) for d in datasets for k in metrics] for m in sizes])
     sec.text("Test split; mean [min, max] over seeds.")
     return sec
 
