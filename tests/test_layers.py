@@ -25,7 +25,7 @@ EVALUATION_MODULES = (
 BLOCKED_PACKAGES = ("transformers", "peft")
 ENGINE_MODULES = tuple(f"loraens.{m}" for m in (
     "scoring", "ensemble", "diversity", "model", "train", "predict", "run", "checkpoint", "distributed", "laplace",
-    "answer", "serve", "fast", "fast.packing", "fast.prefix", "fast.head", "fast.attention", "fast.last_layer",
+    "answer", "serve", "transfer", "fast", "fast.packing", "fast.prefix", "fast.head", "fast.attention", "fast.last_layer",
     "fast.compiling", "fast.support",
 ))
 
