@@ -25,8 +25,8 @@ EVALUATION_MODULES = (
 BLOCKED_PACKAGES = ("transformers", "peft")
 ENGINE_MODULES = tuple(f"loraens.{m}" for m in (
     "scoring", "ensemble", "diversity", "model", "train", "predict", "run", "checkpoint", "distributed", "laplace",
-    "answer", "serve", "transfer", "fast", "fast.packing", "fast.prefix", "fast.head", "fast.attention", "fast.last_layer",
-    "fast.compiling", "fast.support",
+    "answer", "serve", "transfer", "fast", "fast.packing", "fast.prefix", "fast.head", "fast.attention",
+    "fast.last_layer", "fast.compiling", "fast.support",
 ))
 
 # Runs in the child: block the packages, import the module, print the engine modules it loaded.
