@@ -172,3 +172,26 @@ def test_flag_help_comes_from_the_config_comments(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "M, the LoRA members of the ensemble (default: 4)" in text
     assert "weight of KL(member || frozen base) over each training question's choices (default: 0.0)" in text
+
+
+def test_demo_prints_the_ensembles_paired_gain_with_intervals(tmp_path, tiny_setup, capsys):
+    """The demo's verdict table: ensemble minus mean member with the paired-bootstrap interval that
+    bootstrap.ensemble_gain gives on the run's saved predictions, and whether it excludes 0."""
+    from loraens.bootstrap import ensemble_gain
+    from loraens.cli import DEMO_RESAMPLES
+
+    model_dir, mirror = tiny_setup
+    run = tmp_path / "demo"
+    args = ["demo", "--output_dir", str(run), "--model.name", str(model_dir), "--model.dtype", "float32",
+            "--data.data_dir", str(mirror), "--data.train_limit", "null", "--ensemble.num_members", "2",
+            "--ensemble.top_layers", "null", "--train.epochs", "1", "--train.batch_size", "4", "--quiet"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    preds = Predictions.load(run / "predictions" / "arc_easy_validation.safetensors")
+    gain = ensemble_gain(preds.member_probs, preds.targets, DEMO_RESAMPLES)
+    assert f"ensemble minus mean member, paired bootstrap over its 7 questions ({DEMO_RESAMPLES} resamples)" in out
+    nll = next(line for line in out.splitlines() if line.startswith("NLL "))
+    assert f"[{gain['nll']['low']:+.4f}, {gain['nll']['high']:+.4f}]" in nll
+    expected = ("ensemble better" if gain["nll"]["high"] < 0 else "ensemble worse" if gain["nll"]["low"] > 0
+                else "no difference shown")
+    assert expected in nll

@@ -87,3 +87,17 @@ def test_invalid_yaml_and_empty_eval_splits_are_config_errors(tmp_path):
         RunConfig.load(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="--data.eval_splits"):
         RunConfig.from_dict({"data": {"eval_splits": []}})
+
+
+def test_flags_do_not_change_the_demo_defaults():
+    """A demo run with flags must leave DEMO_DEFAULTS as they were (a second run in the same process
+    would otherwise start from the first one's flags)."""
+    import copy
+
+    from loraens.cli import DEMO_DEFAULTS
+
+    before = copy.deepcopy(DEMO_DEFAULTS)
+    config = resolve_config(build_parser().parse_args(["demo", "--data.train_limit", "7", "--train.epochs", "1"]),
+                            DEMO_DEFAULTS)
+    assert config.data.train_limit == 7 and config.train.epochs == 1
+    assert DEMO_DEFAULTS == before

@@ -7,6 +7,7 @@ values come from the defaults, then an optional YAML file (``--config``), then t
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import inspect
 import os
@@ -117,9 +118,11 @@ def resolve_config(args: argparse.Namespace, base: dict[str, Any] | None = None)
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
+    """`b` merged into a copy of `a`, section by section. Nested dicts are copied, never shared, so
+    the flags written into the result cannot change `b` (e.g. the module-level DEMO_DEFAULTS)."""
+    out = copy.deepcopy(a)
     for k, v in b.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 
