@@ -219,3 +219,11 @@ def test_transfer_section_lists_every_ood_set_and_method(tmp_path):
                                      ["OpenBookQA -> MMLU STEM", "LoRA ensemble"]]
     assert rows[0][2:5] == ["30.0 [30.0, 30.0]", "1.400 [1.400, 1.400]", "0.550 [0.500, 0.600]"]
     assert rows[0][6] == "—" and rows[1][6] == "0.400 [0.400, 0.400]"  # raw MI: ensembles only
+
+
+def test_runs_scored_after_their_last_epoch_only_get_no_epoch_curve(tmp_path):
+    cells = _cells(("plain",))
+    for c in cells:
+        c["epochs"] = c["epochs"][-1:]  # eval_every_epoch false: one point per run
+    md = build_sweep_report(cells, tmp_path / "sweep")[1].read_text()
+    assert "Metrics vs training epoch" not in md and "Main table" in md

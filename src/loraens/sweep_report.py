@@ -319,7 +319,8 @@ def _epoch_section(sweep: _Sweep) -> Section | None:
                         value = _get(entry, model, k)
                         if isinstance(value, (int, float)) and "epoch" in entry:
                             points.setdefault(model, {}).setdefault(k, {}).setdefault(entry["epoch"], []).append(value)
-        if not points:
+        # A curve needs two epochs: runs evaluated after their last epoch only have one point.
+        if len({e for by_metric in points.values() for p in by_metric.values() for e in p}) < 2:
             continue
         label = sweep.dataset_labels[d]
         panels[label] = {MODEL_WORDS[model]: {_axis_label(k): _band(p, _scale(k)) for k, p in by_metric.items()}
