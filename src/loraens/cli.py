@@ -189,12 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep", help="run a grid of datasets x variants x seeds (resumable) and aggregate it",
         description="Train every cell of a sweep file (datasets x training variants x seeds) as a run folder, "
                     "derive the methods (single LoRA, ensemble, temperature scaling, checkpoint ensemble, "
-                    "weight averaging, MC dropout, early stopping) and write summary.md/summary.html with the "
-                    "paper's tables and figures. Finished cells are skipped, so after an interruption the same "
-                    "command resumes. Presets: paper-small (the default model, 2 CPU cores, about 70 min), "
-                    "paper (a 7B model, GPU). "
-                    "--gpus 0,1,2,3 runs one worker per GPU.")
-    sw.add_argument("sweep", metavar="SWEEP", help="sweep YAML file, or a preset name: paper-small, paper")
+                    "weight averaging, MC dropout, early stopping, Laplace-LoRA, ensemble + Laplace), score the "
+                    "transfer / OOD sets a dataset names, and write summary.md/summary.html with the paper's "
+                    "tables and figures (intervals over seeds and questions). Finished cells are skipped, so after "
+                    "an interruption the same command resumes. Presets (the default model on 2 CPU cores, times "
+                    "in EXPERIMENTS.md): paper-small (single vs ensemble vs Laplace vs the chosen diversity lever), "
+                    "diversity-small (which diversity lever pays), ablations-small (regularisers and randomness); "
+                    "paper (a 7B model, GPU). --gpus 0,1,2,3 runs one worker per GPU; --workers N runs N worker "
+                    "processes on one machine.")
+    sw.add_argument("sweep", metavar="SWEEP",
+                    help="sweep YAML file, or a preset name: paper-small, diversity-small, ablations-small, paper")
     sw.add_argument("--output_dir", metavar="DIR",
                     help="where the cells and summary go (default: the file's output_dir)")
     sw.add_argument("--dry-run", action="store_true", help="list the cells and whether each is complete; train nothing")

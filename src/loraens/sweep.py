@@ -148,7 +148,7 @@ def _fields(cls: type, raw: Any, where: str) -> dict[str, Any]:
 
 
 def preset_path(name: str) -> Path:
-    """The YAML file of a built-in preset (`paper-small`, `paper`)."""
+    """The YAML file of a built-in preset (`PRESETS`)."""
     if name not in PRESETS:
         raise ConfigError(f"Unknown preset {name!r}; the presets are {', '.join(PRESETS)}.")
     return Path(str(resources.files("loraens") / "presets" / f"{name}.yaml"))
