@@ -356,27 +356,33 @@ def seeds_and_questions_interval(
     """Percentile interval of a metric's mean over S training seeds, resampling seeds AND questions.
 
     Args:
-        per_seed: S arrays ``[R]``: seed s's metric on R bootstrap resamples of ITS OWN questions
-            (e.g. :func:`metric_resamples`, or a paired difference of two of them).
+        per_seed: S arrays ``[R]``: seed s's metric on R bootstrap resamples of its test questions,
+            where row r of every seed is drawn with the same indices into the questions sorted by
+            id (`loraens.sweep.method_resamples`). Seeds that scored the same questions therefore
+            have the same resample in row r.
 
-    A draw picks S seeds with replacement (the spread between independent training runs) and, for
-    each pick, one of that seed's resamples at random (the spread from which questions were
-    asked), and averages them. Returns the ``alpha/2`` and ``1 - alpha/2`` quantiles of the draws.
-    With one seed it is that seed's question bootstrap alone.
+    A draw picks S seeds with replacement (the spread between independent training runs) and one
+    row r for all of them (the spread from which questions were asked), and averages the picked
+    seeds' values in row r. Sharing the row keeps seeds that answered the same questions paired,
+    so their common question noise is not divided by S as if it were independent; seeds with
+    disjoint question samples get unrelated resamples in the same row, as they should. With one
+    seed it is that seed's question bootstrap; with two seeds the seed part of the spread is coarse
+    (a draw holds one seed twice half of the time). Returns the ``alpha/2`` and ``1 - alpha/2``
+    quantiles of the draws.
     """
     _check_resampling(n_draws, alpha)
     arrays = [np.asarray(a, dtype=float).ravel() for a in per_seed]
     if not arrays or any(len(a) == 0 for a in arrays):
         raise ValueError("seeds_and_questions_interval needs at least one seed with at least one resample.")
+    if len({len(a) for a in arrays}) != 1:
+        raise ValueError(f"Every seed needs the same number of resamples, but got {[len(a) for a in arrays]}.")
+    table = np.stack(arrays)  # [S, R]
     rng = np.random.default_rng(seed)
-    s = len(arrays)
+    s, r = table.shape
     picks = rng.integers(0, s, size=(n_draws, s))  # [D, S] seed picks
-    draws = np.zeros(n_draws)
-    for j in range(s):
-        for k in range(s):
-            rows = picks[:, j] == k
-            draws[rows] += arrays[k][rng.integers(0, len(arrays[k]), size=int(rows.sum()))]
-    return _interval(draws / s, alpha)
+    rows = rng.integers(0, r, size=n_draws)  # [D] one question resample per draw
+    draws = table[picks, rows[:, None]].mean(axis=1)
+    return _interval(draws, alpha)
 
 
 def format_ci(ci: dict[str, float], digits: int = 3) -> str:

@@ -538,7 +538,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         grid = cells(spec)
         for i, cell in enumerate(grid, 1):
-            state = "complete" if is_complete(cell, spec.mc_dropout_passes) else "to run  "
+            state = "complete" if is_complete(cell, spec.mc_dropout_passes, spec.resamples) else "to run  "
             print(f"[{i}/{len(grid)}] {state}  {cell.title}  -> {cell.folder}")
         return 0
     notes = ""

@@ -80,6 +80,7 @@ METHODS = ("single", "ensemble", "single+ts", "ensemble+ts", "checkpoint_ensembl
 PER_EPOCH = ("checkpoint_ensemble", "early_stop_single", "early_stop_ensemble")
 NEEDS_VALIDATION = ("single+ts", "ensemble+ts", "early_stop_single", "early_stop_ensemble")
 GROUPS = ("base", "regulariser", "randomness", "diversity")
+RESAMPLE_SEED = 0  # one seed for every cell's question resamples (see method_resamples)
 PRESETS = ("paper-small", "paper", "diversity-small", "ablations-small")
 _METRICS = ("accuracy", "nll", "ece", "brier")
 
@@ -268,7 +269,14 @@ def _slug(name: str) -> str:
 
 # --------------------------------------------------------------------------- running
 
-def is_complete(cell: Cell, mc_passes: int | None = None) -> bool:
+def _ood_requested(cell: Cell) -> list[dict[str, Any]]:
+    """The OOD sets this cell scores (none unless its variant says `ood: true`), as plain dicts."""
+    if not cell.variant.ood:
+        return []
+    return [dataclasses.asdict(OodSet.parse(o, cell.dataset.name)) for o in cell.dataset.ood]
+
+
+def is_complete(cell: Cell, mc_passes: int | None = None, resamples: int | None = None) -> bool:
     path = cell.folder / "cell.json"
     if not path.is_file():
         return False
@@ -279,6 +287,11 @@ def is_complete(cell: Cell, mc_passes: int | None = None) -> bool:
     if record.get("status") != "complete" or record.get("methods_requested") != cell.variant.methods:
         return False
     if mc_passes is not None and "mc_dropout" in cell.variant.methods and record.get("mc_dropout_passes") != mc_passes:
+        return False
+    # A sweep that gained OOD sets or changed its resample count redoes the cells that lack them.
+    if record.get("ood_requested", []) != _ood_requested(cell):
+        return False
+    if resamples is not None and record.get("resamples_requested") != resamples:
         return False
     try:  # re-read through RunConfig, so a setting added later with its default does not void old cells
         stored = RunConfig.from_dict(record.get("config") or {}).to_dict()
@@ -301,12 +314,12 @@ def run_sweep(spec: SweepSpec, progress: bool = True, log=print,
     grid = cells(spec)
     if worker is None:
         (out / "sweep.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
-        done = sum(is_complete(c, spec.mc_dropout_passes) for c in grid)
+        done = sum(is_complete(c, spec.mc_dropout_passes, spec.resamples) for c in grid)
         log(f"loraens sweep {spec.name}: {len(grid)} cells, {done} already complete -> {out}")
     for i, cell in enumerate(grid, 1):
         if worker is not None and (i - 1) % worker[1] != worker[0]:
             continue
-        if is_complete(cell, spec.mc_dropout_passes):
+        if is_complete(cell, spec.mc_dropout_passes, spec.resamples):
             continue
         log(f"[{i}/{len(grid)}] {cell.title}")
         started = time.time()
@@ -333,7 +346,7 @@ def run_sweep_workers(spec: SweepSpec, devices: list[str | None], log=print) -> 
     resolved = out / "sweep.yaml"  # the workers read the resolved sweep, so they see the same cells
     resolved.write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
     grid = cells(spec)
-    done = sum(is_complete(c, spec.mc_dropout_passes) for c in grid)
+    done = sum(is_complete(c, spec.mc_dropout_passes, spec.resamples) for c in grid)
     width = len(devices)
     where = ", ".join(f"worker {i}: {'GPU ' + d if d is not None else 'same device setting'}"
                       for i, d in enumerate(devices))
@@ -372,7 +385,7 @@ def run_sweep_workers(spec: SweepSpec, devices: list[str | None], log=print) -> 
 def collect(spec: SweepSpec) -> list[dict[str, Any]]:
     """The records of the complete cells (in grid order)."""
     return [json.loads((c.folder / "cell.json").read_text()) for c in cells(spec)
-            if is_complete(c, spec.mc_dropout_passes)]
+            if is_complete(c, spec.mc_dropout_passes, spec.resamples)]
 
 
 def write_summary(spec: SweepSpec, records: list[dict[str, Any]], output: str | Path | None = None,
@@ -447,12 +460,16 @@ def run_cell(cell: Cell, mc_passes: int = 8, progress: bool = True, resamples: i
         "ensemble_size": [{"m": r["m"], **{k: r["first"][k] for k in _METRICS}}
                           for r in ensemble_size_curve(test.member_probs, test.targets)],
         "diversity": _diversity(test),
-        "guarantees": guarantees(load_predictions(cell.folder, val_key), test),
+        # Fitted on the validation split and measured on the test split; none when they are one split
+        # (measuring on the calibration questions would report an in-sample, optimistic coverage).
+        "guarantees": None if val_key == test_key else guarantees(load_predictions(cell.folder, val_key), test),
         # Paired question resamples of every method, seeded by the cell's seed: intervals over seeds
         # AND questions in the summary (bootstrap.seeds_and_questions_interval).
-        "resamples": method_resamples(probs, test.targets, resamples, cell.seed),
+        "resamples": method_resamples(probs, test.targets, test.ids, resamples),
+        "resamples_requested": resamples,
         "num_test_questions": len(test.ids),
         "ood": ood,
+        "ood_requested": _ood_requested(cell),
         "epochs_trained": info.get("epochs_trained"),
         "methods_requested": list(cell.variant.methods),
         "mc_dropout_passes": mc_passes,
@@ -575,16 +592,23 @@ def derive_methods(ens: LoadedEnsemble, cell: Cell, test_key: str, val_key: str,
     return out, probs, laplace
 
 
-def method_resamples(probs: dict[str, torch.Tensor], targets: torch.Tensor, n_resamples: int,
-                     seed: int) -> dict[str, dict[str, list[float]]]:
+def method_resamples(probs: dict[str, torch.Tensor], targets: torch.Tensor, ids: list[str],
+                     n_resamples: int) -> dict[str, dict[str, list[float]]]:
     """Each method's test metrics on `n_resamples` bootstrap resamples of the questions, the SAME
     resamples for every method (so differences between methods are paired). A [N, M, C] entry is a
     mean-member method: the mean over members of each member's metric on the resample.
-    {method: {metric: [n_resamples floats]}}; `sweep_report` combines them over seeds."""
+    {method: {metric: [n_resamples floats]}}; `sweep_report` combines them over seeds.
+
+    The questions are put in the order of their ids and resampled with one fixed seed, whatever the
+    cell: two seeds that scored the same questions get the same resample in row r, so the summary
+    can pair them (`bootstrap.seeds_and_questions_interval`) instead of counting their shared
+    question noise as independent."""
+    order = torch.as_tensor(sorted(range(len(ids)), key=lambda i: ids[i]), dtype=torch.long)
     out = {}
     for name, p in probs.items():
-        values = (member_metric_resamples(p.double(), targets, n_resamples, seed) if p.ndim == 3
-                  else metric_resamples(p.double(), targets, n_resamples, seed))
+        p, t = p[order].double(), targets[order]
+        values = (member_metric_resamples(p, t, n_resamples, RESAMPLE_SEED) if p.ndim == 3
+                  else metric_resamples(p, t, n_resamples, RESAMPLE_SEED))
         out[name] = {k: [round(float(x), 6) for x in v] for k, v in values.items()}
     return out
 
