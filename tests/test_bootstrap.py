@@ -250,5 +250,12 @@ def test_seeds_and_questions_interval_by_hand():
     # Question noise widens the interval beyond the seeds' spread.
     noisy = seeds_and_questions_interval([1.0 + values - 0.5, 3.0 + values - 0.5], n_draws=4000)
     assert noisy[0] < 1.0 and noisy[1] > 3.0
+    # Two seeds that scored the same questions (the same resample in each row) are paired: their
+    # interval is that of one seed, not narrower as if their question noise were independent.
+    one = seeds_and_questions_interval([values], n_draws=20000)
+    both = seeds_and_questions_interval([values, values], n_draws=20000)
+    assert both[0] == pytest.approx(one[0], abs=0.01) and both[1] == pytest.approx(one[1], abs=0.01)
     with pytest.raises(ValueError, match="at least one seed"):
         seeds_and_questions_interval([])
+    with pytest.raises(ValueError, match="same number of resamples"):
+        seeds_and_questions_interval([values, values[:10]])

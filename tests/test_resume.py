@@ -116,6 +116,9 @@ def test_interrupted_twice_with_other_checkpoint_intervals(tmp_path, tiny_setup,
       "--train.max_steps", "10"), 8),
     # the frozen-prefix cache (its hidden states are recomputed after the resume)
     (("--ensemble.top_layers", "1"), 10),
+    # the diversity levers: bags, per-member lr and weight decay, per-member targets, all together
+    (("--ensemble.bagging", "true", "--ensemble.lr_range", "0.005,0.04", "--ensemble.weight_decay_range", "0,0.5",
+      "--ensemble.target_modules", "q_proj,v_proj,k_proj", "--ensemble.member_targets", "q_proj+v_proj,k_proj"), 11),
 ])
 def test_resume_keeps_every_training_feature(tmp_path, tiny_setup, monkeypatch, extra, kill_at):
     model_dir, mirror = tiny_setup

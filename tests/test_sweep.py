@@ -249,9 +249,16 @@ def test_laplace_methods_resamples_and_the_ood_block(tmp_path, tiny_setup):
     assert 0 <= lap["test"]["accuracy"] <= 1 and lap["test"]["nll"] > 0
     assert len(lap["laplace"]["prior_precision"]) == 2
 
-    test = Predictions.load(grid[0].folder / "predictions" / "arc_easy_test.safetensors")
-    again = metric_resamples(ensemble_probs(test.member_probs).double(), test.targets, 50, seed=0)
-    np.testing.assert_allclose(cell["resamples"]["ensemble"]["nll"], again["nll"], atol=1e-6)
+    # The resamples: the questions in id order, one seed for every cell (seed 1's cell too), so two
+    # seeds that scored the same questions have the same resample in each row.
+    for c in grid[:2]:
+        record = json.loads((c.folder / "cell.json").read_text())
+        test = Predictions.load(c.folder / "predictions" / "arc_easy_test.safetensors")
+        order = sorted(range(len(test.ids)), key=lambda i: test.ids[i])
+        again = metric_resamples(ensemble_probs(test.member_probs[order]).double(), test.targets[order], 50,
+                                 seed=sweep_mod.RESAMPLE_SEED)
+        np.testing.assert_allclose(record["resamples"]["ensemble"]["nll"], again["nll"], atol=1e-6)
+        assert record["resamples_requested"] == 50
     assert set(cell["resamples"]) == set(cell["methods"])
     assert all(len(v) == 50 for r in cell["resamples"].values() for v in r.values())
 
@@ -265,8 +272,12 @@ def test_laplace_methods_resamples_and_the_ood_block(tmp_path, tiny_setup):
 
     text = (tmp_path / "sweep" / "summary.md").read_text()
     assert "Laplace-LoRA (mean member)" in text and "ensemble + Laplace" in text
-    assert "Transfer and OOD detection" in text and "ARC-Easy -> ARC-E val" not in text  # label of dataset
-    assert "arc_easy -> ARC-E val" in text and "Diversity levers" in text
+    assert "Transfer and OOD detection" in text and "arc_easy -> ARC-E val" in text and "Diversity levers" in text
+    # A sweep that gains an OOD set reruns the cells that must score it, and only those.
+    raw = yaml.safe_load(Path(path).read_text())
+    raw["datasets"][0]["ood"].append({"name": "arc_easy", "split": "train", "limit": 3})
+    Path(path).write_text(yaml.safe_dump(raw))
+    assert [is_complete(c, resamples=50) for c in cells(load_sweep(path))] == [False, False, True, True]
 
 
 def test_ood_sets_are_checked_when_the_sweep_is_read(tmp_path, tiny_setup):

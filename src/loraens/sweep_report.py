@@ -524,7 +524,8 @@ def _guarantee_section(sweep: _Sweep) -> Section | None:
     if sweep.base is None:
         return None
     cells = sweep.all_cells(sweep.base)
-    cells = [c for c in cells if isinstance(c.get("guarantees"), Mapping)]
+    # Cells whose calibration split is their test split measured the guarantees in-sample: left out.
+    cells = [c for c in cells if isinstance(c.get("guarantees"), Mapping) and c.get("test_key") != c.get("val_key")]
     if not cells:
         return None
     alpha = f"{cells[0]['guarantees']['alphas'][0]:g}"
@@ -538,7 +539,7 @@ def _guarantee_section(sweep: _Sweep) -> Section | None:
                     (f"error among answered (target {r})", ("risk", r, "test_risk"), "info")]
     rows: list[list[str]] = []
     bold: set[tuple[int, int]] = set()
-    for d in sweep.datasets_of(sweep.base):
+    for d in [d for d in sweep.datasets_of(sweep.base) if any(c["dataset"] == d for c in cells)]:
         block = []
         for model in ("mean_member", "ensemble"):
             stats = [_stat(sweep.values(d, sweep.base, "guarantees", model, *path).values())

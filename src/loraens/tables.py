@@ -102,8 +102,8 @@ def format_gain(key: str, gain: dict[str, dict[str, float]], n: int, n_resamples
                                          ("ece", "ECE", 1.0, "lower"), ("brier", "Brier", 1.0, "lower")):
         g = gain[metric]
         d, lo, hi = (scale * g[k] for k in ("diff", "low", "high"))
-        if lo > 0 or hi < 0:
-            gained = (d > 0) == (better == "higher")
+        if lo > 0 or hi < 0:  # the interval's side, not the point's sign, says which way
+            gained = (lo > 0) == (better == "higher")
             verdict = "ensemble better" if gained else "ensemble worse"
         else:
             verdict = "no difference shown (interval holds 0)"

@@ -250,7 +250,9 @@ def train_members(
         set_rng_state(resume.rng, params[0].device if params else torch.device("cpu"))
     device = params[0].device if params else torch.device("cpu")
     main = first_member == 0
-    hint = (f"Lower --train.lr (now {train.lr:g}) or --ensemble.init_scale (now {ensemble.init_scale:g}); clipping "
+    lr_flag = (f"the top of --ensemble.lr_range (now {ensemble.lr_range[1]:g})" if ensemble.lr_range
+               else f"--train.lr (now {train.lr:g})")
+    hint = (f"Lower {lr_flag} or --ensemble.init_scale (now {ensemble.init_scale:g}); clipping "
             "cannot rescue a gradient that is already infinite.")
     watch = DivergenceWatch(train.divergence_patience, math.ceil(n / b) // 4, state.watch)
     state.watch = watch.state

@@ -54,7 +54,8 @@ class OodSet:
             return cls(raw)
         keys = {"name", "split", "label", "limit"}
         if (isinstance(raw, dict) and isinstance(raw.get("name"), str) and set(raw) <= keys
-                and (raw.get("limit") is None or (isinstance(raw["limit"], int) and raw["limit"] > 0))):
+                and (raw.get("limit") is None or (isinstance(raw["limit"], int) and not isinstance(raw["limit"], bool)
+                                                  and raw["limit"] > 0))):
             return cls(**raw)
         raise ValueError(f"{where}: an OOD set is a dataset name or a mapping with name (and split, label, a "
                          f"positive limit), but got {raw!r}.")
