@@ -232,3 +232,16 @@ def test_levers_read_from_the_command_line_form():
     assert cfg.ensemble.lr_range == [1e-3, 4e-3] and cfg.ensemble.weight_decay_range == [0.0, 0.5]
     assert cfg.ensemble.member_targets == ["q_proj+v_proj", "v_proj"] and cfg.ensemble.bagging is True
     assert RunConfig.from_dict(cfg.to_dict()).ensemble == cfg.ensemble  # round-trips through YAML
+
+
+def test_trainable_parameters_count_only_a_members_own_modules(make_base):
+    from loraens.diversity import trainable_per_member
+
+    cfg = ens_config(num_members=2, target_modules=["q_proj", "v_proj"], member_targets=["q_proj+v_proj", "v_proj"])
+    layers = attach_members(make_base(), cfg)
+    size = {n: layer.lora_A[0].numel() + layer.lora_B[0].numel() for n, layer in layers.items()}
+    both = sum(size.values())
+    v_only = sum(v for n, v in size.items() if n.endswith("v_proj"))
+    assert trainable_per_member(layers, cfg) == round((both + v_only) / 2)
+    plain = ens_config(num_members=2, target_modules=["q_proj", "v_proj"])
+    assert trainable_per_member(attach_members(make_base(), plain), plain) == both

@@ -107,3 +107,15 @@ def member_targets(ensemble: EnsembleConfig, member: int) -> set[str] | None:
         return None
     groups = [set(g.split("+")) for g in ensemble.member_targets]
     return groups[member % len(groups)]
+
+
+def trainable_per_member(layers: dict[str, nn.Module], ensemble: EnsembleConfig) -> int:
+    """LoRA parameters one member trains, averaged over the members (rounded): with
+    `--ensemble.member_targets` a member's other modules hold zeros it never trains, so they do not
+    count. layers: `ensemble.member_layers(model)` (lora_A [M, r, in], lora_B [M, out, r] each)."""
+    counts = []
+    for k in range(ensemble.num_members):
+        own = member_targets(ensemble, k)
+        counts.append(sum(layer.lora_A[0].numel() + layer.lora_B[0].numel() for name, layer in layers.items()
+                          if own is None or name.rsplit(".", 1)[-1] in own))
+    return round(sum(counts) / len(counts))

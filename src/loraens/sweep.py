@@ -55,7 +55,8 @@ import yaml
 from .bootstrap import member_metric_resamples, metric_resamples
 from .config import ConfigError, RunConfig
 from .data import load_examples
-from .ensemble import lora_parameters, mc_dropout, weight_averaged
+from .diversity import trainable_per_member
+from .ensemble import mc_dropout, member_layers, weight_averaged
 from .ensemble_size import ensemble_size_curve
 from .methods import (
     best_epoch,
@@ -434,7 +435,7 @@ def run_cell(cell: Cell, mc_passes: int = 8, progress: bool = True, resamples: i
     test_key, val_key = split_key(d.dataset, cell.dataset.test_split), split_key(d.dataset, cell.dataset.val_split)
     methods, probs, laplace = derive_methods(result.ensemble, cell, test_key, val_key, mc_passes)
     members = cell.config.ensemble.num_members
-    per_member = sum(p.numel() for p in lora_parameters(result.ensemble.model)) // members
+    per_member = trainable_per_member(member_layers(result.ensemble.model), cell.config.ensemble)
     test = load_predictions(cell.folder, test_key)  # read once for the curves below
     ood = {}
     if cell.variant.ood and cell.dataset.ood:
@@ -508,7 +509,7 @@ def derive_methods(ens: LoadedEnsemble, cell: Cell, test_key: str, val_key: str,
     """
     folder, cfg, wanted = cell.folder, ens.config, cell.variant.methods
     m = cfg.ensemble.num_members
-    per_member = sum(p.numel() for p in lora_parameters(ens.model)) // m
+    per_member = trainable_per_member(member_layers(ens.model), cfg.ensemble)
     test, val = load_predictions(folder, test_key), load_predictions(folder, val_key)
     ev_test = evaluate_ensemble(test.member_probs, test.targets)
     ev_val = evaluate_ensemble(val.member_probs, val.targets)

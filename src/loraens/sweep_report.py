@@ -289,7 +289,9 @@ def _main_section(sweep: _Sweep) -> Section | None:
              "train independently, so each member is a single LoRA: the mean-member rows (mean member, mean member "
              "+ temperature, checkpoint ensemble (mean over members), early stopping (mean member)) are the mean of "
              "the members' metrics; MC dropout uses member 0; temperatures and early-stopping epochs are chosen on "
-             "the validation split.")
+             "the validation split. Laplace-LoRA (mean member) scores each member's Laplace predictive as a single "
+             "model and averages the members' metrics; ensemble + Laplace is the mixture of the members' "
+             "posteriors.")
     metrics = ("accuracy", "ece", "nll")
     header = ["method"] + [f"{sweep.dataset_labels[d]} {METRIC_LABELS[k]}" for d in sweep.datasets for k in metrics]
     stats = [[_combined(sweep, [d], v, m, k) for d in sweep.datasets for k in metrics] for m, v in rows]
