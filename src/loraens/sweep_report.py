@@ -478,7 +478,8 @@ def _transfer_section(sweep: _Sweep) -> Section | None:
              "test questions (OOD = positive, 0.5 = chance, below 0.5 = the score is LOWER on unseen data). A single "
              "model (mean member, Laplace mean member) has no member spread: its columns are 1 - max p and the "
              "entropy normalised by log C, averaged over the members as single models; MI is mutual information, "
-             "raw in nats and normalised by log C. Entries are mean [min, max] over seeds.")
+             "raw in nats and normalised by log C (the two rank questions alike, so their AUROCs are equal, when "
+             "every question of both sets has the same number of choices). Entries are mean [min, max] over seeds.")
     return sec
 
 
