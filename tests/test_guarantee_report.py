@@ -85,3 +85,15 @@ def test_sweep_report_compares_the_guarantees_of_mean_member_and_ensemble(tmp_pa
         del c["guarantees"]
     _, md = build_sweep_report(cells, tmp_path / "old")
     assert "Answers with guarantees" not in md.read_text()
+
+
+def test_sweep_report_leaves_out_guarantees_measured_on_their_calibration_split(tmp_path):
+    from loraens.sweep import guarantees
+    from loraens.sweep_report import build_sweep_report
+
+    preds = _preds(300, 10, "v")
+    cell = {"dataset": "arc_easy", "dataset_label": "ARC-Easy", "variant": "plain", "variant_label": "plain",
+            "variant_group": "base", "seed": 0, "status": "complete", "methods": {},
+            "test_key": "arc_easy_validation", "val_key": "arc_easy_validation", "guarantees": guarantees(preds, preds)}
+    _, md = build_sweep_report([cell], tmp_path / "summary")
+    assert "Answers with guarantees" not in md.read_text()

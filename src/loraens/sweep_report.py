@@ -528,7 +528,8 @@ def _guarantee_section(sweep: _Sweep) -> Section | None:
         return None
     cells = sweep.all_cells(sweep.base)
     # Cells whose calibration split is their test split measured the guarantees in-sample: left out.
-    cells = [c for c in cells if isinstance(c.get("guarantees"), Mapping) and c.get("test_key") != c.get("val_key")]
+    cells = [c for c in cells if isinstance(c.get("guarantees"), Mapping)
+             and not (c.get("test_key") and c.get("test_key") == c.get("val_key"))]
     if not cells:
         return None
     alpha = f"{cells[0]['guarantees']['alphas'][0]:g}"
