@@ -19,12 +19,16 @@ of the members gives them the values they get in one process.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from .config import EnsembleConfig, TrainConfig
+
+if TYPE_CHECKING:  # ensemble imports this module; the layer type is only needed for the annotations
+    from .ensemble import MemberLoraLinear
 
 # Stream tags, so the bag, lr and weight-decay draws of a member are independent of each other
 # and of its init (`ensemble.member_seed`) and data order (`train.member_orders`).
@@ -109,11 +113,11 @@ def member_targets(ensemble: EnsembleConfig, member: int) -> set[str] | None:
     return groups[member % len(groups)]
 
 
-def trainable_per_member(layers: dict[str, nn.Module], ensemble: EnsembleConfig) -> int:
+def trainable_per_member(layers: dict[str, MemberLoraLinear], ensemble: EnsembleConfig) -> int:
     """LoRA parameters one member trains, averaged over the members (rounded): with
     `--ensemble.member_targets` a member's other modules hold zeros it never trains, so they do not
     count. layers: `ensemble.member_layers(model)` (lora_A [M, r, in], lora_B [M, out, r] each)."""
-    counts = []
+    counts: list[int] = []
     for k in range(ensemble.num_members):
         own = member_targets(ensemble, k)
         counts.append(sum(layer.lora_A[0].numel() + layer.lora_B[0].numel() for name, layer in layers.items()
