@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .arrays import ArrayLike, check_n_bins, equal_width_bins, prepare, top_label
-from .metrics import METRIC_NAMES, NLL_EPS, compute_metrics
+from .metrics import METRIC_NAMES, NLL_EPS, compute_metrics, evaluate_ensemble
 
 # Index matrices are drawn and used in row blocks of about this many entries, so memory stays
 # bounded (~32 MB of int64 per block) whatever N * n_resamples is.
@@ -344,9 +344,8 @@ def ensemble_gain(
     ens = mp.mean(dim=1)
     ens_r = metric_resamples(ens, targets, n_resamples, seed, n_bins)
     mean_r = member_metric_resamples(mp, targets, n_resamples, seed, n_bins)
-    ens_p = compute_metrics(ens, targets, n_bins=n_bins)
-    mean_p = {k: float(np.mean([compute_metrics(mp[:, j], targets, n_bins=n_bins)[k] for j in range(mp.shape[1])]))
-              for k in METRIC_NAMES}
+    point = evaluate_ensemble(mp, targets, n_bins=n_bins)
+    ens_p, mean_p = point["ensemble"], point["mean_member"]
     return {k: paired_summary(ens_p[k] - mean_p[k], ens_r[k] - mean_r[k], alpha) for k in METRIC_NAMES}
 
 

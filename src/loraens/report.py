@@ -21,7 +21,9 @@ import numpy as np
 from . import plots
 from .bootstrap import (
     bootstrap_ci,
+    ensemble_gain,
     format_ci,
+    member_metric_resamples,
     metric_cis,
     metric_resamples,
     paired_bootstrap,
@@ -151,14 +153,12 @@ def _transfer_rows(key: str, p: Predictions, n_resamples: int, seed: int) -> lis
     mp, targets = p.member_probs.double().numpy(), p.targets.numpy()
     ens = ensemble_probs(mp).numpy()
     ens_r = metric_resamples(ens, targets, n_resamples=n_resamples, seed=seed)
-    mem_r = [metric_resamples(mp[:, j], targets, n_resamples=n_resamples, seed=seed) for j in range(mp.shape[1])]
-    mean_r = {k: np.mean([r[k] for r in mem_r], axis=0) for k in MAIN_METRICS}
+    mean_r = member_metric_resamples(mp, targets, n_resamples=n_resamples, seed=seed)
     point = evaluate_ensemble(mp, targets)
-    ens_p, mean_p = point["ensemble"], point["mean_member"]
-    return [[key, MEAN_MEMBER, *(_ci_text(mean_p[k], mean_r[k]) for k in MAIN_METRICS)],
-            [key, "ensemble", *(_ci_text(ens_p[k], ens_r[k]) for k in MAIN_METRICS)],
-            [key, f"ensemble minus {MEAN_MEMBER}", *(_diff_text(ens_p[k] - mean_p[k], ens_r[k] - mean_r[k])
-                                                    for k in MAIN_METRICS)]]
+    gain = ensemble_gain(mp, targets, n_resamples=n_resamples, seed=seed)  # the same resamples, paired
+    return [[key, MEAN_MEMBER, *(_ci_text(point["mean_member"][k], mean_r[k]) for k in MAIN_METRICS)],
+            [key, "ensemble", *(_ci_text(point["ensemble"][k], ens_r[k]) for k in MAIN_METRICS)],
+            [key, f"ensemble minus {MEAN_MEMBER}", *(_paired_text(gain[k]) for k in MAIN_METRICS)]]
 
 
 GUARANTEE_DEFAULTS = {"alphas": (0.05, 0.1, 0.2), "risks": (0.05, 0.1, 0.2, 0.3), "delta": 0.1,
