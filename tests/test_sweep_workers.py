@@ -22,9 +22,11 @@ def test_workers_share_the_cells_and_one_summary_follows(tmp_path, tiny_setup, m
     out = capsys.readouterr().out
     grid = cells(spec)
     assert all(is_complete(c, spec.mc_dropout_passes) for c in grid)
-    for i, cell in enumerate(grid, 1):  # worker i % 2 ran cell i (round robin), and said so
-        assert f"[worker {(i - 1) % 2}] [{i}/{len(grid)}] {cell.title}: done" in out
+    for i, cell in enumerate(grid, 1):  # exactly one worker ran cell i, and said so
+        said = [w for w in (0, 1) if f"[worker {w}] [{i}/{len(grid)}] {cell.title}: done" in out]
+        assert len(said) == 1, (i, said)
     assert (tmp_path / "sweep" / "summary.md").is_file()
+    assert not list((tmp_path / "sweep").glob(".claims-*"))  # the claims folder is removed
     # A rerun finds every cell complete and trains nothing.
     assert main(["sweep", path, "--workers", "2", "--quiet"]) == 0
     assert "done in" not in capsys.readouterr().out
@@ -51,6 +53,8 @@ def test_gpu_workers_see_only_their_gpu(tmp_path, monkeypatch):
     sweep_mod.run_sweep_workers(spec, ["3", "5"], log=lambda line: None)
     assert [env for _, env in launched] == ["3", "5"]
     assert [cmd[cmd.index("--worker") + 1] for cmd, _ in launched] == ["0/2", "1/2"]
+    claims = {cmd[cmd.index("--claims") + 1] for cmd, _ in launched}
+    assert len(claims) == 1 and claims.pop().startswith(str(tmp_path / "out" / ".claims-"))
     assert all(cmd[:4] == [sys.executable, "-m", "loraens", "sweep"] for cmd, _ in launched)
 
 
@@ -70,6 +74,32 @@ def test_a_failing_worker_is_named_and_the_others_finish(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"worker\(s\) 1 \(exit code 1\) failed"):
         sweep_mod.run_sweep_workers(spec, [None, None], log=lines.append)
     assert "[worker 1] oops" in lines
+
+
+def test_workers_take_the_incomplete_cells_as_they_free_up(tmp_path, monkeypatch):
+    """With claims, a resumed sweep whose missing cells all sit at odd grid positions is still
+    shared: a worker takes any cell not yet claimed (round robin over the grid gave one worker all)."""
+    spec = sweep_mod.SweepSpec("s", str(tmp_path / "out"), [sweep_mod.DatasetSpec("arc_easy")],
+                               [sweep_mod.VariantSpec(f"v{k}", group="base") for k in range(4)])
+    grid = cells(spec)
+    missing = {2, 4}  # cell numbers (1-based) that a previous run left incomplete
+    monkeypatch.setattr(sweep_mod, "is_complete",
+                        lambda cell, *a: grid.index(cell) + 1 not in missing and cell not in ran)
+    ran: list = []
+    monkeypatch.setattr(sweep_mod, "run_cell", lambda cell, *a: ran.append(cell))
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    # Worker 0 claims the first missing cell; worker 1 then finds it claimed and takes the other one.
+    sweep_mod.run_sweep(spec, progress=False, log=lambda line: None, worker=(0, 2), claims=claims)
+    assert ran == [grid[1], grid[3]]  # alone, worker 0 takes both: nothing is left unclaimed
+    ran.clear()
+    for f in claims.iterdir():
+        f.unlink()
+    (claims / "2").touch()  # worker 1 holds cell 2
+    sweep_mod.run_sweep(spec, progress=False, log=lambda line: None, worker=(0, 2), claims=claims)
+    assert ran == [grid[3]]
+    with pytest.raises(ValueError, match="go together"):
+        sweep_mod.run_sweep(spec, progress=False, log=lambda line: None, worker=(0, 2))
 
 
 @pytest.mark.parametrize(("flags", "message"), [

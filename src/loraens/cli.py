@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="spread the cells over W worker processes that share the device setting (with --gpus: "
                          "must equal the number of GPUs)")
     sw.add_argument("--worker", metavar="I/W", type=_worker_flag, help=argparse.SUPPRESS)  # one worker's share
+    sw.add_argument("--claims", metavar="DIR", help=argparse.SUPPRESS)  # the workers' shared claims folder
     sw.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_answer_verbs(sub)
     return parser
@@ -552,8 +553,11 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.gpus and args.workers is not None and args.workers != len(args.gpus):
         raise ValueError(f"--workers {args.workers} does not match --gpus {','.join(args.gpus)} "
                          f"({len(args.gpus)} GPUs: one worker per GPU); drop --workers.")
-    if args.worker is not None:  # one worker's share, started by --gpus / --workers
-        run_sweep(spec, progress=not args.quiet, log=log, worker=args.worker)
+    if args.worker is not None:  # one worker, started by --gpus / --workers
+        if not args.claims:
+            raise ValueError("--worker I/W is internal to --workers / --gpus and needs --claims DIR; "
+                             "use --workers W instead.")
+        run_sweep(spec, progress=not args.quiet, log=log, worker=args.worker, claims=args.claims)
         return 0
     if not args.report_only and (args.gpus or (args.workers or 1) > 1):
         run_sweep_workers(spec, args.gpus or [None] * args.workers, log=log)

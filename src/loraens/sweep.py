@@ -39,8 +39,10 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -304,12 +306,16 @@ def is_complete(cell: Cell, mc_passes: int | None = None, resamples: int | None 
 
 
 def run_sweep(spec: SweepSpec, progress: bool = True, log=print,
-              worker: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+              worker: tuple[int, int] | None = None, claims: str | Path | None = None) -> list[dict[str, Any]]:
     """Run every incomplete cell, then write the summary; returns the cell records.
 
-    `worker` = (i, W): run only cells i, i + W, i + 2W, ... of the grid and write no summary
-    (one of the W worker processes of `run_sweep_workers`).
+    `worker` = (i, W) with `claims` = a folder shared by the W worker processes of
+    `run_sweep_workers`: run each incomplete cell this worker claims first, and write no summary.
+    A cell is claimed by creating `claims/<cell number>` exclusively, so the workers split the
+    cells as they free up (a worker on long cells takes fewer), and no cell runs twice.
     """
+    if (worker is None) != (claims is None):
+        raise ValueError("run_sweep: `worker` and `claims` go together (one worker of run_sweep_workers).")
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid = cells(spec)
@@ -318,10 +324,10 @@ def run_sweep(spec: SweepSpec, progress: bool = True, log=print,
         done = sum(is_complete(c, spec.mc_dropout_passes, spec.resamples) for c in grid)
         log(f"loraens sweep {spec.name}: {len(grid)} cells, {done} already complete -> {out}")
     for i, cell in enumerate(grid, 1):
-        if worker is not None and (i - 1) % worker[1] != worker[0]:
-            continue
         if is_complete(cell, spec.mc_dropout_passes, spec.resamples):
             continue
+        if claims is not None and not _claim(Path(claims) / str(i)):
+            continue  # another worker has it
         log(f"[{i}/{len(grid)}] {cell.title}")
         started = time.time()
         run_cell(cell, spec.mc_dropout_passes, progress, spec.resamples)
@@ -337,7 +343,8 @@ def run_sweep(spec: SweepSpec, progress: bool = True, log=print,
 def run_sweep_workers(spec: SweepSpec, devices: list[str | None], log=print) -> list[dict[str, Any]]:
     """Spread the incomplete cells over one worker process per entry of `devices`, then write the summary.
 
-    Worker i runs cells i, i + W, ... (`run_sweep(worker=(i, W))`) in its own process, with
+    Each worker process takes the next incomplete cell no other worker has claimed
+    (`run_sweep(worker=(i, W), claims=...)`), so a worker whose cells are slow takes fewer. It runs with
     CUDA_VISIBLE_DEVICES set to devices[i] (one GPU each; None keeps the environment's). Its
     output lines are passed to `log` prefixed with its number. Cells are resumable as always: a
     worker that fails stops only itself, its finished cells are kept, and the error names it.
@@ -352,13 +359,15 @@ def run_sweep_workers(spec: SweepSpec, devices: list[str | None], log=print) -> 
     where = ", ".join(f"worker {i}: {'GPU ' + d if d is not None else 'same device setting'}"
                       for i, d in enumerate(devices))
     log(f"loraens sweep {spec.name}: {len(grid)} cells, {done} already complete, {width} workers ({where}) -> {out}")
+    # A fresh claims folder per launch: claims left by an interrupted launch do not hold cells back.
+    claims = Path(tempfile.mkdtemp(prefix=".claims-", dir=out))
     procs = []
     for i, device in enumerate(devices):
         env = dict(os.environ)
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
         cmd = [sys.executable, "-m", "loraens", "sweep", str(resolved), "--output_dir", str(out),
-               "--worker", f"{i}/{width}", "--quiet"]
+               "--worker", f"{i}/{width}", "--claims", str(claims), "--quiet"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       bufsize=1))
 
@@ -373,6 +382,7 @@ def run_sweep_workers(spec: SweepSpec, devices: list[str | None], log=print) -> 
     codes = [p.wait() for p in procs]
     for t in threads:
         t.join()
+    shutil.rmtree(claims, ignore_errors=True)
     failed = [(i, c) for i, c in enumerate(codes) if c != 0]
     if failed:
         raise SweepWorkerError(f"sweep worker(s) {', '.join(f'{i} (exit code {c})' for i, c in failed)} failed; their "
@@ -381,6 +391,15 @@ def run_sweep_workers(spec: SweepSpec, devices: list[str | None], log=print) -> 
     html, md = write_summary(spec, records)
     log(f"Wrote {md} and {html}")
     return records
+
+
+def _claim(path: Path) -> bool:
+    """Create `path` if no one has; True when this process did (O_EXCL: atomic on a local disk)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def collect(spec: SweepSpec) -> list[dict[str, Any]]:
