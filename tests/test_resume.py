@@ -116,9 +116,10 @@ def test_interrupted_twice_with_other_checkpoint_intervals(tmp_path, tiny_setup,
       "--train.max_steps", "10"), 8),
     # the frozen-prefix cache (its hidden states are recomputed after the resume)
     (("--ensemble.top_layers", "1"), 10),
-    # the diversity levers: bags, per-member lr and weight decay, per-member targets, all together
+    # the diversity levers: bags, per-member lr and weight decay, targets and prompts, all together
     (("--ensemble.bagging", "true", "--ensemble.lr_range", "0.005,0.04", "--ensemble.weight_decay_range", "0,0.5",
-      "--ensemble.target_modules", "q_proj,v_proj,k_proj", "--ensemble.member_targets", "q_proj+v_proj,k_proj"), 11),
+      "--ensemble.target_modules", "q_proj,v_proj,k_proj", "--ensemble.member_targets", "q_proj+v_proj,k_proj",
+      "--ensemble.member_prompts", "default,quiz"), 11),
 ])
 def test_resume_keeps_every_training_feature(tmp_path, tiny_setup, monkeypatch, extra, kill_at):
     model_dir, mirror = tiny_setup
@@ -143,6 +144,23 @@ def test_resume_keeps_every_training_feature(tmp_path, tiny_setup, monkeypatch, 
     assert got.get("best_epoch") == want.get("best_epoch") and got["epochs_trained"] == want["epochs_trained"]
     assert got["splits"]["arc_easy_validation"]["ensemble"] == pytest.approx(
         want["splits"]["arc_easy_validation"]["ensemble"], abs=1e-6)
+
+def test_a_run_killed_before_its_config_is_started_over_by_any_command(tmp_path, tiny_setup, capsys):
+    """A kill between the manifest (status running) and config.yaml leaves a run that trained
+    nothing: the same command, or another configuration's, starts it over instead of refusing it."""
+    model_dir, mirror = tiny_setup
+    run = tmp_path / "run"
+    assert main(_args(run, model_dir, mirror, "--train.epochs", "1")) == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    for name in ("config.yaml", "checkpoint.safetensors", "results.json"):
+        (run / name).unlink(missing_ok=True)
+    runfolder.write_manifest(run, {**manifest, "status": runfolder.RUNNING})
+    capsys.readouterr()
+    assert main(_args(run, model_dir, mirror, "--train.epochs", "2")) == 0
+    assert "stopped before it wrote its config.yaml (nothing was trained); starting it over" in capsys.readouterr().out
+    assert json.loads((run / "manifest.json").read_text())["status"] == runfolder.COMPLETE
+    assert json.loads((run / "results.json").read_text())["epochs_trained"] == 2
+
 
 # ---------------------------------------------------------------- SIGKILL at random points
 

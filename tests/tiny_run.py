@@ -30,7 +30,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def make_tiny_run(root: Path, tiny_llama, tokenizer, calibrate: bool = True) -> TinyRun:
+def make_tiny_run(root: Path, tiny_llama, tokenizer, calibrate: bool = True, extra: tuple[str, ...] = ()) -> TinyRun:
     model_dir = root / "tiny-model"
     _fresh_llama(*tiny_llama).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -47,7 +47,7 @@ def make_tiny_run(root: Path, tiny_llama, tokenizer, calibrate: bool = True) -> 
     run = root / "run"
     args = ["train", "--output_dir", str(run), "--model.name", str(model_dir), "--model.dtype", "float32",
             "--data.dataset", "arc_easy", "--data.data_dir", str(mirror), "--ensemble.num_members", "3",
-            "--train.epochs", "2", "--train.batch_size", "4", "--train.lr", "0.01", "--quiet"]
+            "--train.epochs", "2", "--train.batch_size", "4", "--train.lr", "0.01", "--quiet", *extra]
     assert main(args) == 0
     if calibrate:
         assert main(["calibrate", str(run), "--dataset", str(cal), "--quiet", "--alpha", "0.1", "0.2",

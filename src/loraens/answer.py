@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from .calibration import Calibration, DecisionSettings, answer_records, load_calibration
 from .data import DataError, MCQAExample, parse_records, parse_row, read_records, unique_ids
+from .member_prompts import Questions
 from .predictions import Predictions
-from .prompts import EncodedQuestion
 from .run import LoadedEnsemble, load_run
 
 CHUNK = 256  # questions scored per call when answering a file (the output is written as it goes)
@@ -114,14 +114,14 @@ class Answerer:
         return self.ensemble.config.train.eval_batch_size
 
     def score(self, examples: Sequence[MCQAExample], progress: bool = False,
-              encoded: Sequence[EncodedQuestion] | None = None) -> Predictions:
+              encoded: Questions | None = None) -> Predictions:
         """Every member's probabilities for `examples`: one forward per `batch_size` questions, all members at once.
 
         `encoded`: the examples already encoded with this run's encoder (the server encodes while it
         checks a request), so they are not tokenized twice."""
         if encoded is None:
             encoded = self.ensemble.encoder.encode_all(list(examples))
-        preds = self.ensemble.predict_encoded(list(encoded), [e.id for e in examples], progress, "answer")
+        preds = self.ensemble.predict_encoded(encoded, [e.id for e in examples], progress, "answer")
         self.forwards += math.ceil(len(examples) / self.batch_size)
         self.questions += len(examples)
         return preds

@@ -9,6 +9,7 @@ For letter scoring a row is the prompt, right-padded; causal attention never loo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -125,7 +126,7 @@ def collate(questions: list[EncodedQuestion], num_choices: int | None = None) ->
                  choice_mask, targets, lengths, segment)
 
 
-def length_sorted_batches(questions: list[EncodedQuestion], batch_size: int) -> list[list[int]]:
+def length_sorted_batches(questions: Sequence[EncodedQuestion], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first), to keep padding small."""
     order = sorted(range(len(questions)), key=lambda i: -questions[i].num_tokens)
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]

@@ -175,6 +175,24 @@ class PromptConfig:
         _check(isinstance(self.max_length, int) and not isinstance(self.max_length, bool) and self.max_length >= 8,
                "prompt.max_length", "must be an integer of at least 8", self.max_length)
 
+    def for_member(self, entry: str) -> PromptConfig:
+        """These settings with the templates of one `--ensemble.member_prompts` entry: "default" (these
+        templates), a `PROMPT_STYLES` name, or a template for this scoring mode (the letter template
+        under letter scoring, else the likelihood template). A bad template is a ConfigError."""
+        if entry == "default":
+            return self
+        if entry in PROMPT_STYLES:
+            likelihood, letter = PROMPT_STYLES[entry]
+            return dataclasses.replace(self, likelihood_template=likelihood, letter_template=letter)
+        field = "letter_template" if self.scoring is Scoring.LETTER else "likelihood_template"
+        try:
+            if self.scoring is Scoring.LETTER:
+                return dataclasses.replace(self, letter_template=entry)
+            return dataclasses.replace(self, likelihood_template=entry)
+        except ConfigError as err:
+            raise ConfigError(f"`--ensemble.member_prompts` entry {entry!r} is used as --prompt.{field} (under "
+                              f"--prompt.scoring {self.scoring.value}) and is not a valid one: {err}") from None
+
     def _check_template(self, name: str, allowed: tuple[str, ...]) -> None:
         """A ConfigError naming `--prompt.<name>` unless it is a str.format template of `allowed` fields only."""
         template = getattr(self, name)
@@ -194,6 +212,17 @@ class PromptConfig:
         except (ValueError, KeyError, IndexError, AttributeError) as e:  # e.g. {question:d}
             raise ConfigError(f"`--prompt.{name}` cannot be filled in ({type(e).__name__}: {e}): {template!r}. "
                               f"Use its fields plainly: {names}.") from None
+
+
+# Built-in prompt styles for `--ensemble.member_prompts`: name -> (likelihood_template, letter_template).
+# "default" is the run's own --prompt templates. Letter templates end with "Answer:", after which
+# the letter tokens are checked (`prompts.letter_token_ids`).
+PROMPT_STYLES: dict[str, tuple[str, str]] = {
+    "plain": ("{question}\nAnswer:", "{question}\n{choices}\nAnswer:"),
+    "exam": ("The following is a multiple-choice exam question.\n\n{question}\nAnswer:",
+             "The following is a multiple-choice exam question.\n\n{question}\n{choices}\nAnswer:"),
+    "quiz": ("Q: {question}\nA:", "Q: {question}\n{choices}\nAnswer:"),
+}
 
 
 @dataclass
@@ -226,6 +255,10 @@ class EnsembleConfig:
     # Per-member LoRA targets: member k adapts only entry k mod len, a "+"-joined subset of
     # --ensemble.target_modules (e.g. q_proj+v_proj,k_proj+o_proj). Null: every member adapts all.
     member_targets: list[str] | None = None
+    # Per-member prompts: member k reads every question through entry k mod len, a style name
+    # ("default" = the --prompt templates; plain, exam, quiz: PROMPT_STYLES) or, in a YAML file, a
+    # template with {question} (and {choices} for --prompt.scoring letter). Null: one prompt for all.
+    member_prompts: list[str] | None = None
 
     def __post_init__(self) -> None:
         _check_finite(self, "ensemble")
@@ -263,6 +296,17 @@ class EnsembleConfig:
                 _check(bool(names) and all(names) and not unknown, "ensemble.member_targets",
                        f"must hold '+'-joined names from --ensemble.target_modules {self.target_modules} "
                        f"(add {unknown or group!r} there, or fix the entry {group!r})", self.member_targets)
+        if isinstance(self.member_prompts, str):
+            self.member_prompts = [s for s in self.member_prompts.split(",") if s]
+        if self.member_prompts is not None:
+            styles = ", ".join(["default", *PROMPT_STYLES])
+            _check(isinstance(self.member_prompts, list) and len(self.member_prompts) > 0, "ensemble.member_prompts",
+                   f"must list at least one prompt (styles: {styles}), or be null", self.member_prompts)
+            for entry in self.member_prompts:
+                _check(isinstance(entry, str) and (entry == "default" or entry in PROMPT_STYLES
+                                                   or "{question}" in entry), "ensemble.member_prompts",
+                       f"entries must be a style ({styles}) or a template with {{question}}; {entry!r} is neither",
+                       self.member_prompts)
 
 
 @dataclass
@@ -368,6 +412,8 @@ class RunConfig:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def __post_init__(self) -> None:
+        for entry in self.ensemble.member_prompts or []:
+            self.prompt.for_member(entry)  # a template that does not fit --prompt.scoring fails here
         if self.train.early_stopping_patience is not None and not self.train.eval_every_epoch:
             raise ConfigError("`--train.early_stopping_patience` watches the validation NLL after every epoch, "
                               "so it needs --train.eval_every_epoch true, but it is false.")

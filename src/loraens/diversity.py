@@ -2,7 +2,7 @@
 
 An ensemble is only worth its cost if its members disagree where the data does not pin them
 down. Besides the init (`--ensemble.init_scale`, `--ensemble.member_init`) and the data order
-(`--ensemble.member_data_order`), three levers act per member:
+(`--ensemble.member_data_order`), four levers act per member:
 
 - **bagging** (`--ensemble.bagging`): member k trains on its own bootstrap resample of the
   training questions, drawn once from (seed, k) and reshuffled every epoch;
@@ -11,6 +11,8 @@ down. Besides the init (`--ensemble.init_scale`, `--ensemble.member_init`) and t
   in hyper-deep ensembles (Wenzel et al., 2020);
 - **per-member targets** (`--ensemble.member_targets`): member k adapts only its own subset of
   the target modules (q/v for some members, k/o or the MLP for others).
+- **per-member prompts** (`--ensemble.member_prompts`, in `loraens.member_prompts`): member k
+  reads every question through its own template.
 
 Every draw depends on (seed, global member index) only, so a torchrun process that trains a share
 of the members gives them the values they get in one process.

@@ -84,8 +84,9 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batching import Batch, collate, length_sorted_batches
+from .batching import Batch, length_sorted_batches
 from .ensemble import MemberLoraLinear, active_members, member_layers
+from .member_prompts import member_batch
 from .predictions import Predictions
 from .prompts import EncodedQuestion
 from .scoring import Scorer
@@ -501,7 +502,7 @@ class MemberLaplace:
                 with active_members(model, start, stop):
                     for idx in tqdm(batches, desc="laplace predictive", unit="batch", disable=not progress,
                                     leave=False):
-                        batch = collate([questions[i] for i in idx], num_choices=c)
+                        batch = member_batch(questions, idx, range(start, stop), c)  # each member's own prompt
                         mu, jac = _jacobians(model, scorer, batch, layers, members)
                         var = torch.zeros(deltas.shape[0], stop - start, len(idx), c, c, device=device)
                         for name, j in jac.items():
@@ -584,7 +585,7 @@ def fit_laplace(model: nn.Module, scorer: Scorer, questions: Sequence[EncodedQue
             stop = min(start + chunk, m)
             with active_members(model, start, stop):
                 for idx in tqdm(batches, desc="laplace fit", unit="batch", disable=not progress, leave=False):
-                    batch = collate([questions[i] for i in idx], num_choices=c)
+                    batch = member_batch(questions, idx, range(start, stop), c)  # each member's own prompt
                     log_lik[start:stop] += _accumulate_kfac(model, scorer, batch, layers, slice(start, stop), acc,
                                                             n, kfac)
     t1 = time.perf_counter()
@@ -685,16 +686,17 @@ def _active(layer: MemberLoraLinear, members: slice) -> tuple[torch.Tensor, torc
 
 def _forward(model: nn.Module, scorer: Scorer, batch: Batch, layers: dict[str, MemberLoraLinear],
              m: int) -> tuple[torch.Tensor, _Tap, torch.Tensor, torch.Tensor]:
-    """Scores [m, B, C] of `batch` for the m active members, the tap, the choice mask [B, C] and the
-    token weights [B, T] (1 at real tokens) on the model's device."""
+    """Scores [m, B, C] of the m*B member-major rows of `batch` (`member_prompts.member_batch`: member j
+    may read its own prompt), the tap, the choice mask [m, B, C] and the token weights [m, B, T]
+    (1 at real tokens) on the model's device."""
     tap = _Tap(layers)
     with tap.recording():
-        scores = scorer.scores(model, batch.repeat_members(m), m)
+        scores = scorer.scores(model, batch, m)
     device = scores.device
     t = batch.input_ids.shape[1]
     lengths = batch.lengths if batch.lengths is not None else torch.full((batch.num_rows,), t)
-    weights = (torch.arange(t)[None] < lengths[:, None]).float().to(device)
-    return scores, tap, batch.choice_mask.to(device), weights
+    weights = (torch.arange(t)[None] < lengths[:, None]).float().to(device).view(m, -1, t)
+    return scores, tap, batch.choice_mask.to(device).view(m, -1, batch.choice_mask.shape[-1]), weights
 
 
 def _sqrt_hessian_column(probs: torch.Tensor, c: int) -> torch.Tensor:
@@ -710,13 +712,13 @@ def _accumulate_kfac(model: nn.Module, scorer: Scorer, batch: Batch, layers: dic
     """Add one batch's K-FAC factors of the active `members` into `acc`; return their log-likelihood [m]."""
     m = members.stop - members.start
     scores, tap, mask, weights = _forward(model, scorer, batch, layers, m)
-    b, t = weights.shape
+    _, b, t = weights.shape
     logp = F.log_softmax(scores.float(), dim=-1)  # [m, B, C]
-    targets = batch.targets.to(scores.device)
-    log_lik = logp.gather(-1, targets[None, :, None].expand(m, b, 1)).squeeze(-1).double().sum(1)
+    targets = batch.targets.to(scores.device).view(m, b, 1)
+    log_lik = logp.gather(-1, targets).squeeze(-1).double().sum(1)
     probs = logp.exp().detach()
     f = torch.where(mask, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
-    count = weights.sum(1).clamp(min=1)  # T_n, real tokens per question
+    count = weights.sum(2).clamp(min=1)  # [m, B]: T_n, real tokens of each member's row
     for name, layer in layers.items():
         a, _ = _active(layer, members)
         x = tap.inputs[name].detach().float().reshape(m, b, t, -1)
@@ -725,14 +727,14 @@ def _accumulate_kfac(model: nn.Module, scorer: Scorer, batch: Batch, layers: dic
         acc[f"{name}.lora_B"][0][members] += _input_moment(u, weights, count, n_data, kfac)
     names = list(layers)
     outputs = [tap.outputs[nm] for nm in names]
-    columns = [k for k in range(scores.shape[-1]) if bool(mask[:, k].any())]
+    columns = [k for k in range(scores.shape[-1]) if bool(mask[..., k].any())]
     for i, k in enumerate(columns):
         column = _sqrt_hessian_column(probs, k)  # [m, B, C]
         grads = torch.autograd.grad((column * f).sum(), outputs, retain_graph=i < len(columns) - 1)
         for name, g in zip(names, grads):
             layer = layers[name]
             _, bw = _active(layer, members)
-            gv = g.float().reshape(m, b, t, -1) * (layer.scaling * weights[None, :, :, None])  # d/d(B u)
+            gv = g.float().reshape(m, b, t, -1) * (layer.scaling * weights[..., None])  # d/d(B u)
             gu = gv.reshape(m, b * t, -1).bmm(bw).reshape(m, b, t, -1)  # d/d(A x) = B^T gv
             acc[f"{name}.lora_A"][1][members] += _output_moment(gu, kfac)
             acc[f"{name}.lora_B"][1][members] += _output_moment(gv, kfac)
@@ -741,14 +743,14 @@ def _accumulate_kfac(model: nn.Module, scorer: Scorer, batch: Batch, layers: dic
 
 def _input_moment(x: torch.Tensor, weights: torch.Tensor, count: torch.Tensor, n_data: int,
                   kfac: str) -> torch.Tensor:
-    """x [m, B, T, d], weights [B, T] (0 at padding), count [B] (T_n) -> [m, d, d]:
+    """x [m, B, T, d], weights [m, B, T] (0 at padding), count [m, B] (T_n) -> [m, d, d]:
     expand: 1/N sum_n 1/T_n sum_t x x^T; reduce: 1/N sum_n xbar xbar^T, xbar = mean over real t."""
     m, b, t, d = x.shape
     if kfac == "expand":
-        xs = x * (weights / (count[:, None] * n_data)).sqrt()[None, :, :, None]
+        xs = x * (weights / (count[..., None] * n_data)).sqrt()[..., None]
         xs = xs.reshape(m, b * t, d)
     else:
-        xs = (x * weights[None, :, :, None]).sum(2) / count[None, :, None] / math.sqrt(n_data)  # [m, B, d]
+        xs = (x * weights[..., None]).sum(2) / count[..., None] / math.sqrt(n_data)  # [m, B, d]
     return xs.transpose(1, 2).bmm(xs)
 
 
@@ -767,7 +769,7 @@ def _jacobians(model: nn.Module, scorer: Scorer, batch: Batch, layers: dict[str,
     (zero for masked choices). One forward and one backward pass per choice."""
     m = members.stop - members.start
     scores, tap, mask, weights = _forward(model, scorer, batch, layers, m)
-    b, t = weights.shape
+    _, b, t = weights.shape
     c = scores.shape[-1]
     names = list(layers)
     outputs = [tap.outputs[nm] for nm in names]
@@ -781,14 +783,14 @@ def _jacobians(model: nn.Module, scorer: Scorer, batch: Batch, layers: dict[str,
     for name, layer in layers.items():
         jac[f"{name}.lora_A"] = torch.zeros(m, b, c, layer.rank, layer.base.in_features, device=scores.device)
         jac[f"{name}.lora_B"] = torch.zeros(m, b, c, layer.base.out_features, layer.rank, device=scores.device)
-    columns = [k for k in range(c) if bool(mask[:, k].any())]
+    columns = [k for k in range(c) if bool(mask[..., k].any())]
     f = torch.where(mask, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
     for i, k in enumerate(columns):
         grads = torch.autograd.grad(f[..., k].sum(), outputs, retain_graph=i < len(columns) - 1)
         for name, g in zip(names, grads):
             layer = layers[name]
             _, bw = _active(layer, members)
-            gv = g.float().reshape(m, b, t, -1) * (layer.scaling * weights[None, :, :, None])  # d f_k / d(B u)
+            gv = g.float().reshape(m, b, t, -1) * (layer.scaling * weights[..., None])  # d f_k / d(B u)
             gu = gv.reshape(m, b * t, -1).bmm(bw).reshape(m, b, t, -1)  # d f_k / d(A x)
             jac[f"{name}.lora_A"][:, :, k] = torch.einsum("mbtr,mbti->mbri", gu, xs[name])
             jac[f"{name}.lora_B"][:, :, k] = torch.einsum("mbto,mbtr->mbor", gv, us[name])

@@ -63,6 +63,7 @@ from .ensemble import (
 )
 from .fast.compiling import compile_decision, compile_decoder_layers, layers_to_compile
 from .fast.prefix import prefix_cache_for
+from .member_prompts import MemberEncoder, Questions
 from .metrics import evaluate_ensemble
 from .model import (
     base_identity,
@@ -83,7 +84,6 @@ from .predictions import (
     predictions_path,
     split_key,
 )
-from .prompts import EncodedQuestion, PromptEncoder
 from .runfolder import (
     CHECKPOINT,
     COMPLETE,
@@ -134,7 +134,7 @@ class LoadedEnsemble:
 
     config: RunConfig
     model: nn.Module
-    encoder: PromptEncoder
+    encoder: MemberEncoder  # this process's members' prompts (--ensemble.member_prompts)
     scorer: Scorer
     shard: Shard = field(default_factory=Shard)
     base: dict[str, Any] = field(default_factory=dict)
@@ -147,7 +147,7 @@ class LoadedEnsemble:
         """
         return self.predict_encoded(self.encoder.encode_all(examples), [e.id for e in examples], progress, desc)
 
-    def predict_encoded(self, questions: list[EncodedQuestion], ids: list[str], progress: bool = True,
+    def predict_encoded(self, questions: Questions, ids: list[str], progress: bool = True,
                         desc: str = "predict") -> Predictions:
         """`predict` for questions already encoded with `self.encoder` (no second tokenization)."""
         local = predict(self.model, questions, ids, self.shard.count, self.scorer, self.config.train.eval_batch_size,
@@ -219,7 +219,7 @@ def build_ensemble(config: RunConfig, shard: Shard | None = None) -> LoadedEnsem
     cache = None
     if config.ensemble.top_layers is not None and config.ensemble.prefix_cache:
         cache = prefix_cache_for(model, first_lora_layer(model))
-    encoder = PromptEncoder(tokenizer, config.prompt)
+    encoder = MemberEncoder(tokenizer, config.prompt, config.ensemble, shard.members)
     scorer = Scorer.from_prompt(config.prompt, encoder, config.speed, cache)
     return LoadedEnsemble(config, model, encoder, scorer, shard, base)
 
@@ -346,6 +346,10 @@ def _plan_start(run_dir: Path, config: RunConfig, resume: bool | None, overwrite
                              "way; pass --overwrite to start it again (with other settings), or choose another "
                              "--output_dir.")
     # running (its process died: we hold the lock) or interrupted
+    if not (run_dir / "config.yaml").exists() and not (run_dir / CHECKPOINT).exists() and not resume:
+        # Killed between its manifest and its config.yaml: it trained nothing, so nothing is lost.
+        return _Start(replace, f"{run_dir} holds a run that was stopped before it wrote its config.yaml (nothing "
+                               "was trained); starting it over")
     changes = _config_changes(run_dir, config)
     if changes:
         if overwrite and not resume:

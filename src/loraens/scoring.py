@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,12 @@ from .fast.packing import KWARG as PACKING_KWARG
 from .fast.packing import pack, padding_mask
 from .fast.prefix import PrefixCache, cached_hidden
 from .fast.support import FLEX, attention_implementation, can_pack, decoder_of
-from .prompts import PromptEncoder
+
+
+class HasLetterIds(Protocol):
+    """An encoder (`prompts.PromptEncoder`, `member_prompts.MemberEncoder`): its letter token ids."""
+
+    letter_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ class Scorer:
     prefix_cache: PrefixCache | None = None
 
     @classmethod
-    def from_prompt(cls, prompt: PromptConfig, encoder: PromptEncoder, speed: SpeedConfig | None = None,
+    def from_prompt(cls, prompt: PromptConfig, encoder: HasLetterIds, speed: SpeedConfig | None = None,
                     prefix_cache: PrefixCache | None = None) -> Scorer:
         return cls(prompt.scoring, encoder.letter_ids, prompt.normalization, speed or SpeedConfig(), prefix_cache)
 

@@ -38,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from .answer import Answerer, question_from
 from .calibration import NO_CALIBRATION, CalibrationError, DecisionSettings
 from .data import DataError, MCQAExample
-from .prompts import EncodedQuestion, PromptError
+from .member_prompts import Questions, join_questions
+from .prompts import PromptError
 
 MAX_CHOICES = 26  # letters A..Z; letter scoring takes at most 10 (checked when the question is encoded)
 MAX_QUESTION_CHARS = 4000
@@ -101,7 +102,7 @@ class BadRequest(Exception):
 @dataclass
 class _Job:
     examples: list[MCQAExample]
-    encoded: list[EncodedQuestion]  # encoded when the request was checked
+    encoded: list[Questions]  # each question, encoded (under every member's prompt) when the request was checked
     settings: DecisionSettings
     future: asyncio.Future
 
@@ -141,7 +142,7 @@ class Batcher:
                 pass
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, examples: list[MCQAExample], encoded: list[EncodedQuestion],
+    async def submit(self, examples: list[MCQAExample], encoded: list[Questions],
                      settings: DecisionSettings) -> list[dict[str, Any]]:
         future = asyncio.get_running_loop().create_future()
         await self.queue.put(_Job(examples, encoded, settings, future))
@@ -193,7 +194,7 @@ class Batcher:
 
     def _score(self, jobs: list[_Job]) -> list[list[dict[str, Any]]]:
         examples = [e for j in jobs for e in j.examples]
-        preds = self.answerer.score(examples, encoded=[q for j in jobs for q in j.encoded])
+        preds = self.answerer.score(examples, encoded=join_questions([q for j in jobs for q in j.encoded]))
         out, start = [], 0
         for j in jobs:
             stop = start + len(j.examples)
@@ -332,11 +333,11 @@ def create_app(answerer: Answerer, max_batch: int = 16, batch_wait_ms: float = 5
         for i, q in enumerate(body.items()):
             try:
                 ex = question_from(q.model_dump(), i, "questions" if body.questions is not None else "request")
-                enc = checker.encode_all([ex])[0]
+                enc = checker.encode_all([ex])  # one question, under every member's prompt
             except (DataError, PromptError) as err:
                 raise BadRequest(str(err)) from None
-            if enc.num_tokens > max_tokens:
-                raise BadRequest(f"question {i} ({ex.id!r}) is {enc.num_tokens} tokens long with its choices; the "
+            if enc[0].num_tokens > max_tokens:  # its longest row, if the members' prompts differ
+                raise BadRequest(f"question {i} ({ex.id!r}) is {enc[0].num_tokens} tokens long with its choices; the "
                                  f"limit is {max_tokens}")
             examples.append(ex)
             encoded.append(enc)

@@ -60,6 +60,7 @@ from .data import load_examples
 from .diversity import trainable_per_member
 from .ensemble import mc_dropout, member_layers, weight_averaged
 from .ensemble_size import ensemble_size_curve
+from .member_prompts import MemberQuestions
 from .methods import (
     best_epoch,
     checkpoint_ensemble,
@@ -573,6 +574,8 @@ def derive_methods(ens: LoadedEnsemble, cell: Cell, test_key: str, val_key: str,
             probs["early_stop_ensemble"] = p_es
     examples = _examples(cfg, test_key, cell)
     questions = ens.encoder.encode_all(examples)
+    if isinstance(questions, MemberQuestions):  # both methods collapse the members into member 0: its prompt
+        questions = questions.member(0)
     run = lambda members, desc: predict(
         ens.model, questions, test.ids, members, ens.scorer, cfg.train.eval_batch_size, progress=False, desc=desc)
     if "weight_average" in wanted:

@@ -26,7 +26,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .batching import collate
 from .config import EnsembleConfig, TrainConfig
 from .diversity import apply_member_hyperparameters, member_bag, member_hyperparameters
 from .ensemble import (
@@ -37,6 +36,7 @@ from .ensemble import (
     lora_parameters,
     member_grad_norms,
 )
+from .member_prompts import MemberQuestions, Questions, member_batch
 from .prompts import EncodedQuestion
 from .scoring import Scorer
 
@@ -194,7 +194,7 @@ class DivergenceWatch:
 
 def train_members(
     model: nn.Module,
-    questions: list[EncodedQuestion],
+    questions: Questions,
     train: TrainConfig,
     ensemble: EnsembleConfig,
     scorer: Scorer,
@@ -228,7 +228,7 @@ def train_members(
     total = planned_steps(n, train)
     base_lp = None
     if train.kl_coef > 0:
-        base_lp = base_log_probs(model, questions, scorer, train.eval_batch_size, progress)  # [N, C]
+        base_lp = base_log_probs(model, questions, scorer, train.eval_batch_size, progress)  # [N, C] or [M, N, C]
     params = lora_parameters(model)
     # Per-member lr and weight decay (--ensemble.lr_range / weight_decay_range): one AdamW step
     # without decay, then each member's step rescaled to its own (diversity.apply_member_hyperparameters).
@@ -367,7 +367,7 @@ def set_rng_state(rng: dict[str, torch.Tensor], device: torch.device) -> None:
 
 def train_step(
     model: nn.Module,
-    questions: list[EncodedQuestion],
+    questions: Questions,
     chunk: np.ndarray,
     scorer: Scorer,
     train: TrainConfig,
@@ -395,14 +395,18 @@ def train_step(
             idx = chunk[k0:k1, micro]  # [members of this group, mb]
             members = nullcontext() if k1 - k0 == num_members else active_members(model, k0, k1)
             with members:  # the backward too: gradient checkpointing re-runs the forward in it
-                batch = collate([questions[i] for i in idx.reshape(-1)], num_choices=num_choices)  # member-major
+                batch = member_batch(questions, idx, range(k0, k1), num_choices)  # member-major, own prompts
                 lp = scorer.log_probs(model, batch, k1 - k0, training=True)  # [k1-k0, mb, C]
                 targets = batch.targets.view(k1 - k0, -1, 1).to(lp.device)
                 per_member = -lp.gather(-1, targets).squeeze(-1).mean(1)  # [k1-k0]
                 if kl_coef > 0:
                     if base_lp is None:
                         raise ValueError("kl_coef > 0 needs the base model's log-probabilities (base_lp).")
-                    ref = base_lp[torch.as_tensor(idx)][..., : lp.shape[-1]].to(lp.device)  # [k1-k0, mb, C]
+                    if base_lp.dim() == 3:  # [M, N, C]: each member's reference under its own prompt
+                        ref = base_lp[torch.arange(k0, k1)[:, None], torch.as_tensor(idx)]
+                    else:
+                        ref = base_lp[torch.as_tensor(idx)]
+                    ref = ref[..., : lp.shape[-1]].to(lp.device)  # [k1-k0, mb, C]
                     per_member = per_member + kl_coef * choice_kl(lp, ref).mean(1)
                 # Sum over members (each gets its own gradient), weight micro-batches by their size.
                 (per_member.sum() * (len(micro) / b)).backward()
@@ -425,9 +429,18 @@ def choice_kl(lp: torch.Tensor, ref_lp: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def base_log_probs(model: nn.Module, questions: list[EncodedQuestion], scorer: Scorer, batch_size: int = 16,
+def base_log_probs(model: nn.Module, questions: Questions, scorer: Scorer, batch_size: int = 16,
                    progress: bool = True) -> torch.Tensor:
-    """The frozen base model's log-distribution over each question's choices, [N, C] (-inf if masked)."""
+    """The frozen base model's log-distribution over each question's choices (-inf if masked): [N, C],
+    or [M, N, C] for `MemberQuestions` (member k's reference is the base under member k's prompt)."""
+    if isinstance(questions, MemberQuestions):
+        per_prompt = [_base_log_probs(model, list(qs), scorer, batch_size, progress) for qs in questions.per_prompt]
+        return torch.stack([per_prompt[p] for p in questions.prompt_of])
+    return _base_log_probs(model, list(questions), scorer, batch_size, progress)
+
+
+def _base_log_probs(model: nn.Module, questions: list[EncodedQuestion], scorer: Scorer, batch_size: int,
+                    progress: bool) -> torch.Tensor:
     from .predict import predict
 
     with lora_disabled(model):
