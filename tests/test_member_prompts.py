@@ -212,6 +212,11 @@ def test_laplace_fits_and_predicts_each_member_under_its_own_prompt(make_base, t
                     torch.testing.assert_close(a[j], b[j], atol=1e-6, rtol=1e-4)
             torch.testing.assert_close(post.log_likelihood[j], ref.log_likelihood[j])
             torch.testing.assert_close(lap.member_probs[:, j], ref_lap.member_probs[:, j], atol=2e-5, rtol=1e-4)
+    # Questions encoded for another number of members are refused, not read with the wrong prompts.
+    with pytest.raises(ValueError, match="encoded for 2 members' prompts, but the model holds 3"):
+        fit_laplace(model, sc, qs.select(range(2)), progress=False)
+    with pytest.raises(ValueError, match="encoded for 2 members' prompts"):
+        post.predict(model, sc, qs.select(range(2)), ids, progress=False)
     # One member at a time (member_chunk=1) routes the prompts the same way.
     apart = fit_laplace(model, sc, qs, batch_size=4, member_chunk=1, progress=False)
     for name in post.blocks:
@@ -243,3 +248,36 @@ def test_a_run_with_member_prompts_answers_alike_offline_and_in_server_batches(t
         plain = prompt_encoder(tokenizer, ens.config.prompt.scoring, entry).encode_all(examples)
         ref = predict(ens.model, plain, ids, 3, ens.scorer, progress=False)
         torch.testing.assert_close(offline.member_probs[:, j], ref.member_probs[:, j], atol=2e-6, rtol=1e-5)
+
+
+def test_training_batches_sort_each_member_by_its_own_rows(make_base, tokenizer, monkeypatch):
+    """With length bucketing on, member k's batches follow its own prompt's lengths: the same as when
+    member k trains alone (the torchrun shard path) on its prompt's plain encoding."""
+    import loraens.train as train_mod
+
+    examples = make_questions(16)
+    # The second prompt repeats the question: its row lengths rank the questions in another order.
+    cfg = ens_config(m=2, member_prompts=["default", "{question}\n{question}\nAnswer:"])
+    enc = MemberEncoder(tokenizer, PromptConfig(), cfg, range(2))
+    seen: list[np.ndarray] = []
+    real = train_mod.train_step
+
+    def spy(model, questions, chunk, *a):
+        seen.append(chunk.copy())
+        return real(model, questions, chunk, *a)
+
+    monkeypatch.setattr(train_mod, "train_step", spy)
+    train = TrainConfig(epochs=1, lr=1e-3, batch_size=2, bucket_window=2)
+    sc = scorer(Scoring.CHOICE_LIKELIHOOD)
+    model = make_base()
+    attach_members(model, cfg)
+    train_members(model, enc.encode_all(examples), train, cfg, sc, progress=False)
+    together = np.stack(seen)  # [steps, M, b]
+    for k in range(2):
+        seen.clear()
+        one = make_base()
+        single = ens_config(1, member_prompts=None)
+        attach_members(one, single, first_member=k)
+        own = prompt_encoder(tokenizer, Scoring.CHOICE_LIKELIHOOD, cfg.member_prompts[k]).encode_all(examples)
+        train_members(one, own, train, single, sc, progress=False, first_member=k)
+        assert np.array_equal(np.stack(seen)[:, 0], together[:, k]), k

@@ -42,7 +42,10 @@ def test_gpu_workers_see_only_their_gpu(tmp_path, monkeypatch):
             launched.append((cmd, env.get("CUDA_VISIBLE_DEVICES")))
             self.stdout = iter(())
 
-        def wait(self):
+        def wait(self, timeout=None):
+            return 0
+
+        def poll(self):
             return 0
 
     spec = sweep_mod.SweepSpec("s", str(tmp_path / "out"), [sweep_mod.DatasetSpec("arc_easy")],
@@ -64,7 +67,10 @@ def test_a_failing_worker_is_named_and_the_others_finish(tmp_path, monkeypatch):
             self.code = 1 if cmd[cmd.index("--worker") + 1] == "1/2" else 0
             self.stdout = iter(["oops\n"] if self.code else ())
 
-        def wait(self):
+        def wait(self, timeout=None):
+            return self.code
+
+        def poll(self):
             return self.code
 
     spec = sweep_mod.SweepSpec("s", str(tmp_path / "out"), [sweep_mod.DatasetSpec("arc_easy")],
@@ -74,6 +80,37 @@ def test_a_failing_worker_is_named_and_the_others_finish(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"worker\(s\) 1 \(exit code 1\) failed"):
         sweep_mod.run_sweep_workers(spec, [None, None], log=lines.append)
     assert "[worker 1] oops" in lines
+
+
+def test_an_interrupted_launch_stops_its_workers_and_drops_its_claims(tmp_path, monkeypatch):
+    """Ctrl-C while the workers run: each still-running worker is terminated (its finished cells stay
+    on disk) and the launch's claims folder is removed, so the next launch can take every cell."""
+    stopped = []
+
+    class FakeProc:
+        def __init__(self, cmd, env, **kw):
+            self.stdout = iter(())
+            self.running = True
+
+        def wait(self, timeout=None):
+            if timeout is None and self.running:
+                raise KeyboardInterrupt
+            return -15
+
+        def poll(self):
+            return None if self.running else -15
+
+        def terminate(self):
+            self.running = False
+            stopped.append(self)
+
+    spec = sweep_mod.SweepSpec("s", str(tmp_path / "out"), [sweep_mod.DatasetSpec("arc_easy")],
+                               [sweep_mod.VariantSpec("v", group="base")])
+    monkeypatch.setattr(sweep_mod.subprocess, "Popen", FakeProc)
+    with pytest.raises(KeyboardInterrupt):
+        sweep_mod.run_sweep_workers(spec, [None, None], log=lambda line: None)
+    assert len(stopped) == 2
+    assert not list((tmp_path / "out").glob(".claims-*"))
 
 
 def test_workers_take_the_incomplete_cells_as_they_free_up(tmp_path, monkeypatch):

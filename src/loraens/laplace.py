@@ -86,7 +86,7 @@ from tqdm.auto import tqdm
 
 from .batching import Batch, length_sorted_batches
 from .ensemble import MemberLoraLinear, active_members, member_layers
-from .member_prompts import member_batch
+from .member_prompts import MemberQuestions, member_batch
 from .predictions import Predictions
 from .prompts import EncodedQuestion
 from .scoring import Scorer
@@ -484,6 +484,7 @@ class MemberLaplace:
         _check_batch_size(batch_size)
         layers = self.check_model(model)
         m = self.num_members
+        _check_member_questions(questions, m)
         chunk = _check_chunk(member_chunk, m)
         scorer = _laplace_scorer(scorer)
         c = max(q.num_choices for q in questions)
@@ -531,6 +532,13 @@ def _link_probs(f_mu: torch.Tensor, f_var: torch.Tensor, link: str, n_samples: i
     return mc_probs(f_mu, f_var, n_samples, generator)
 
 
+def _check_member_questions(questions: Sequence[EncodedQuestion], m: int) -> None:
+    """Questions encoded per member (`MemberQuestions`) must be for exactly the model's m members."""
+    if isinstance(questions, MemberQuestions) and questions.num_members != m:
+        raise ValueError(f"The questions were encoded for {questions.num_members} members' prompts, but the model "
+                         f"holds {m} members; encode them with this ensemble's encoder.")
+
+
 def _slice_eigen(b: KronEigen, members: slice, device: torch.device) -> KronEigen:
     return KronEigen(*(getattr(b, k)[members].to(device) for k in ("in_vals", "in_vecs", "out_vals", "out_vecs")))
 
@@ -567,6 +575,7 @@ def fit_laplace(model: nn.Module, scorer: Scorer, questions: Sequence[EncodedQue
     if not layers:
         raise ValueError("The model has no LoRA member layers; call attach_members (or load a run) first.")
     m = next(iter(layers.values())).num_members
+    _check_member_questions(questions, m)
     chunk = _check_chunk(member_chunk, m)
     scorer = _laplace_scorer(scorer)
     device = next(model.parameters()).device

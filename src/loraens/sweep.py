@@ -362,28 +362,38 @@ def run_sweep_workers(spec: SweepSpec, devices: list[str | None], log=print) -> 
     log(f"loraens sweep {spec.name}: {len(grid)} cells, {done} already complete, {width} workers ({where}) -> {out}")
     # A fresh claims folder per launch: claims left by an interrupted launch do not hold cells back.
     claims = Path(tempfile.mkdtemp(prefix=".claims-", dir=out))
-    procs = []
-    for i, device in enumerate(devices):
-        env = dict(os.environ)
-        if device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = device
-        cmd = [sys.executable, "-m", "loraens", "sweep", str(resolved), "--output_dir", str(out),
-               "--worker", f"{i}/{width}", "--claims", str(claims), "--quiet"]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      bufsize=1))
+    procs: list[subprocess.Popen] = []
 
     def relay(i: int, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             log(f"[worker {i}] {line.rstrip()}")
 
-    threads = [threading.Thread(target=relay, args=(i, p), daemon=True) for i, p in enumerate(procs)]
-    for t in threads:
-        t.start()
-    codes = [p.wait() for p in procs]
-    for t in threads:
-        t.join()
-    shutil.rmtree(claims, ignore_errors=True)
+    try:
+        for i, device in enumerate(devices):
+            env = dict(os.environ)
+            if device is not None:
+                env["CUDA_VISIBLE_DEVICES"] = device
+            cmd = [sys.executable, "-m", "loraens", "sweep", str(resolved), "--output_dir", str(out),
+                   "--worker", f"{i}/{width}", "--claims", str(claims), "--quiet"]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          bufsize=1))
+        threads = [threading.Thread(target=relay, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+        for t in threads:
+            t.start()
+        codes = [p.wait() for p in procs]
+        for t in threads:
+            t.join()
+    finally:  # Ctrl-C or an error here: stop the workers (their finished cells are kept), drop the claims
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(claims, ignore_errors=True)
     failed = [(i, c) for i, c in enumerate(codes) if c != 0]
     if failed:
         raise SweepWorkerError(f"sweep worker(s) {', '.join(f'{i} (exit code {c})' for i, c in failed)} failed; their "

@@ -75,7 +75,9 @@ def member_batches(orders: np.ndarray, lengths: np.ndarray, batch_size: int, win
     order. At every step the members' questions are different but of similar length, so the
     padding to a common length stays small (docs/design.md gives the measured padding), while each
     batch is still a random draw from the member's own order. The window shrinks on small sets so
-    that an epoch always spans at least 4 windows.
+    that an epoch always spans at least 4 windows. `lengths`: [N] tokens per question, or [M, N]
+    when members read different prompts (member k sorts by its own rows' lengths, so its batches
+    do not depend on the other members' prompts, nor on how torchrun shards the members).
     """
     m, n = orders.shape
     # Keep at least 4 windows per epoch: one window holding every question would sort all
@@ -87,7 +89,8 @@ def member_batches(orders: np.ndarray, lengths: np.ndarray, batch_size: int, win
         for start in range(0, n, window * batch_size):
             block = orders[k, start: start + window * batch_size]
             if window > 1:
-                block = block[np.argsort(-lengths[block], kind="stable")]
+                own = lengths[k] if lengths.ndim == 2 else lengths
+                block = block[np.argsort(-own[block], kind="stable")]
             batches += [block[i: i + batch_size] for i in range(0, len(block), batch_size)]
         per_member.append(batches)
     steps = np.arange(len(per_member[0]))
@@ -224,7 +227,10 @@ def train_members(
     if n == 0:
         raise ValueError("No training questions: check --data.dataset, --data.train_split and --data.train_limit.")
     c = max(q.num_choices for q in questions)
-    lengths = np.array([q.num_tokens for q in questions])
+    if isinstance(questions, MemberQuestions):  # [M, N]: each member's own rows
+        lengths = np.array([[q.num_tokens for q in questions.member(j)] for j in range(m)])
+    else:
+        lengths = np.array([q.num_tokens for q in questions])
     total = planned_steps(n, train)
     base_lp = None
     if train.kl_coef > 0:
@@ -381,8 +387,8 @@ def train_step(
     forward/backward (None: all M at once; the gradients are the same, the activation memory is
     that of member_chunk * b rows instead of M * b). The loss of member k is its mean
     cross-entropy, plus `train.kl_coef` * mean KL(member || base) over its questions (`base_lp`
-    [N, C] holds the frozen base's log-probabilities), plus `train.delta_l2` * its squared update
-    norm.
+    [N, C], or [M, N, C] with per-member prompts, holds the frozen base's log-probabilities), plus
+    `train.delta_l2` * its squared update norm.
     """
     num_members = chunk.shape[0]
     kl_coef, delta_l2 = train.kl_coef, train.delta_l2
