@@ -187,7 +187,7 @@ def test_the_small_presets_together_and_the_paper_preset_cover_every_method_and_
         assert any(not c.ensemble.member_data_order for c in configs)
         assert len({c.train.weight_decay for c in configs}) >= 3  # a sweep over weight decay values
         assert any(c.ensemble.bagging for c in configs) and any(c.ensemble.lr_range for c in configs)
-        assert any(c.ensemble.member_targets for c in configs)
+        assert any(c.ensemble.member_targets for c in configs) and any(c.ensemble.member_prompts for c in configs)
         assert any(d.ood for s in specs for d in s.datasets) and any(v.ood for s in specs for v in s.variants)
     # The study's question samples: at least 500 per split, and each seed its own.
     for c in cells(load_sweep("paper-small")):

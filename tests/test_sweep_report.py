@@ -24,7 +24,7 @@ def _cell(dataset: str, variant: str, seed: int, history: bool = True) -> dict:
     Single LoRA: 5 points less accurate, NLL higher by 0.2 + 0.1 seed (+0.1 on OBQA), ECE higher by 0.05.
     """
     obqa = dataset == "obqa"
-    shift = {"plain": 0.0, "kl": 0.01, "init_only": -0.02}.get(variant, 0.0)
+    shift = {"plain": 0.0, "kl": 0.01, "init_only": -0.02, "bagging": 0.01}.get(variant, 0.0)
     acc = (0.50 if obqa else 0.60) + 0.04 * seed + shift
     nll = 0.9 + 0.1 * seed + (0.2 if obqa else 0.0)
     ece = 0.05 + 0.01 * seed
@@ -205,8 +205,27 @@ def test_diversity_section_gives_paired_gains(tmp_path):
     assert rows[1][4] == "+5.0 [+5.0, +5.0]"
     mean, interval = rows[1][3].split(" ", 1)
     low, high = (float(x) for x in interval.strip("[]").split(", "))
-    assert mean == "57.0" and low < 55.0 and high > 59.0  # seeds 55 and 59, plus the question noise
-    assert rows[1][5] == "0.110 [0.100, 0.120]"  # disagreement over seeds
+    assert mean == "58.0" and low < 56.0 and high > 60.0  # seeds 56 and 60, plus the question noise
+    # Against the base variant's ensemble (same seed, same questions): this bagging is 1 point more
+    # accurate at the same NLL and ECE; the shared question noise cancels, so the intervals are points.
+    assert rows[0][5:8] == ["—", "—", "—"]
+    assert rows[1][5:8] == ["+0.000 [+0.000, +0.000]", "+0.000 [+0.000, +0.000]", "+1.0 [+1.0, +1.0]"]
+    assert rows[1][8] == "0.110 [0.100, 0.120]"  # disagreement over seeds
+
+
+def test_a_lever_is_compared_with_the_base_only_on_the_same_questions(tmp_path):
+    """Cells whose test questions differ from the base's (another data sample) get no paired
+    comparison with it, rather than a difference of two unrelated samples."""
+    VARIANTS["bagging"] = ("bagging", "diversity", ("single", "ensemble"))
+    try:
+        cells = [_with_resamples(c, noise=0.05) for c in _cells(("plain", "bagging"))]
+    finally:
+        del VARIANTS["bagging"]
+    for c in cells:
+        c["config"] = {"data": {"seed": c["seed"] + (10 if c["variant"] == "bagging" else 0), "eval_limit": 500}}
+    rows = _rows(_section(build_sweep_report(cells, tmp_path / "sweep")[1].read_text(), "Diversity levers"))
+    assert rows[1][5:8] == ["—", "—", "—"]
+    assert rows[1][1] == "-0.300 [-0.350, -0.250]"  # its own gain over its members is still there
 
 
 def test_transfer_section_lists_every_ood_set_and_method(tmp_path):

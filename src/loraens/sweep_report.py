@@ -195,18 +195,29 @@ def _resamples(cell: Mapping, method: str, metric: str, minus: str | None = None
     return None if not isinstance(b, list) or len(b) != len(a) else np.asarray(a, dtype=float) - np.asarray(b, float)
 
 
+def _same_questions(a: Mapping, b: Mapping) -> bool:
+    """Two cells scored the same test questions: same split, count and data settings (so the same sample)."""
+    return (a.get("test_key") == b.get("test_key") and a.get("num_test_questions") == b.get("num_test_questions")
+            and _get(a, "config", "data") == _get(b, "config", "data"))
+
+
 def _combined(sweep: _Sweep, datasets: Sequence[str], variant: str, method: str, metric: str,
-              minus: str | None = None) -> Stat | None:
+              minus: str | None = None, against: str | None = None) -> Stat | None:
     """mean [low, high] of `method`'s test metric (minus `minus`'s, paired), averaged over `datasets`:
     the mean over seeds of the per-seed values, and a 95% interval that resamples seeds AND questions
     (`bootstrap.seeds_and_questions_interval`). A seed counts when it has every dataset. Falls back
-    to [min, max] over seeds (`_over_seeds`) where cells hold no resamples. Stat's count: seeds."""
+    to [min, max] over seeds (`_over_seeds`) where cells hold no resamples. Stat's count: seeds.
+
+    `against`: another variant (the base); the value is then this variant's minus that variant's
+    (same method, same seed), paired over questions where both cells scored the same ones (a seed
+    whose cells did not is left out)."""
     point: dict[str, dict[int, float]] = {}
     for d in datasets:
-        ours = sweep.values(d, variant, "methods", method, "test", metric)
-        if minus is not None:
-            theirs = sweep.values(d, variant, "methods", minus, "test", metric)
-            ours = {s: v - theirs[s] for s, v in ours.items() if s in theirs}
+        ours = _combined_point(sweep, d, variant, method, metric, minus)
+        if against is not None:
+            other = _combined_point(sweep, d, against, method, metric, minus)
+            mine, base = sweep.seeds(d, variant), sweep.seeds(d, against)
+            ours = {s: v - other[s] for s, v in ours.items() if s in other and _same_questions(mine[s], base[s])}
         point[d] = ours
     seeds = sorted(set.intersection(*(set(v) for v in point.values()))) if point else []
     if not seeds:
@@ -214,6 +225,9 @@ def _combined(sweep: _Sweep, datasets: Sequence[str], variant: str, method: str,
     per_seed = []
     for s in seeds:
         found = [_resamples(sweep.seeds(d, variant)[s], method, metric, minus) for d in datasets]
+        if against is not None:
+            theirs = [_resamples(sweep.seeds(d, against)[s], method, metric, minus) for d in datasets]
+            found = [None if a is None or b is None or len(a) != len(b) else a - b for a, b in zip(found, theirs)]
         arrays = [a for a in found if a is not None]
         if len(arrays) < len(found) or len({len(a) for a in arrays}) != 1:
             return _over_seeds({d: {s: point[d][s] for s in seeds} for d in datasets})
@@ -221,6 +235,16 @@ def _combined(sweep: _Sweep, datasets: Sequence[str], variant: str, method: str,
     mean = float(np.mean([np.mean([point[d][s] for d in datasets]) for s in seeds]))
     low, high = seeds_and_questions_interval(per_seed, seed=0)
     return mean, low, high, len(seeds)
+
+
+def _combined_point(sweep: _Sweep, dataset: str, variant: str, method: str, metric: str,
+                    minus: str | None) -> dict[int, float]:
+    """seed -> `method`'s test metric of (dataset, variant), minus `minus`'s when given."""
+    ours = sweep.values(dataset, variant, "methods", method, "test", metric)
+    if minus is None:
+        return ours
+    theirs = sweep.values(dataset, variant, "methods", minus, "test", metric)
+    return {s: v - theirs[s] for s, v in ours.items() if s in theirs}
 
 
 def _axis_label(metric: str) -> str:
@@ -231,12 +255,18 @@ def _scale(metric: str) -> float:
     return 100.0 if metric == "accuracy" else 1.0
 
 
+def _number(x: float, spec: str) -> str:
+    """`x` formatted with `spec`; a value that rounds to zero prints as 0.0 (+0.0), never -0.0."""
+    text = format(x, spec)
+    return text if float(text) != 0 else format(0.0, spec)
+
+
 def _fmt(stat: Stat | None, metric: str, signed: bool = False) -> str:
     """"mean [min, max]": accuracy in percent with 1 decimal, everything else with 3 decimals."""
     if stat is None:
         return DASH
     spec = ("+" if signed else "") + (".1f" if metric == "accuracy" else ".3f")
-    mean, low, high = (format(x * _scale(metric), spec) for x in stat[:3])
+    mean, low, high = (_number(x * _scale(metric), spec) for x in stat[:3])
     return f"{mean} [{low}, {high}]"
 
 
@@ -424,23 +454,30 @@ def _diversity_section(sweep: _Sweep) -> Section | None:
     rows = []
     for datasets, variants in sweep.comparisons(levers):
         for v in variants:
+            versus = [DASH] * 3 if v == sweep.base or not sweep.base else [
+                _fmt(_combined(sweep, datasets, v, "ensemble", metric, against=sweep.base), metric, signed=True)
+                for metric in ("nll", "ece", "accuracy")]
             rows.append([
                 sweep.subset_label(v, datasets),
                 _fmt(_combined(sweep, datasets, v, "ensemble", "nll", minus="single"), "nll", signed=True),
                 _fmt(_combined(sweep, datasets, v, "ensemble", "ece", minus="single"), "ece", signed=True),
                 _fmt(_combined(sweep, datasets, v, "ensemble", "accuracy"), "accuracy"),
                 _fmt(_combined(sweep, datasets, v, "ensemble", "accuracy", minus="single"), "accuracy", signed=True),
+                *versus,
                 _fmt(_over_seeds(sweep.by_dataset(v, "diversity", "disagreement", only=datasets)), "disagreement"),
                 _fmt(_over_seeds(sweep.by_dataset(v, "diversity", "mutual_information", only=datasets)),
                      "mutual_information"),
             ])
     sec.table(["variant", "ensemble minus mean member NLL", "ensemble minus mean member ECE", "ensemble ACC",
-               "ensemble minus mean member ACC", "disagreement", "mutual information (nats)"], rows)
+               "ensemble minus mean member ACC", "ensemble NLL minus the base's", "ensemble ECE minus the base's",
+               "ensemble ACC minus the base's", "disagreement", "mutual information (nats)"], rows)
     sec.text("Test split, averaged over the datasets named in the row; the base variant is shown on the same "
              "datasets. The differences are paired (the same resampled questions for the ensemble and its members) "
              "and their 95% intervals resample seeds and questions; disagreement and mutual information are mean "
-             "[min, max] over seeds. A lever earns its place when it makes the NLL and ECE differences more "
-             "negative without lowering the ensemble's accuracy.")
+             "[min, max] over seeds. \"Minus the base's\" compares the lever's ensemble with the base variant's "
+             "ensemble trained with the same seed on the same questions (paired over questions and seeds the same "
+             "way). A lever earns its place when it makes the NLL and ECE differences more negative without lowering "
+             "the ensemble's accuracy; it beats the base outright where a \"minus the base's\" interval excludes 0.")
     return sec
 
 
