@@ -281,3 +281,52 @@ def test_training_batches_sort_each_member_by_its_own_rows(make_base, tokenizer,
         own = prompt_encoder(tokenizer, Scoring.CHOICE_LIKELIHOOD, cfg.member_prompts[k]).encode_all(examples)
         train_members(one, own, train, single, sc, progress=False, first_member=k)
         assert np.array_equal(np.stack(seen)[:, 0], together[:, k]), k
+
+
+def test_the_default_gives_each_member_its_own_prompt_but_saved_runs_keep_theirs(tmp_path):
+    """Per-member prompts are the default for new runs; a config saved before the setting existed
+    (no member_prompts key) reloads with one prompt, as it was trained, and `--ensemble.member_prompts
+    default` turns the lever off."""
+    import yaml
+
+    from loraens.cli import prompts_note
+    from loraens.config import DEFAULT_MEMBER_PROMPTS, with_saved_defaults
+
+    assert RunConfig().ensemble.member_prompts == list(DEFAULT_MEMBER_PROMPTS)
+    assert "member k reads prompt k mod 4 of default, plain, exam, quiz" in prompts_note(RunConfig())
+    old = RunConfig().to_dict()
+    del old["ensemble"]["member_prompts"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    assert RunConfig.load_saved(path).ensemble.member_prompts is None
+    assert RunConfig.load(path).ensemble.member_prompts == list(DEFAULT_MEMBER_PROMPTS)  # a user's config file
+    assert with_saved_defaults({})["ensemble"] == {"member_prompts": None}
+    kept = with_saved_defaults({"ensemble": {"member_prompts": ["quiz"]}})
+    assert kept["ensemble"]["member_prompts"] == ["quiz"]
+    off = RunConfig.from_dict({"ensemble": {"member_prompts": "default"}})
+    assert prompts_note(off) == ""
+    custom = RunConfig.from_dict({"prompt": {"likelihood_template": "Q {question} A"}})
+    assert "pass --ensemble.member_prompts default to give every member yours" in prompts_note(custom)
+
+
+def test_old_sweep_cells_without_the_setting_stay_complete(tmp_path):
+    """A sweep cell recorded before member_prompts existed is still complete for a base that sets
+    member_prompts: null (one prompt, as it was trained), and not for one that leaves the default."""
+    import json
+
+    from loraens.sweep import DatasetSpec, SweepSpec, VariantSpec, cells, is_complete
+
+    def cell_for(base: dict):
+        spec = SweepSpec("s", str(tmp_path / "out"), [DatasetSpec("arc_easy")],
+                         [VariantSpec("plain", group="base")], seeds=[0], base=base)
+        return cells(spec)[0]
+
+    null_base = cell_for({"ensemble": {"member_prompts": None}})
+    record = null_base.config.to_dict()
+    del record["ensemble"]["member_prompts"]  # as a cell written before the setting existed
+    null_base.folder.mkdir(parents=True)
+    (null_base.folder / "cell.json").write_text(json.dumps({
+        "status": "complete", "methods_requested": null_base.variant.methods, "ood_requested": [],
+        "config": record}))
+    assert is_complete(null_base)
+    assert not is_complete(cell_for({}))  # today's default (four prompts) is another configuration

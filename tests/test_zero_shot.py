@@ -10,10 +10,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from loraens.cli import main
-from loraens.config import ConfigError, Normalization, Scoring, TrainConfig
+from loraens.config import DEFAULT_MEMBER_PROMPTS, ConfigError, Normalization, PromptConfig, Scoring, TrainConfig
 from loraens.data import load_mcqa
 from loraens.predictions import load_predictions
-from tests.conftest import choice_reference, encoder
+from loraens.prompts import PromptEncoder
+from tests.conftest import choice_reference
 
 
 def test_zero_epochs_scores_the_base_model(tiny_setup, tmp_path, tokenizer):
@@ -29,12 +30,14 @@ def test_zero_epochs_scores_the_base_model(tiny_setup, tmp_path, tokenizer):
         assert all(not w.any() for key, w in weights.items() if "lora_B" in key)
     preds = load_predictions(run, "arc_easy_validation")
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    enc = encoder(tokenizer, Scoring.CHOICE_LIKELIHOOD)
+    # Member k reads prompt k of the default member prompts: the base model under that prompt.
+    styles = PromptConfig(scoring=Scoring.CHOICE_LIKELIHOOD)
+    encs = [PromptEncoder(tokenizer, styles.for_member(DEFAULT_MEMBER_PROMPTS[k])) for k in range(2)]
     questions = load_mcqa("arc_easy", "validation", data_dir=str(mirror))
     assert preds.ids == [q.id for q in questions]
     for i, q in enumerate(questions):
-        want = choice_reference(base, enc.encode(q), Normalization.MEAN).exp()  # [C], a plain HF forward per choice
         for k in range(2):
+            want = choice_reference(base, encs[k].encode(q), Normalization.MEAN).exp()  # [C], plain HF forwards
             torch.testing.assert_close(preds.member_probs[i, k, : len(q.choices)], want, atol=1e-5, rtol=1e-5)
 
 

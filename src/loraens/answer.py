@@ -243,7 +243,7 @@ def calibrate_run(run_dir: str | Path, dataset: str | None = None, split: str = 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a loraens run folder: config.yaml is missing.")
-    config = RunConfig.load(run_dir / "config.yaml")
+    config = RunConfig.load_saved(run_dir / "config.yaml")
     dataset = dataset or config.data.dataset
     if dataset == config.data.dataset and split == config.data.train_split:
         raise ValueError(f"--split {split} is the run's training split: the members have seen those questions, so "

@@ -19,7 +19,7 @@ from enum import Enum as Enum_
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, read_yaml, section_fields
+from .config import PROMPT_STYLES, ConfigError, PromptConfig, RunConfig, read_yaml, section_fields, with_saved_defaults
 from .distributed import world_from_env
 from .model import ModelError
 from .train import NonFiniteError
@@ -463,6 +463,21 @@ def _is_user_error(err: RuntimeError) -> bool:
     return isinstance(err, SweepWorkerError)
 
 
+def prompts_note(config: RunConfig) -> str:
+    """What prompts the members read, when they differ (--ensemble.member_prompts); "" when they share one."""
+    entries = list(config.ensemble.member_prompts or ["default"])[: config.ensemble.num_members]
+    if len(set(entries)) <= 1:
+        return ""
+    shown = ", ".join(e if e in PROMPT_STYLES or e == "default" else repr(e) for e in entries)
+    note = f"member k reads prompt k mod {len(entries)} of {shown} (--ensemble.member_prompts)"
+    custom = any(getattr(config.prompt, f) != getattr(PromptConfig(), f)
+                 for f in ("letter_template", "likelihood_template"))
+    if custom and "default" in entries:
+        note += ("; your --prompt templates are the 'default' entry, the other members read built-in styles: "
+                 "pass --ensemble.member_prompts default to give every member yours")
+    return note
+
+
 def _train_config(args: argparse.Namespace) -> RunConfig:
     """The run's settings: the defaults (the demo's), or with --resume RUN that run's config.yaml;
     then --config; then the flags."""
@@ -478,7 +493,7 @@ def _train_config(args: argparse.Namespace) -> RunConfig:
     if given is not None and Path(given).resolve() != run.resolve():
         raise ConfigError(f"--resume {args.resume} continues the run in that folder; --output_dir {given} names "
                           "another. Drop --output_dir.")
-    config = resolve_config(args, read_yaml(run / "config.yaml"))
+    config = resolve_config(args, with_saved_defaults(read_yaml(run / "config.yaml")))
     config.output_dir = str(run)
     return config
 
@@ -494,6 +509,9 @@ def _train(config: RunConfig, progress: bool, demo: bool, resume: bool | None = 
     if main:
         print(f"loraens: {m.num_members} members (rank {m.rank}, on {','.join(m.target_modules)}) of "
               f"{config.model.name} on {config.data.dataset} -> {config.output_dir}", flush=True)
+        note = prompts_note(config)
+        if note:
+            print(f"loraens: {note}", flush=True)
     result = train_run(config, progress=progress, resume=resume, overwrite=overwrite)
     if not main:
         return 0

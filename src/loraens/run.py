@@ -294,7 +294,7 @@ def _config_changes(run_dir: Path, config: RunConfig) -> list[str]:
     """The settings (flag: there -> here) in which `config` differs from the run's config.yaml,
     apart from those a resumed run may change (`RESUMABLE_CHANGES`)."""
     try:
-        stored = RunConfig.load(run_dir / "config.yaml").to_dict()
+        stored = RunConfig.load_saved(run_dir / "config.yaml").to_dict()
     except (ValueError, OSError) as err:
         return [f"config.yaml cannot be read ({err})"]
     current = config.to_dict()
@@ -753,7 +753,7 @@ def load_run(run_dir: str | Path, device: str | None = "auto", shard: Shard | No
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a loraens run folder: config.yaml is missing.")
     manifest = check_complete(run_dir, verb, holding_lock)
-    config = RunConfig.load(run_dir / "config.yaml")
+    config = RunConfig.load_saved(run_dir / "config.yaml")
     if device is not None:
         config.model = dataclasses.replace(config.model, device=device)
     _check_members(run_dir, config, manifest)
@@ -812,7 +812,7 @@ def evaluate_run(run_dir: str | Path, dataset: str | None = None, split: str = "
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a loraens run folder: config.yaml is missing.")
-    config = RunConfig.load(run_dir / "config.yaml")
+    config = RunConfig.load_saved(run_dir / "config.yaml")
     shard = distributed.setup(config.ensemble.num_members,
                               resolve_device(dataclasses.replace(config.model, device=device), "--device"))
     main = shard.is_main

@@ -55,7 +55,7 @@ import torch
 import yaml
 
 from .bootstrap import member_metric_resamples, metric_resamples
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, with_saved_defaults
 from .data import load_examples
 from .diversity import trainable_per_member
 from .ensemble import mc_dropout, member_layers, weight_averaged
@@ -298,7 +298,7 @@ def is_complete(cell: Cell, mc_passes: int | None = None, resamples: int | None 
     if resamples is not None and record.get("resamples_requested") != resamples:
         return False
     try:  # re-read through RunConfig, so a setting added later with its default does not void old cells
-        stored = RunConfig.from_dict(record.get("config") or {}).to_dict()
+        stored = RunConfig.from_dict(with_saved_defaults(record.get("config"))).to_dict()
     except ConfigError:
         return False
     current = cell.config.to_dict()
