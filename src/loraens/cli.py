@@ -147,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the minutes-long demo: 4 members on ARC-Easy, mean member vs ensemble",
                           description="Train 4 LoRA members of the default model (SmolLM2-135M; LoRA in its top 10 "
-                                      "layers) for 3 epochs on 300 ARC-Easy training questions, each member on its "
-                                      "own bootstrap resample, and compare single members with the ensemble on "
-                                      "the 570 validation questions after every epoch; then print the ensemble's "
+                                      "layers) for 3 epochs on 300 ARC-Easy training questions, each member with its "
+                                      "own prompt and on its own bootstrap resample, and compare single members "
+                                      "with the ensemble on the 570 validation questions after every epoch; then "
+                                      "print the ensemble's "
                                       "gain over the mean member with paired-bootstrap 95% intervals. Any setting "
                                       "can be changed with the flags below.")
     add_config_flags(demo, RunConfig.from_dict(DEMO_DEFAULTS))
