@@ -314,7 +314,17 @@ def test_old_sweep_cells_without_the_setting_stay_complete(tmp_path):
     member_prompts: null (one prompt, as it was trained), and not for one that leaves the default."""
     import json
 
-    from loraens.sweep import DatasetSpec, SweepSpec, VariantSpec, cells, is_complete
+    from loraens.sweep import (
+        DatasetSpec,
+        OutdatedCellsError,
+        SweepSpec,
+        VariantSpec,
+        cells,
+        check_outdated,
+        completeness,
+        is_complete,
+        run_sweep,
+    )
 
     def cell_for(base: dict):
         spec = SweepSpec("s", str(tmp_path / "out"), [DatasetSpec("arc_easy")],
@@ -327,6 +337,19 @@ def test_old_sweep_cells_without_the_setting_stay_complete(tmp_path):
     null_base.folder.mkdir(parents=True)
     (null_base.folder / "cell.json").write_text(json.dumps({
         "status": "complete", "methods_requested": null_base.variant.methods, "ood_requested": [],
-        "config": record}))
+        "resamples_requested": 200, "config": record}))
     assert is_complete(null_base)
-    assert not is_complete(cell_for({}))  # today's default (four prompts) is another configuration
+    # A sweep file that leaves the default now means four prompts: that cell is not complete, and
+    # running the sweep would retrain and replace it, so the sweep refuses and says what to add.
+    default_base = cell_for({})
+    assert not is_complete(default_base) and completeness(default_base) == "outdated"
+    spec = SweepSpec("s", str(tmp_path / "out"), [DatasetSpec("arc_easy")], [VariantSpec("plain", group="base")],
+                     seeds=[0])
+    with pytest.raises(OutdatedCellsError, match=r"add ensemble: \{member_prompts: null\} to the sweep's base"):
+        check_outdated(spec)
+    with pytest.raises(OutdatedCellsError):
+        run_sweep(spec, progress=False, log=lambda line: None)
+    assert (null_base.folder / "cell.json").is_file()  # nothing was touched
+    kept = SweepSpec("s", str(tmp_path / "out"), [DatasetSpec("arc_easy")], [VariantSpec("plain", group="base")],
+                     seeds=[0], base={"ensemble": {"member_prompts": None}})
+    check_outdated(kept)  # with the old setting in its base, the sweep runs (and finds the cell complete)

@@ -81,6 +81,61 @@ def test_interrupted_in_process_and_resumed_equals_uninterrupted(tmp_path, tiny_
 
 
 
+def test_a_run_saved_before_a_setting_existed_resumes_twice(tmp_path, tiny_setup, monkeypatch, capsys):
+    """A run interrupted under an older loraens (its config.yaml, manifest and checkpoint predate
+    --ensemble.member_prompts) resumes with --resume as it was trained (one prompt), and after a
+    second interruption resumes again from its newest checkpoint instead of starting over."""
+    from safetensors.torch import safe_open, save_file
+
+    from loraens import checkpoint as ckpt_mod
+    from loraens.runfolder import config_sha256
+
+    model_dir, mirror = tiny_setup
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    one_prompt = ("--ensemble.member_prompts", "default", "--train.checkpoint_every", "2")
+    assert main(_args(ref, model_dir, mirror, "--ensemble.member_prompts", "default")) == 0
+    real = train_mod.train_step
+
+    def dying_at(step):
+        calls = []
+
+        def dying(*a, **kw):
+            calls.append(1)
+            if len(calls) == step:
+                raise KeyboardInterrupt
+            return real(*a, **kw)
+        return dying
+
+    monkeypatch.setattr(train_mod, "train_step", dying_at(5))
+    assert main(_args(run, model_dir, mirror, *one_prompt)) == 130
+    # Make the folder look written before member_prompts existed: no key, and hashes without it.
+    import yaml
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    del raw["ensemble"]["member_prompts"]
+    (run / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    from loraens.run import RESUMABLE_CHANGES
+    old_hash = config_sha256(raw, RESUMABLE_CHANGES)
+    manifest = json.loads((run / "manifest.json").read_text())
+    runfolder.write_manifest(run, {**manifest, "config_sha256": old_hash})
+    path = run / "checkpoint.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    state = json.loads(meta[ckpt_mod._META])
+    state["run"]["config_sha256"] = old_hash
+    save_file(tensors, str(path), metadata={**meta, ckpt_mod._META: json.dumps(state)})
+    # Interrupted again after the first resume, then resumed again: it continues, and ends as the
+    # uninterrupted one-prompt run.
+    monkeypatch.setattr(train_mod, "train_step", dying_at(4))
+    assert main(["train", "--resume", str(run), "--quiet"]) == 130
+    monkeypatch.setattr(train_mod, "train_step", real)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming it from its last checkpoint" in out and "starting it over" not in out, out
+    assert max_diff(members(run), members(ref)) <= max(TOLERANCE, 1e-6)
+
+
 def test_interrupted_twice_with_other_checkpoint_intervals(tmp_path, tiny_setup, monkeypatch, capsys):
     """A resume may change --train.checkpoint_every: killed at step 5 (checkpoint every 2), resumed
     with every 3 and killed again at step 11, resumed with no interval: the uninterrupted members."""

@@ -552,14 +552,29 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import cells, collect, is_complete, load_sweep, run_sweep, run_sweep_workers, write_summary
+    from .sweep import (
+        OutdatedCellsError,
+        cells,
+        check_outdated,
+        collect,
+        completeness,
+        load_sweep,
+        run_sweep,
+        run_sweep_workers,
+        write_summary,
+    )
 
     spec = load_sweep(args.sweep, args.output_dir)
     if args.dry_run:
         grid = cells(spec)
         for i, cell in enumerate(grid, 1):
-            state = "complete" if is_complete(cell, spec.mc_dropout_passes, spec.resamples) else "to run  "
+            state = {"complete": "complete", "outdated": "outdated"}.get(
+                completeness(cell, spec.mc_dropout_passes, spec.resamples), "to run  ")
             print(f"[{i}/{len(grid)}] {state}  {cell.title}  -> {cell.folder}")
+        try:
+            check_outdated(spec)
+        except OutdatedCellsError as err:
+            print(f"\n{err}")
         return 0
     notes = ""
     if args.notes:

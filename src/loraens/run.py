@@ -527,6 +527,10 @@ def _train_locked(config: RunConfig, run_dir: Path, device: torch.device, shard:
             manifest = plan.manifest
             manifest["resumed"] = manifest.get("resumed", 0) + 1
             manifest["pid"] = os.getpid()
+            # The settings matched (`_plan_start`), but a run saved by an older loraens was hashed
+            # without the settings added since; its new checkpoints carry today's hash, so the
+            # manifest must too, or a second interruption would look like "no checkpoint yet".
+            manifest["config_sha256"] = cfg_hash
             set_status(run_dir, manifest, RUNNING)
             remove_temp_files(run_dir)
             write_text(metrics_path, "".join(dumps(r) + "\n" for r in records))

@@ -55,7 +55,7 @@ import torch
 import yaml
 
 from .bootstrap import member_metric_resamples, metric_resamples
-from .config import ConfigError, RunConfig, with_saved_defaults
+from .config import SAVED_BEFORE, ConfigError, RunConfig, with_saved_defaults
 from .data import load_examples
 from .diversity import trainable_per_member
 from .ensemble import mc_dropout, member_layers, weight_averaged
@@ -281,29 +281,59 @@ def _ood_requested(cell: Cell) -> list[dict[str, Any]]:
 
 
 def is_complete(cell: Cell, mc_passes: int | None = None, resamples: int | None = None) -> bool:
+    return completeness(cell, mc_passes, resamples) == "complete"
+
+
+def completeness(cell: Cell, mc_passes: int | None = None, resamples: int | None = None) -> str:
+    """"complete"; "outdated": finished under settings this sweep now means otherwise only because a
+    default changed since (`config.SAVED_BEFORE`: the cell's record lacks the key); else "to run"."""
     path = cell.folder / "cell.json"
     if not path.is_file():
-        return False
+        return "to run"
     try:
         record = json.loads(path.read_text())
     except json.JSONDecodeError:
-        return False
+        return "to run"
     if record.get("status") != "complete" or record.get("methods_requested") != cell.variant.methods:
-        return False
+        return "to run"
     if mc_passes is not None and "mc_dropout" in cell.variant.methods and record.get("mc_dropout_passes") != mc_passes:
-        return False
+        return "to run"
     # A sweep that gained OOD sets or changed its resample count redoes the cells that lack them.
     if record.get("ood_requested", []) != _ood_requested(cell):
-        return False
+        return "to run"
     if resamples is not None and record.get("resamples_requested") != resamples:
-        return False
+        return "to run"
+    raw = record.get("config") or {}
     try:  # re-read through RunConfig, so a setting added later with its default does not void old cells
-        stored = RunConfig.from_dict(with_saved_defaults(record.get("config"))).to_dict()
+        stored = RunConfig.from_dict(with_saved_defaults(raw)).to_dict()
     except ConfigError:
-        return False
+        return "to run"
     current = cell.config.to_dict()
     stored.pop("output_dir", None), current.pop("output_dir", None)  # a moved sweep folder is still complete
-    return stored == current
+    if stored == current:
+        return "complete"
+    for (section, key), old in SAVED_BEFORE.items():
+        if key not in (raw.get(section) or {}) and section in current:
+            current[section][key] = old
+    return "outdated" if stored == current else "to run"
+
+
+class OutdatedCellsError(ConfigError):
+    """Finished cells that this sweep file would now retrain (and replace) only because a default changed."""
+
+
+def check_outdated(spec: SweepSpec) -> None:
+    """Refuse to run a sweep whose finished cells a changed default would silently retrain and replace."""
+    stale = [c for c in cells(spec) if completeness(c, spec.mc_dropout_passes, spec.resamples) == "outdated"]
+    if not stale:
+        return
+    keys = ", ".join(f"{sec}: {{{key}: {yaml.safe_dump(old).strip().removesuffix('...').strip()}}}"
+                     for (sec, key), old in SAVED_BEFORE.items())
+    raise OutdatedCellsError(
+        f"{len(stale)} finished cell(s) (first: {stale[0].title}) were run before a default changed: the sweep file "
+        f"does not set {', '.join(f'--{s}.{k}' for s, k in SAVED_BEFORE)}, which now means something else, so they "
+        f"would be retrained and replaced. To keep them (they ran with the old setting), add {keys} to the sweep's "
+        "base; to retrain them with today's default, delete their folders first.")
 
 
 def run_sweep(spec: SweepSpec, progress: bool = True, log=print,
@@ -321,6 +351,7 @@ def run_sweep(spec: SweepSpec, progress: bool = True, log=print,
     out.mkdir(parents=True, exist_ok=True)
     grid = cells(spec)
     if worker is None:
+        check_outdated(spec)
         (out / "sweep.yaml").write_text(yaml.safe_dump(dataclasses.asdict(spec), sort_keys=False))
         done = sum(is_complete(c, spec.mc_dropout_passes, spec.resamples) for c in grid)
         log(f"loraens sweep {spec.name}: {len(grid)} cells, {done} already complete -> {out}")
@@ -350,6 +381,7 @@ def run_sweep_workers(spec: SweepSpec, devices: list[str | None], log=print) -> 
     output lines are passed to `log` prefixed with its number. Cells are resumable as always: a
     worker that fails stops only itself, its finished cells are kept, and the error names it.
     """
+    check_outdated(spec)
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolved = out / "sweep.yaml"  # the workers read the resolved sweep, so they see the same cells
