@@ -8,6 +8,8 @@ Each path is checked against a reference that shares none of the routing: the sa
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -239,6 +241,8 @@ def test_a_run_with_member_prompts_answers_alike_offline_and_in_server_batches(t
     answerer = load_answerer(tiny.run)
     ens = answerer.ensemble
     assert ens.config.ensemble.member_prompts == ["default", "quiz"]
+    results = json.loads((tiny.run / "results.json").read_text())
+    assert results["member_prompts"] == ["default", "quiz", "default"]  # what each member read
     examples = make_questions(6, seed=11)
     offline = answerer.score(examples)
     joined = answerer.score(examples, encoded=join_questions([ens.encoder.encode_all([e]) for e in examples]))
