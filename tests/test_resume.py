@@ -45,6 +45,18 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def dying_at(call: int):
+    """`train_mod.train_step` that raises KeyboardInterrupt on its `call`-th call (Ctrl-C mid-run)."""
+    real, calls = train_mod.train_step, []
+
+    def dying(*a, **kw):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    return dying
+
+
 @pytest.mark.parametrize("kill_at, resumed_from", [(8, "step 6 (the end of epoch 1)"),
                                                    (11, "step 9 (epoch 2, 3 batches in)")])
 def test_interrupted_in_process_and_resumed_equals_uninterrupted(tmp_path, tiny_setup, monkeypatch, capsys, kill_at,
@@ -54,15 +66,7 @@ def test_interrupted_in_process_and_resumed_equals_uninterrupted(tmp_path, tiny_
     assert main(_args(ref, model_dir, mirror)) == 0
     run = tmp_path / "run"
     real = train_mod.train_step
-    calls = []
-
-    def dying(*a, **kw):
-        calls.append(1)
-        if len(calls) == kill_at:  # 6 steps per epoch, 18 in all
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train_mod, "train_step", dying)
+    monkeypatch.setattr(train_mod, "train_step", dying_at(kill_at))  # 6 steps per epoch, 18 in all
     assert main(_args(run, model_dir, mirror, "--train.checkpoint_every", "3")) == 130
     monkeypatch.setattr(train_mod, "train_step", real)
     manifest = json.loads((run / "manifest.json").read_text())
@@ -95,17 +99,6 @@ def test_a_run_saved_before_a_setting_existed_resumes_twice(tmp_path, tiny_setup
     one_prompt = ("--ensemble.member_prompts", "default", "--train.checkpoint_every", "2")
     assert main(_args(ref, model_dir, mirror, "--ensemble.member_prompts", "default")) == 0
     real = train_mod.train_step
-
-    def dying_at(step):
-        calls = []
-
-        def dying(*a, **kw):
-            calls.append(1)
-            if len(calls) == step:
-                raise KeyboardInterrupt
-            return real(*a, **kw)
-        return dying
-
     monkeypatch.setattr(train_mod, "train_step", dying_at(5))
     assert main(_args(run, model_dir, mirror, *one_prompt)) == 130
     # Make the folder look written before member_prompts existed: no key, and hashes without it.
@@ -144,13 +137,7 @@ def test_interrupted_twice_with_other_checkpoint_intervals(tmp_path, tiny_setup,
     assert main(_args(ref, model_dir, mirror)) == 0
     real = train_mod.train_step
     for every, calls_before_kill, resumed_from in (("2", 5, None), ("3", 11 - 4, "step 4 (epoch 1, 4 batches in)")):
-        def dying(*a, calls=[], kill=calls_before_kill, **kw):  # noqa: B006 (one list per definition)
-            calls.append(1)
-            if len(calls) == kill:
-                raise KeyboardInterrupt
-            return real(*a, **kw)
-
-        monkeypatch.setattr(train_mod, "train_step", dying)
+        monkeypatch.setattr(train_mod, "train_step", dying_at(calls_before_kill))
         capsys.readouterr()
         assert main(_args(run, model_dir, mirror, "--train.checkpoint_every", every)) == 130
         if resumed_from:
@@ -181,15 +168,7 @@ def test_resume_keeps_every_training_feature(tmp_path, tiny_setup, monkeypatch, 
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert main(_args(ref, model_dir, mirror, *extra)) == 0
     real = train_mod.train_step
-    calls = []
-
-    def dying(*a, **kw):
-        calls.append(1)
-        if len(calls) == kill_at:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(train_mod, "train_step", dying)
+    monkeypatch.setattr(train_mod, "train_step", dying_at(kill_at))
     assert main(_args(run, model_dir, mirror, *extra, "--train.checkpoint_every", "2")) == 130
     monkeypatch.setattr(train_mod, "train_step", real)
     assert json.loads((run / "manifest.json").read_text())["checkpoint"]["step"] == kill_at - 1 - (kill_at - 1) % 2

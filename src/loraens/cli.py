@@ -466,9 +466,10 @@ def _is_user_error(err: RuntimeError) -> bool:
 
 def prompts_note(config: RunConfig) -> str:
     """What prompts the members read, when they differ (--ensemble.member_prompts); "" when they share one."""
-    entries = list(config.ensemble.member_prompts or ["default"])[: config.ensemble.num_members]
-    if len(set(entries)) <= 1:
+    read = [config.ensemble.member_prompt(k) for k in range(config.ensemble.num_members)]
+    if len(set(read)) <= 1:
         return ""
+    entries = list(config.ensemble.member_prompts or [])[: config.ensemble.num_members]
     shown = ", ".join(e if e in PROMPT_STYLES or e == "default" else repr(e) for e in entries)
     note = f"member k reads prompt k mod {len(entries)} of {shown} (--ensemble.member_prompts)"
     custom = any(getattr(config.prompt, f) != getattr(PromptConfig(), f)

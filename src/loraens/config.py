@@ -265,6 +265,11 @@ class EnsembleConfig:
     # the ensemble a lower NLL and ECE than one shared prompt on held-out data (EXPERIMENTS.md).
     member_prompts: list[str] | None = field(default_factory=lambda: list(DEFAULT_MEMBER_PROMPTS))
 
+    def member_prompt(self, member: int) -> str:
+        """The `member_prompts` entry member `member` (its index in the whole ensemble) reads: k mod len."""
+        entries = self.member_prompts or ["default"]
+        return entries[member % len(entries)]
+
     def __post_init__(self) -> None:
         _check_finite(self, "ensemble")
         for name, positive in (("lr_range", True), ("weight_decay_range", False)):

@@ -6,7 +6,7 @@ data, decides. With P prompts, member k (its index in the whole ensemble) reads 
 - `MemberEncoder` encodes each question once per prompt; `encode_all` returns a plain list when
   every member shares one prompt, else a `MemberQuestions`.
 - `MemberQuestions` holds the P encodings of N questions and which prompt each of this process's
-  members reads. `member_batch` (in `loraens.batching`) turns either kind into member-major rows,
+  members reads. `member_batch` turns either kind into member-major rows,
   so training, prediction and the Laplace fit and predictive give member k its own prompt's rows.
 
 The choices, their order and the answer are the same under every prompt; only the prompt's text
@@ -130,18 +130,15 @@ class MemberEncoder:
 
     tokenizer, prompt: the run's; ensemble: its `member_prompts` (None: one prompt, the --prompt
     templates); members: the global indices of this process's members (all of them outside torchrun).
-    `config` is the --prompt config (scoring, max_length); `letter_ids` are shared by every prompt.
+    `letter_ids` are shared by every prompt.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt: PromptConfig, ensemble: EnsembleConfig,
                  members: range) -> None:
-        entries = ensemble.member_prompts or ["default"]
-        self.tokenizer = tokenizer
-        self.config = prompt
-        self.entries = list(entries)
+        entries = list(dict.fromkeys(ensemble.member_prompt(k) for k in members)) or ["default"]
         self.encoders = [PromptEncoder(tokenizer, prompt.for_member(e)) for e in entries]
         self.letter_ids = self.encoders[0].letter_ids
-        self.prompt_of = tuple(k % len(entries) for k in members)
+        self.prompt_of = tuple(entries.index(ensemble.member_prompt(k)) for k in members)
 
     @property
     def shared(self) -> bool:
@@ -151,14 +148,6 @@ class MemberEncoder:
     def encode_all(self, examples: list) -> Questions:
         """Every example under every member's prompt: a list when they share one, else `MemberQuestions`."""
         if self.shared:
-            return self.encoders[self.prompt_of[0] if self.prompt_of else 0].encode_all(examples)
-        used = sorted(set(self.prompt_of))  # a torchrun process encodes only its members' prompts
-        renumber = {p: i for i, p in enumerate(used)}
-        return MemberQuestions(tuple(tuple(self.encoders[p].encode_all(examples)) for p in used),
-                               tuple(renumber[p] for p in self.prompt_of))
-
-    def encode(self, example) -> EncodedQuestion:
-        """One example under the prompt of this process's first member (shared prompts only)."""
-        if not self.shared:
-            raise ValueError("encode() gives one encoding, but these members read different prompts; use encode_all.")
-        return self.encoders[self.prompt_of[0] if self.prompt_of else 0].encode(example)
+            return self.encoders[0].encode_all(examples)
+        # Only the prompts this process's members read are encoded (a torchrun share may hold fewer).
+        return MemberQuestions(tuple(tuple(e.encode_all(examples)) for e in self.encoders), self.prompt_of)

@@ -642,9 +642,9 @@ def _train_locked(config: RunConfig, run_dir: Path, device: torch.device, shard:
     hyper = member_hyperparameters(config.ensemble, config.train)
     if hyper is not None:  # the drawn values, so a reader sees what each member trained with
         info["member_hyperparameters"] = hyper.to_dict()
-    prompts = config.ensemble.member_prompts or ["default"]
-    if len(set(prompts[: config.ensemble.num_members])) > 1:  # the prompt each member read, k mod P
-        info["member_prompts"] = [prompts[k % len(prompts)] for k in range(config.ensemble.num_members)]
+    read = [config.ensemble.member_prompt(k) for k in range(config.ensemble.num_members)]
+    if len(set(read)) > 1:  # the prompt each member read
+        info["member_prompts"] = read
     results = {"splits": dict(last), **info}
     write_json(run_dir / "results.json", results)
     manifest["checkpoint"] = None  # removed right below: a complete run needs none
